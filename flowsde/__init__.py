@@ -1,0 +1,13 @@
+"""flowsde: ODE/SDE solvers for flow-matching and diffusion models.
+
+Time runs from t=0 (noise) to t=1 (data), as in Holderrieth & Erives, "An Introduction to Flow Matching
+and Diffusion Models" (arXiv 2506.02070). ``odeint`` mirrors torchdiffeq, ``sdeint`` mirrors torchsde.
+"""
+__version__ = "0.1.0"
+
+from . import brownian, kernels, paths, problems, solvers, studies  # noqa: E402
+from .brownian import BrownianMotion, GridBrownian  # noqa: E402
+from .solvers import ODE_METHODS, SDE_METHODS, odeint, sdeint  # noqa: E402
+
+__all__ = ["odeint", "sdeint", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian", "brownian",
+           "kernels", "paths", "problems", "solvers", "studies", "__version__"]

@@ -1,0 +1,105 @@
+"""Input validation shared by the public entry points. Every check runs once, before any step loop."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+_FLOAT_RANK = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
+
+
+def check_state(name: str, y0) -> torch.Tensor:
+    """``y0`` must be a real floating tensor with at least one dimension."""
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(y0).__name__}")
+    if y0.dtype not in _FLOAT_RANK:
+        raise TypeError(f"{name} must have a real floating dtype (float16, bfloat16, float32, float64), "
+                        f"got {y0.dtype}")
+    return y0
+
+
+def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False) -> torch.Tensor:
+    """Validate a time grid against the state ``y0`` and return it as a tensor.
+
+    ``t`` must be 1-D with at least two finite, strictly monotone points, on ``y0``'s device, with a
+    floating dtype at least as precise as ``y0``'s (float64 times with a float32 state are fine; float32
+    times with a float64 state would silently lose precision, so they are refused).
+    """
+    if isinstance(t, (list, tuple)):
+        if not all(isinstance(v, (int, float)) for v in t):
+            raise TypeError(f"{name} must be a 1-D tensor or a list of floats")
+        t = torch.tensor(t, dtype=y0.dtype, device=y0.device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor of times, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_RANK:
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
+    if t.numel() < 2:
+        raise ValueError(f"{name} must hold at least two time points (start and end), got {t.numel()}")
+    if t.device != y0.device:
+        raise ValueError(f"{name} is on {t.device} but y0 is on {y0.device}: put both on the same device")
+    if _FLOAT_RANK[t.dtype] < _FLOAT_RANK[y0.dtype]:
+        raise TypeError(f"{name} has dtype {t.dtype}, less precise than y0's {y0.dtype}: "
+                        f"pass {name}.to({y0.dtype}) (times may be more precise than the state, not less)")
+    return t
+
+
+def host_times(name: str, t: torch.Tensor, *, increasing_only: bool = False) -> np.ndarray:
+    """Copy a validated time tensor to the host as float64 (once, before the loop) and check monotonicity."""
+    th = t.detach().to("cpu", torch.float64).numpy().copy()
+    if not np.all(np.isfinite(th)):
+        raise ValueError(f"{name} contains a non-finite time: {th.tolist()}")
+    d = np.diff(th)
+    if increasing_only:
+        if not np.all(d > 0):
+            raise ValueError(f"{name} must be strictly increasing, got {_preview(th)}")
+    elif not (np.all(d > 0) or np.all(d < 0)):
+        raise ValueError(f"{name} must be strictly increasing or strictly decreasing, got {_preview(th)}")
+    return th
+
+
+def check_step(name: str, dt) -> float:
+    """A step size must be a finite positive number (its sign follows the direction of the time grid)."""
+    if isinstance(dt, torch.Tensor):
+        if dt.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(dt.shape)}")
+        dt = float(dt.detach().cpu())
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(dt).__name__}")
+    dt = float(dt)
+    if not math.isfinite(dt) or dt <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {dt}")
+    return dt
+
+
+def check_options(options: Optional[dict], allowed: Sequence[str], where: str) -> dict:
+    """Copy ``options`` (never modify the caller's dict) and reject unknown keys, listing the known ones."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {where}; known options: {sorted(allowed)}")
+    return dict(options)
+
+
+def check_output(name: str, out, like: torch.Tensor, expected_shape) -> torch.Tensor:
+    """A user function's output must be a tensor of the expected shape, dtype and device."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected {tuple(expected_shape)}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name} returned dtype {out.dtype}, expected {like.dtype} (the dtype of y0)")
+    if out.device != like.device:
+        raise ValueError(f"{name} returned a tensor on {out.device}, expected {like.device}")
+    return out
+
+
+def _preview(th: np.ndarray) -> str:
+    vals = th.tolist()
+    return str(vals) if len(vals) <= 8 else str(vals[:4])[:-1] + ", ..., " + str(vals[-2:])[1:]

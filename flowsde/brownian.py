@@ -1,0 +1,145 @@
+"""Brownian motion for the SDE solvers.
+
+:class:`BrownianMotion` is the interface: ``bm(ta, tb)`` is the increment ``W(tb) - W(ta)`` and
+``bm(t)`` is ``W(t) - W(t0)``, exactly as torchsde's Brownian objects answer, so any torchsde object
+(``BrownianInterval``, ``BrownianPath``, ``BrownianTree``) can be passed wherever flowsde takes a ``bm``.
+
+:class:`GridBrownian` is flowsde's own: Brownian motion on a fixed time grid whose increment over grid
+step ``k`` is drawn from a generator seeded by ``(seed, k)`` alone. Increments are therefore
+reproducible, independent of the order in which they are asked for, and a query over several grid
+steps is the sum of the fine increments: solving on a coarse grid that is a sub-grid of the Brownian
+grid refines one and the same path (what convergence studies need).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+_MASK = (1 << 64) - 1
+
+
+def step_key(seed: int, step: int) -> int:
+    """A 64-bit generator seed for grid step ``step`` of stream ``seed`` (splitmix64 finaliser)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(step) + 1) * 0xD1B54A32D192ED03) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def default_seed() -> int:
+    """A fresh seed drawn from torch's global CPU generator (so ``torch.manual_seed`` makes runs repeat)."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+
+
+class BrownianMotion:
+    """Interface of a Brownian motion on ``[t0, t1]`` with values of shape ``shape``.
+
+    Subclasses implement :meth:`increment`. ``bm(ta, tb)`` returns ``W(tb) - W(ta)``; ``bm(t)`` returns
+    ``W(t) - W(t0)``. The adaptive solvers extend this interface with a virtual Brownian tree.
+    """
+
+    t0: float
+    t1: float
+    levy_area_approximation = "none"  # increments only (read by torchsde's solvers)
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    def increment(self, ta: float, tb: float) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, ta, tb=None):
+        ta = _as_time(ta)
+        if tb is None:
+            ta, tb = self.t0, ta
+        else:
+            tb = _as_time(tb)
+        if not (tb > ta):
+            raise ValueError(f"Brownian increment needs ta < tb, got ta={ta}, tb={tb}")
+        return self.increment(ta, tb)
+
+
+class GridBrownian(BrownianMotion):
+    """Brownian motion on a fixed grid, with the increment over step ``k`` keyed by ``(seed, k)``.
+
+    Args:
+        grid: increasing 1-D sequence of grid times (or pass ``t0``, ``t1`` and ``steps`` for a uniform
+            grid of ``steps`` steps).
+        shape: shape of ``W(t)``, e.g. ``(batch, noise_channels)``.
+        seed: integer seed; ``None`` draws one from torch's global generator.
+        dtype, device: of the increments.
+
+    ``bm.step(k)`` is the increment over grid step ``k``. ``bm(ta, tb)`` accepts any two grid times
+    (within a relative tolerance of 1e-9 of the grid spacing) and sums the step increments in between.
+    """
+
+    def __init__(self, grid: Optional[Sequence[float]] = None, shape=(1,), seed: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device="cpu", *, t0: Optional[float] = None,
+                 t1: Optional[float] = None, steps: Optional[int] = None):
+        if grid is None:
+            if t0 is None or t1 is None or steps is None:
+                raise ValueError("GridBrownian needs either grid= or all of t0=, t1= and steps=")
+            if not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be a positive integer, got {steps!r}")
+            grid = np.linspace(float(t0), float(t1), steps + 1)
+            grid[-1] = float(t1)
+        grid = np.asarray(grid, dtype=np.float64)
+        if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) > 0) or not np.all(np.isfinite(grid)):
+            raise ValueError("the Brownian grid must be a finite, strictly increasing 1-D sequence of >= 2 times")
+        if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.grid = grid
+        self.t0, self.t1 = float(grid[0]), float(grid[-1])
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.seed = default_seed() if seed is None else int(seed)
+        self._sqrt_h = np.sqrt(np.diff(grid)).tolist()
+        self._gen = torch.Generator(device=self.device)
+        self._tol = 1e-9 * float(np.min(np.diff(grid)))
+
+    def normal(self, k: int) -> torch.Tensor:
+        """The standard normal draw behind step ``k`` (shape ``self.shape``)."""
+        self._gen.manual_seed(step_key(self.seed, k))
+        return torch.randn(self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
+
+    def step(self, k: int) -> torch.Tensor:
+        """``W(grid[k+1]) - W(grid[k])``."""
+        return self.normal(k).mul_(self._sqrt_h[k])
+
+    def index(self, t: float) -> int:
+        """The grid index of time ``t``; a ``ValueError`` if ``t`` is not a grid time."""
+        i = int(np.searchsorted(self.grid, t))
+        for j in (i - 1, i):
+            if 0 <= j < self.grid.size and abs(self.grid[j] - t) <= self._tol:
+                return j
+        raise ValueError(f"time {t} is not a point of this GridBrownian's grid "
+                         f"([{self.t0}, {self.t1}] in {self.grid.size - 1} steps): query grid times only")
+
+    def increment(self, ta: float, tb: float) -> torch.Tensor:
+        ia, ib = self.index(ta), self.index(tb)
+        out = self.step(ia)
+        for k in range(ia + 1, ib):
+            out.add_(self.step(k))
+        return out
+
+    def path(self) -> torch.Tensor:
+        """``W(grid[k]) - W(t0)`` at every grid time: shape ``(len(grid), *shape)`` (``W(t0) = 0``)."""
+        steps = [torch.zeros(self.shape, dtype=self.dtype, device=self.device)]
+        steps += [self.step(k) for k in range(self.grid.size - 1)]
+        return torch.cumsum(torch.stack(steps), dim=0)
+
+    def __repr__(self):
+        return (f"GridBrownian(t0={self.t0}, t1={self.t1}, steps={self.grid.size - 1}, shape={self.shape}, "
+                f"seed={self.seed}, dtype={self.dtype}, device={self.device})")
+
+
+def _as_time(t) -> float:
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"a Brownian query time must be a scalar, got shape {tuple(t.shape)}")
+        return float(t.detach().cpu())
+    return float(t)
+

@@ -1,0 +1,72 @@
+"""Plain-PyTorch specification of every step op.
+
+These functions are the reference the fused kernels are tested against, and what the ``torch`` backend
+runs. Each op writes one new tensor and never modifies its inputs; where PyTorch offers a fused form
+(``torch.add(..., alpha=)``, ``addcmul_``) it is used so that a step makes as few temporaries as it can.
+Scalar coefficients are Python floats (host side), so no op reads a device tensor back.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+Term = Tuple[float, torch.Tensor]
+
+
+def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """Return ``y + sum(c * k for c, k in terms)`` as a new tensor (zero coefficients are skipped)."""
+    out = None
+    for c, k in terms:
+        if c == 0.0:
+            continue
+        if out is None:
+            out = torch.add(y, k, alpha=c)
+        else:
+            out.add_(k, alpha=c)
+    return y.clone() if out is None else out
+
+
+def noise_prod(g: torch.Tensor, dw: torch.Tensor, noise_type: str) -> torch.Tensor:
+    """The diffusion applied to a Brownian increment, ``g dW``, for each torchsde noise type.
+
+    Shapes: diagonal ``g`` is ``y.shape`` and ``dw`` is ``y.shape``; scalar ``g`` is ``(*y.shape, 1)`` and
+    ``dw`` is ``(batch, 1)``; additive/general ``g`` is ``(batch, d, m)`` and ``dw`` is ``(batch, m)``.
+    """
+    if noise_type == "diagonal":
+        return g * dw
+    if noise_type == "scalar":
+        return g.squeeze(-1) * dw.reshape(dw.shape[0], *([1] * (g.dim() - 2)))
+    return torch.bmm(g, dw.unsqueeze(-1)).squeeze(-1)
+
+
+def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[float, torch.Tensor]],
+               dw: torch.Tensor, noise_type: str) -> torch.Tensor:
+    """Return ``y + sum(c * k) + sum(s * g dW)``: the combination of every explicit SDE step.
+
+    ``terms`` are drift terms ``(c, k)`` (``c`` already holds the step ``dt``), ``noise`` are pairs
+    ``(s, g)`` of a scale and a diffusion value all applied to the same increment ``dw``.
+    """
+    out = lincomb(y, terms)
+    if noise_type == "diagonal":
+        for s, g in noise:
+            out.addcmul_(g, dw, value=s)
+        return out
+    for s, g in noise:
+        out.add_(noise_prod(g, dw, noise_type), alpha=s)
+    return out
+
+
+def lerp(y0: torch.Tensor, y1: torch.Tensor, s: float) -> torch.Tensor:
+    """Linear interpolation ``y0 + s (y1 - y0)`` between the two ends of a step."""
+    return torch.lerp(y0, y1, s)
+
+
+def hermite(y0: torch.Tensor, f0: torch.Tensor, y1: torch.Tensor, f1: torch.Tensor, s: float,
+            dt: float) -> torch.Tensor:
+    """Cubic Hermite interpolation at fraction ``s`` of a step of size ``dt`` (as torchdiffeq's ``cubic``)."""
+    h00 = (1 + 2 * s) * (1 - s) * (1 - s)
+    h10 = s * (1 - s) * (1 - s)
+    h01 = s * s * (3 - 2 * s)
+    h11 = s * s * (s - 1)
+    return lincomb(y0 * h00, [(h10 * dt, f0), (h01, y1), (h11 * dt, f1)])

@@ -1,0 +1,90 @@
+"""The fixed-step driver: time grids, the step loop, save-at outputs and statistics.
+
+The loop is pure host-side bookkeeping over a float64 time grid prepared before it starts: every time
+value the user's function sees was moved to the device once, up front, so a step never reads a device
+tensor back (no ``.item()``, no ``float(tensor)``): the loop is free of host-device synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import kernels
+
+# A step whose end lies within this fraction of a step of the final time is merged into the previous
+# step instead of leaving a sliver step of size ~1e-16 (what a naive ceil((t1 - t0) / dt) produces
+# when the division rounds up).
+SLIVER = 1e-10
+
+
+def uniform_grid(t0: float, t1: float, dt: float) -> np.ndarray:
+    """The grid ``t0, t0 + dt, t0 + 2 dt, ...`` closed by ``t1`` (``dt > 0``; direction from t0 -> t1).
+
+    The last step is at most ``dt`` long; no step shorter than ``SLIVER * dt`` is produced.
+    """
+    span = abs(t1 - t0)
+    n = max(1, math.ceil(span / dt - SLIVER))
+    sign = 1.0 if t1 > t0 else -1.0
+    grid = t0 + sign * dt * np.arange(n + 1, dtype=np.float64)
+    grid[-1] = t1
+    return grid
+
+
+def check_grid(grid: np.ndarray, t_out: np.ndarray, where: str) -> np.ndarray:
+    """A custom grid must start and end at the output interval's ends and run the same way, strictly."""
+    if grid.ndim != 1 or grid.size < 2:
+        raise ValueError(f"{where} must return a 1-D grid with at least two points, got shape {grid.shape}")
+    if grid[0] != t_out[0] or grid[-1] != t_out[-1]:
+        raise ValueError(f"{where} must return a grid starting at t[0]={t_out[0]} and ending at "
+                         f"t[-1]={t_out[-1]}, got [{grid[0]}, ..., {grid[-1]}]")
+    d = np.diff(grid) * np.sign(t_out[-1] - t_out[0])
+    if not np.all(d > 0):
+        raise ValueError(f"{where} must return a strictly monotone grid in the direction of t")
+    return grid
+
+
+def stage_times(grid: np.ndarray, c: Sequence[float], dtype: torch.dtype,
+                device: torch.device) -> List[List[torch.Tensor]]:
+    """Per step, the times ``t_k + c_i h_k`` as 0-dim tensors on the device (one transfer, before the loop).
+
+    A stage at ``c == 1`` gets the grid point itself, not ``t_k + h_k``, so it is exact.
+    """
+    t0, h = grid[:-1], np.diff(grid)
+    cols = [grid[1:] if ci == 1.0 else t0 + ci * h for ci in c]
+    table = np.stack(cols, axis=1) if cols else np.zeros((len(t0), 0))
+    flat = torch.as_tensor(table.reshape(-1), dtype=torch.float64).to(device=device, dtype=dtype)
+    views = flat.unbind(0)
+    s = len(c)
+    return [list(views[k * s:(k + 1) * s]) for k in range(len(t0))]
+
+
+def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndarray,
+              interp: Optional[Callable] = None) -> torch.Tensor:
+    """Run ``step(k, y) -> (y_next, aux)`` over ``grid`` and return the solution at every ``t_out``.
+
+    An output time inside a step is interpolated between the step's ends: linearly by default (as
+    torchdiffeq and torchsde do), or by ``interp(k, y, y_next, aux, s)`` with ``s`` the fraction of the
+    step. Returns a tensor of shape ``(len(t_out), *y0.shape)``.
+    """
+    sign = 1.0 if grid[-1] > grid[0] else -1.0
+    outs = [y0]
+    j, n_out = 1, len(t_out)
+    y = y0
+    for k in range(len(grid) - 1):
+        y1, aux = step(k, y)
+        ta, tb = grid[k], grid[k + 1]
+        while j < n_out and sign * (tb - t_out[j]) >= 0.0:
+            tj = t_out[j]
+            if tj == tb:
+                outs.append(y1)
+            elif tj == ta:
+                outs.append(y)
+            else:
+                s = (tj - ta) / (tb - ta)
+                outs.append(kernels.lerp(y, y1, s) if interp is None else interp(k, y, y1, aux, s))
+            j += 1
+        y = y1
+    return torch.stack(outs, dim=0)

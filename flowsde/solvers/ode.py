@@ -1,0 +1,148 @@
+"""``flowsde.odeint``: torchdiffeq's entry point, on flowsde's fixed-step driver."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+
+from .. import _checks, kernels
+from . import fixed
+from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
+
+#: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
+ODE_METHODS: Dict[str, ButcherTableau] = {
+    "euler": EULER,
+    "midpoint": MIDPOINT,
+    "heun": HEUN2,
+    "heun2": HEUN2,
+    "heun3": HEUN3,
+    "rk4": RK4,
+    "rk4_classic": RK4_CLASSIC,
+}
+#: Adaptive methods of the public contract, not yet built in this version.
+ADAPTIVE_ODE_METHODS = ("heun_euler", "bosh3", "dopri5")
+
+ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "return_stats", "backend")
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """Integrate ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
+
+    Same arguments and result layout as ``torchdiffeq.odeint``: ``func`` gets a 0-dim tensor ``t`` (in
+    ``y0``'s dtype, on its device) and the state; ``y0`` is a tensor (or a tuple of tensors); ``t`` is
+    1-D and strictly increasing or strictly decreasing (integration backwards in time). The result has
+    shape ``(len(t), *y0.shape)`` (a tuple of such tensors for a tuple ``y0``).
+
+    Methods (``method=``): ``euler``, ``midpoint``, ``heun`` (alias ``heun2``, explicit trapezoid),
+    ``heun3``, ``rk4`` (Kutta's 3/8 rule, torchdiffeq's ``rk4``) and ``rk4_classic``.
+    Options: ``step_size`` (uniform grid from ``t[0]`` to ``t[-1]``; outputs in between interpolated)
+    or ``grid_constructor(func, y0, t) -> grid``; without either the grid is ``t`` itself.
+    ``interp``: ``"linear"`` (default) or ``"cubic"`` (Hermite) for outputs inside a step.
+    ``return_stats=True`` returns ``(ys, stats)`` with ``nfe`` and ``steps``. ``backend``: see
+    :func:`flowsde.kernels.resolve_backend`. ``rtol`` / ``atol`` are for adaptive methods.
+    """
+    opts = _checks.check_options(options, ODE_OPTIONS, "odeint")
+    if method is None:
+        method = "dopri5"
+    if not isinstance(method, str) or method not in ODE_METHODS:
+        if method in ADAPTIVE_ODE_METHODS:
+            raise NotImplementedError(
+                f"adaptive method {method!r} is not available in this version of flowsde; "
+                f"pass a fixed-step method: {sorted(ODE_METHODS)}")
+        raise ValueError(f"unknown method {method!r}; known methods: {sorted(ODE_METHODS)}")
+    tab = ODE_METHODS[method]
+
+    # tuples of tensors are integrated as one flat state, as torchdiffeq does
+    shapes = None
+    if isinstance(y0, tuple):
+        if not y0 or not all(isinstance(v, torch.Tensor) for v in y0):
+            raise TypeError("y0 must be a tensor or a non-empty tuple of tensors")
+        shapes = [v.shape for v in y0]
+        user_func = func
+
+        def func(tt, y, _f=user_func):
+            parts = _split(y, shapes)
+            outs = _f(tt, parts)
+            if not isinstance(outs, tuple) or len(outs) != len(shapes):
+                raise TypeError(f"func must return a tuple of {len(shapes)} tensors for a tuple y0")
+            return torch.cat([o.reshape(-1) for o in outs])
+
+        y0 = torch.cat([v.reshape(-1) for v in y0])
+    y0 = _checks.check_state("y0", y0)
+    t = _checks.check_times("t", t, y0)
+    t_host = _checks.host_times("t", t)
+    kernels.resolve_backend(opts.get("backend"), y0.device)
+
+    step_size = opts.get("step_size")
+    gc = opts.get("grid_constructor")
+    if step_size is not None and gc is not None:
+        raise ValueError("options step_size and grid_constructor are mutually exclusive")
+    if step_size is not None:
+        grid = fixed.uniform_grid(t_host[0], t_host[-1], _checks.check_step("step_size", step_size))
+    elif gc is not None:
+        grid = _user_grid(gc, func, y0, t, t_host[0] > t_host[-1])
+        grid = fixed.check_grid(grid, t_host, "grid_constructor")
+    else:
+        grid = t_host
+    interp_name = opts.get("interp", "linear")
+    if interp_name not in ("linear", "cubic"):
+        raise ValueError(f"option interp must be 'linear' or 'cubic', got {interp_name!r}")
+
+    stats = {"nfe": 0, "steps": 0}
+    shape = tuple(y0.shape)
+
+    def field(tt, y):
+        stats["nfe"] += 1
+        return _checks.check_output("func", func(tt, y), y0, shape)
+
+    times = fixed.stage_times(grid, tab.c, y0.dtype, y0.device)
+    h_all = np.diff(grid).tolist()
+
+    def step(k, y):
+        stats["steps"] += 1
+        y1, ks = rk_step(field, times[k], y, h_all[k], tab)
+        return y1, ks[0]
+
+    interp = None
+    if interp_name == "cubic":
+        ends = fixed.stage_times(grid, (1.0,), y0.dtype, y0.device)
+        cache = {}
+
+        def interp(k, ya, yb, f0, s):
+            if k not in cache:
+                cache.clear()
+                cache[k] = field(ends[k][0], yb)
+            return kernels.hermite(ya, f0, yb, cache[k], s, h_all[k])
+
+    ys = fixed.integrate(step, y0, grid, t_host, interp)
+    if shapes is not None:
+        ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+    if opts.get("return_stats", False):
+        return ys, dict(stats)
+    return ys
+
+
+def _split(y, shapes):
+    out, i = [], 0
+    for s in shapes:
+        n = int(np.prod(s)) if len(s) else 1
+        out.append(y[i:i + n].reshape(s))
+        i += n
+    return tuple(out)
+
+
+def _split_flat(ys, shapes):
+    sizes = [int(np.prod(s)) if len(s) else 1 for s in shapes]
+    return ys.split(sizes, dim=1)
+
+
+def _user_grid(gc, func, y0, t, backwards):
+    """Call a user grid constructor as torchdiffeq does (with increasing times for a reversed ``t``)."""
+    if backwards:
+        grid = -gc(lambda tt, y: -func(-tt, y), y0, -t)
+    else:
+        grid = gc(func, y0, t)
+    if not isinstance(grid, torch.Tensor):
+        raise TypeError(f"grid_constructor must return a tensor, got {type(grid).__name__}")
+    return grid.detach().to("cpu", torch.float64).numpy().copy()

@@ -1,0 +1,151 @@
+"""``flowsde.sdeint``: torchsde's entry point, on flowsde's fixed-step driver."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import _checks, kernels
+from ..brownian import GridBrownian
+from . import fixed
+from .sde_methods import DEFAULT_SDE_METHOD, NOISE_TYPES, SDE_METHODS, SDE_TYPES
+
+SDE_OPTIONS = ("return_stats", "grad_free", "backend")
+
+
+class StepContext:
+    """What an SDE step needs: checked drift/diffusion, grid, step sizes and Brownian increments."""
+
+    def __init__(self, sde, y0, grid, t_dtype, bm, seed, grad_free):
+        self.sde = sde
+        self.noise_type = sde.noise_type
+        self.sde_type = sde.sde_type
+        self.grad_free = grad_free
+        self.grid = grid
+        self.h = np.diff(grid).tolist()
+        self.times = fixed.stage_times(grid, (0.0, 1.0), t_dtype, y0.device)
+        self.stats = {"nfe": 0, "nge": 0, "steps": 0}
+        self.like = y0
+        self.shape = tuple(y0.shape)
+        self.batch = y0.shape[0]
+        self.m = None  # noise channels of additive / general noise, fixed by the first g
+        self.bm = bm
+        self.seed = seed
+        self.own_grid = isinstance(bm, GridBrownian) and bm.grid.shape == grid.shape and np.array_equal(
+            bm.grid, grid)
+
+    def f(self, t, y):
+        self.stats["nfe"] += 1
+        return _checks.check_output("sde.f (drift)", self.sde.f(t, y), self.like, self.shape)
+
+    def g(self, t, y):
+        self.stats["nge"] += 1
+        out = self.sde.g(t, y)
+        nt = self.noise_type
+        if nt == "diagonal":
+            expected = self.shape
+        elif nt == "scalar":
+            expected = self.shape + (1,)
+        else:
+            if self.m is None and isinstance(out, torch.Tensor) and out.dim() == 3:
+                self.m = out.shape[-1]
+            expected = self.shape + (self.m if self.m is not None else "m",)
+        return _checks.check_output(f"sde.g (diffusion, {nt} noise)", out, self.like, expected)
+
+    def noise_shape(self):
+        nt = self.noise_type
+        if nt == "diagonal":
+            return self.shape
+        if nt == "scalar":
+            return (self.batch, 1)
+        return (self.batch, self.m)
+
+    def dw(self, k, g):
+        """The Brownian increment over grid step ``k`` (``g`` fixes the noise size on first use)."""
+        if self.bm is None:
+            self.bm = GridBrownian(self.grid, self.noise_shape(), self.seed, self.like.dtype, self.like.device)
+            self.own_grid = True
+        if self.own_grid:
+            dw = self.bm.step(k)
+        else:
+            dw = self.bm(self.grid[k], self.grid[k + 1])
+        return _checks.check_output("bm (Brownian increment)", dw, self.like, self.noise_shape())
+
+
+def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5, atol=1e-4, dt_min=1e-5,
+           options=None, seed=None):
+    """Integrate the SDE ``dY = f(t, Y) dt + g(t, Y) dW`` and return ``Y`` at every time in ``ts``.
+
+    Same arguments and result layout as ``torchsde.sdeint``: ``sde`` has methods ``f(t, y)`` and
+    ``g(t, y)`` and attributes ``noise_type`` (``diagonal``, ``scalar``, ``additive``, ``general``) and
+    ``sde_type`` (``ito``, ``stratonovich``); ``y0`` has shape ``(batch, d)`` (``(batch, *shape)`` for
+    diagonal and scalar noise); ``ts`` is strictly increasing; the result has shape
+    ``(len(ts), *y0.shape)``. Steps of size ``dt`` run from ``ts[0]`` to ``ts[-1]`` and outputs inside
+    a step are interpolated linearly, as torchsde does.
+
+    Methods: ``euler`` (Itô Euler–Maruyama, alias ``euler_maruyama``), ``heun`` (Stratonovich) and
+    ``milstein`` (Itô or Stratonovich; diagonal, scalar or additive noise; ``options=dict(grad_free=True)``
+    for the derivative-free variant). The default is ``euler`` for Itô and ``heun`` for Stratonovich SDEs.
+
+    ``bm``: any Brownian object answering ``bm(ta, tb)`` (a torchsde one, or a
+    :class:`flowsde.brownian.GridBrownian`); with ``bm=None`` flowsde draws its increments from ``seed``
+    (same seed, same result). ``options``: ``return_stats`` (returns ``(ys, stats)`` with ``nfe``,
+    ``nge``, ``steps``), ``grad_free``, ``backend``.
+    """
+    opts = _checks.check_options(options, SDE_OPTIONS, "sdeint")
+    if adaptive:
+        raise NotImplementedError("adaptive=True is not available in this version of flowsde: pass a fixed dt")
+    for attr, allowed in (("noise_type", NOISE_TYPES), ("sde_type", SDE_TYPES)):
+        if not hasattr(sde, attr):
+            raise ValueError(f"sde has no attribute {attr}: set it to one of {allowed}")
+        if getattr(sde, attr) not in allowed:
+            raise ValueError(f"sde.{attr} must be one of {allowed}, got {getattr(sde, attr)!r}")
+    for attr in ("f", "g"):
+        if not callable(getattr(sde, attr, None)):
+            raise TypeError(f"sde must define a method {attr}(t, y)")
+    if method is None:
+        method = DEFAULT_SDE_METHOD[sde.sde_type]
+    if not isinstance(method, str) or method not in SDE_METHODS:
+        raise ValueError(f"unknown SDE method {method!r}; known methods: {sorted(SDE_METHODS)}")
+    m = SDE_METHODS[method]
+    if sde.sde_type not in m.sde_types:
+        raise ValueError(f"method {method!r} solves {' or '.join(m.sde_types)} SDEs, but sde.sde_type is "
+                         f"{sde.sde_type!r}")
+    if sde.noise_type not in m.noise_types:
+        raise ValueError(f"method {method!r} supports noise types {m.noise_types}, but sde.noise_type is "
+                         f"{sde.noise_type!r}")
+
+    y0 = _checks.check_state("y0", y0)
+    if y0.dim() < 2:
+        raise ValueError(f"y0 must have shape (batch, d), got shape {tuple(y0.shape)}")
+    if sde.noise_type in ("additive", "general") and y0.dim() != 2:
+        raise ValueError(f"{sde.noise_type} noise needs y0 of shape (batch, d), got {tuple(y0.shape)}")
+    ts = _checks.check_times("ts", ts, y0)
+    ts_host = _checks.host_times("ts", ts, increasing_only=True)
+    step = _checks.check_step("dt", dt)
+    kernels.resolve_backend(opts.get("backend"), y0.device)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if bm is not None:
+        if not callable(bm):
+            raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
+        if hasattr(bm, "dtype") and bm.dtype != y0.dtype:
+            raise TypeError(f"bm has dtype {bm.dtype} but y0 has dtype {y0.dtype}")
+        for name in ("t0", "t1"):
+            if hasattr(bm, name):
+                tb = float(getattr(bm, name))
+                inside = tb <= ts_host[0] + 1e-12 if name == "t0" else tb >= ts_host[-1] - 1e-12
+                if not inside:
+                    raise ValueError(f"bm covers [{float(bm.t0)}, {float(bm.t1)}] but ts spans "
+                                     f"[{ts_host[0]}, {ts_host[-1]}]")
+
+    grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
+    ctx = StepContext(sde, y0, grid, ts.dtype, bm, seed, bool(opts.get("grad_free", False)))
+
+    def do_step(k, y):
+        ctx.stats["steps"] += 1
+        return m.step(ctx, k, y), None
+
+    ys = fixed.integrate(do_step, y0, grid, ts_host)
+    if opts.get("return_stats", False):
+        return ys, dict(ctx.stats)
+    return ys

@@ -1,0 +1,127 @@
+"""Fixed-step SDE methods as data: which SDE and noise types each supports, its orders, and its step.
+
+Every step is written against a :class:`StepContext` (the checked drift and diffusion, the time grid and
+the Brownian increments) and combines its terms with the kernel ops, so one step is one fused update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from .. import kernels
+
+NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
+SDE_TYPES = ("ito", "stratonovich")
+
+
+@dataclass(frozen=True)
+class SDEMethod:
+    """A fixed-step SDE method.
+
+    ``strong_order`` maps a noise type to the strong order of convergence (``None`` for "as general");
+    ``weak_order`` is the weak order; ``step(ctx, k, y)`` advances ``y`` over grid step ``k``.
+    """
+
+    name: str
+    sde_types: Tuple[str, ...]
+    noise_types: Tuple[str, ...]
+    strong_orders: Dict[str, float]
+    weak_order: float
+    step: Callable
+
+    def strong_order(self, noise_type: str) -> float:
+        return self.strong_orders.get(noise_type, self.strong_orders["default"])
+
+
+def _euler_step(ctx, k, y):
+    t0, dt = ctx.times[k][0], ctx.h[k]
+    f = ctx.f(t0, y)
+    g = ctx.g(t0, y)
+    dw = ctx.dw(k, g)
+    return kernels.sde_update(y, [(dt, f)], [(1.0, g)], dw, ctx.noise_type)
+
+
+def _heun_step(ctx, k, y):
+    (t0, t1), dt = ctx.times[k], ctx.h[k]
+    f = ctx.f(t0, y)
+    g = ctx.g(t0, y)
+    dw = ctx.dw(k, g)
+    y_pred = kernels.sde_update(y, [(dt, f)], [(1.0, g)], dw, ctx.noise_type)
+    f1 = ctx.f(t1, y_pred)
+    g1 = ctx.g(t1, y_pred)
+    return kernels.sde_update(y, [(0.5 * dt, f), (0.5 * dt, f1)], [(0.5, g), (0.5, g1)], dw, ctx.noise_type)
+
+
+def _milstein_step(ctx, k, y):
+    t0, dt = ctx.times[k][0], ctx.h[k]
+    nt = ctx.noise_type
+    f = ctx.f(t0, y)
+    if nt == "additive":  # g does not depend on y: the correction vanishes and the step is Euler's
+        g = ctx.g(t0, y)
+        return kernels.sde_update(y, [(dt, f)], [(1.0, g)], ctx.dw(k, g), nt)
+    ito = ctx.sde_type == "ito"
+    if ctx.grad_free:
+        g = ctx.g(t0, y)
+        dw = ctx.dw(k, g)
+        v = dw * dw - dt if ito else dw * dw
+        sq = dt ** 0.5
+        gv = g if nt == "diagonal" else g.squeeze(-1)
+        y_sup = kernels.lincomb(y, [(dt if ito else 0.0, f), (sq, gv)])
+        g_sup = ctx.g(t0, y_sup)
+        out = kernels.sde_update(y, [(dt, f)], [(1.0, g)], dw, nt)
+        return out.add_(kernels.noise_prod(g_sup - g, v, nt), alpha=0.5 / sq)
+    g, gdg_fn = _diffusion_with_derivative(ctx, t0, y)
+    dw = ctx.dw(k, g)
+    v = dw * dw - dt if ito else dw * dw
+    return kernels.sde_update(y, [(dt, f), (0.5, gdg_fn(v))], [(1.0, g)], dw, nt)
+
+
+def _diffusion_with_derivative(ctx, t0, y):
+    """``g`` at ``(t0, y)`` and a function ``v -> (dg/dy . g) * v`` by autograd.
+
+    Diagonal noise (``g_i`` depends on ``y_i`` only) uses one vector-Jacobian product; scalar noise needs
+    the Jacobian-vector product ``(dg/dy) g`` (the Milstein term's direction), taken by double backward.
+    """
+    create = torch.is_grad_enabled() and y.requires_grad
+    with torch.enable_grad():
+        y_ = y if y.requires_grad else y.detach().requires_grad_(True)
+        g = ctx.g(t0, y_)
+        if ctx.noise_type == "diagonal":
+            def gdg(v):
+                with torch.enable_grad():
+                    (d,) = torch.autograd.grad(g, y_, grad_outputs=g * v, create_graph=create,
+                                               retain_graph=create, allow_unused=True)
+                return torch.zeros_like(y) if d is None else d
+        else:  # scalar: g has shape (*y.shape, 1)
+            gs = g.squeeze(-1)
+            w = torch.zeros_like(gs, requires_grad=True)
+            (u,) = torch.autograd.grad(gs, y_, grad_outputs=w, create_graph=True, allow_unused=True)
+
+            def gdg(v):
+                if u is None:
+                    return torch.zeros_like(y)
+                with torch.enable_grad():
+                    (jv,) = torch.autograd.grad(u, w, grad_outputs=gs.detach(), create_graph=create,
+                                                allow_unused=True)
+                jv = torch.zeros_like(y) if jv is None else jv
+                return jv * v.reshape(v.shape[0], *([1] * (jv.dim() - 1)))
+    if not create:
+        return g.detach(), lambda v: gdg(v).detach()
+    return g, gdg
+
+
+EULER = SDEMethod("euler", ("ito",), NOISE_TYPES, {"additive": 1.0, "default": 0.5}, 1.0, _euler_step)
+HEUN = SDEMethod("heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0, _heun_step)
+MILSTEIN = SDEMethod("milstein", SDE_TYPES, ("diagonal", "scalar", "additive"), {"default": 1.0}, 1.0,
+                     _milstein_step)
+
+#: SDE methods by name (aliases included).
+SDE_METHODS: Dict[str, SDEMethod] = {
+    "euler": EULER,
+    "euler_maruyama": EULER,
+    "heun": HEUN,
+    "milstein": MILSTEIN,
+}
+DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "heun"}
