@@ -88,7 +88,15 @@ def check_options(options: Optional[dict], allowed: Sequence[str], where: str) -
 
 
 def check_output(name: str, out, like: torch.Tensor, expected_shape) -> torch.Tensor:
-    """A user function's output must be a tensor of the expected shape, dtype and device."""
+    """A user function's output must be a tensor of the expected shape, dtype and device.
+
+    Runs on every call inside step loops, so the passing case is one comparison of metadata (never data).
+    """
+    try:
+        if out.shape == expected_shape and out.dtype == like.dtype and out.device == like.device:
+            return out
+    except (AttributeError, TypeError):
+        pass
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != tuple(expected_shape):

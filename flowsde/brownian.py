@@ -28,6 +28,17 @@ def step_key(seed: int, step: int) -> int:
     return z ^ (z >> 31)
 
 
+def step_keys(seed: int, n: int) -> list:
+    """``[step_key(seed, k) for k in range(n)]``, vectorised (uint64 arithmetic wraps modulo 2**64)."""
+    with np.errstate(over="ignore"):
+        k = np.arange(1, n + 1, dtype=np.uint64)
+        z = np.uint64((int(seed) * 0x9E3779B97F4A7C15) & _MASK) + k * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return [int(v) for v in z.tolist()]
+
+
 def default_seed() -> int:
     """A fresh seed drawn from torch's global CPU generator (so ``torch.manual_seed`` makes runs repeat)."""
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
@@ -97,12 +108,13 @@ class GridBrownian(BrownianMotion):
         self.device = torch.device(device)
         self.seed = default_seed() if seed is None else int(seed)
         self._sqrt_h = np.sqrt(np.diff(grid)).tolist()
+        self._keys = step_keys(self.seed, grid.size - 1)
         self._gen = torch.Generator(device=self.device)
         self._tol = 1e-9 * float(np.min(np.diff(grid)))
 
     def normal(self, k: int) -> torch.Tensor:
         """The standard normal draw behind step ``k`` (shape ``self.shape``)."""
-        self._gen.manual_seed(step_key(self.seed, k))
+        self._gen.manual_seed(self._keys[k])
         return torch.randn(self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
 
     def step(self, k: int) -> torch.Tensor:

@@ -16,7 +16,17 @@ class _ConstantDiffusion:
     """Shared helper: a constant diffusion ``sigma`` laid out for the problem's noise type."""
 
     def _const_g(self, y: torch.Tensor) -> torch.Tensor:
-        s = torch.as_tensor(self.sigma, dtype=y.dtype, device=y.device)
+        key = (y.shape, y.dtype, y.device)
+        cache = self.__dict__.setdefault("_g_cache", {})
+        g = cache.get(key)
+        if g is None:  # a constant: built once per layout (g is called every step), a broadcast view
+            if len(cache) > 16:
+                cache.clear()
+            g = cache[key] = self._build_g(y)
+        return g
+
+    def _build_g(self, y: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor(self.sigma, dtype=y.dtype, device=y.device)
         if self.noise_type == "diagonal":
             return s.expand(y.shape)
         if self.noise_type == "scalar":
@@ -45,7 +55,7 @@ class OrnsteinUhlenbeck(_ConstantDiffusion):
         self.theta, self.sigma, self.noise_type = float(theta), float(sigma), noise_type
 
     def f(self, t, y):
-        return -self.theta * y
+        return y * (-self.theta)
 
     def g(self, t, y):
         return self._const_g(y)

@@ -47,7 +47,7 @@ def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[flo
     ``terms`` are drift terms ``(c, k)`` (``c`` already holds the step ``dt``), ``noise`` are pairs
     ``(s, g)`` of a scale and a diffusion value all applied to the same increment ``dw``.
     """
-    out = lincomb(y, terms)
+    out = torch.add(y, terms[0][1], alpha=terms[0][0]) if len(terms) == 1 else lincomb(y, terms)
     if noise_type == "diagonal":
         for s, g in noise:
             out.addcmul_(g, dw, value=s)

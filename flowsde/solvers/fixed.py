@@ -46,19 +46,27 @@ def check_grid(grid: np.ndarray, t_out: np.ndarray, where: str) -> np.ndarray:
     return grid
 
 
-def stage_times(grid: np.ndarray, c: Sequence[float], dtype: torch.dtype,
-                device: torch.device) -> List[List[torch.Tensor]]:
-    """Per step, the times ``t_k + c_i h_k`` as 0-dim tensors on the device (one transfer, before the loop).
+class StageTimes:
+    """Per step ``k``, the times ``t_k + c_i h_k`` as 0-dim tensors: ``times[k] -> (t_k0, t_k1, ...)``.
 
-    A stage at ``c == 1`` gets the grid point itself, not ``t_k + h_k``, so it is exact.
+    The whole table moves to the device once, before the loop; a step only takes views of it. A stage at
+    ``c == 1`` gets the grid point itself, not ``t_k + h_k``, so it is exact.
     """
-    t0, h = grid[:-1], np.diff(grid)
-    cols = [grid[1:] if ci == 1.0 else t0 + ci * h for ci in c]
-    table = np.stack(cols, axis=1) if cols else np.zeros((len(t0), 0))
-    flat = torch.as_tensor(table.reshape(-1), dtype=torch.float64).to(device=device, dtype=dtype)
-    views = flat.unbind(0)
-    s = len(c)
-    return [list(views[k * s:(k + 1) * s]) for k in range(len(t0))]
+
+    def __init__(self, grid: np.ndarray, c: Sequence[float], dtype: torch.dtype, device: torch.device):
+        t0, h = grid[:-1], np.diff(grid)
+        cols = [grid[1:] if ci == 1.0 else t0 + ci * h for ci in c]
+        table = np.stack(cols, axis=1)
+        self.table = torch.as_tensor(table, dtype=torch.float64).to(device=device, dtype=dtype)
+        views = self.table.reshape(-1).unbind(0)  # all views made here, none in the loop
+        s = len(c)
+        self._rows = [views[k * s:(k + 1) * s] for k in range(len(t0))]
+
+    def __getitem__(self, k: int):
+        return self._rows[k]
+
+    def __len__(self):
+        return len(self._rows)
 
 
 def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndarray,

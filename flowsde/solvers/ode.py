@@ -96,7 +96,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
         stats["nfe"] += 1
         return _checks.check_output("func", func(tt, y), y0, shape)
 
-    times = fixed.stage_times(grid, tab.c, y0.dtype, y0.device)
+    times = fixed.StageTimes(grid, tab.c, y0.dtype, y0.device)
     h_all = np.diff(grid).tolist()
 
     def step(k, y):
@@ -106,7 +106,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
 
     interp = None
     if interp_name == "cubic":
-        ends = fixed.stage_times(grid, (1.0,), y0.dtype, y0.device)
+        ends = fixed.StageTimes(grid, (1.0,), y0.dtype, y0.device)
         cache = {}
 
         def interp(k, ya, yb, f0, s):

@@ -15,14 +15,15 @@ SDE_OPTIONS = ("return_stats", "grad_free", "backend")
 class StepContext:
     """What an SDE step needs: checked drift/diffusion, grid, step sizes and Brownian increments."""
 
-    def __init__(self, sde, y0, grid, t_dtype, bm, seed, grad_free):
+    def __init__(self, sde, y0, grid, t_dtype, bm, seed, grad_free, stage_c=(0.0,)):
         self.sde = sde
         self.noise_type = sde.noise_type
         self.sde_type = sde.sde_type
         self.grad_free = grad_free
         self.grid = grid
         self.h = np.diff(grid).tolist()
-        self.times = fixed.stage_times(grid, (0.0, 1.0), t_dtype, y0.device)
+        self.sqrt_h = np.sqrt(np.diff(grid)).tolist()
+        self.times = fixed.StageTimes(grid, stage_c, t_dtype, y0.device)
         self.stats = {"nfe": 0, "nge": 0, "steps": 0}
         self.like = y0
         self.shape = tuple(y0.shape)
@@ -59,16 +60,26 @@ class StepContext:
             return (self.batch, 1)
         return (self.batch, self.m)
 
-    def dw(self, k, g):
-        """The Brownian increment over grid step ``k`` (``g`` fixes the noise size on first use)."""
+    def noise(self, k, g):
+        """The Brownian increment over grid step ``k`` as ``(z, scale)`` with ``dW = scale * z``.
+
+        With flowsde's own grid Brownian motion ``z`` is the standard normal draw and ``scale`` is
+        ``sqrt(h)``, so a step folds the scaling into its fused update instead of a pass of its own.
+        ``g`` fixes the number of noise channels on first use (additive and general noise).
+        """
         if self.bm is None:
             self.bm = GridBrownian(self.grid, self.noise_shape(), self.seed, self.like.dtype, self.like.device)
             self.own_grid = True
         if self.own_grid:
-            dw = self.bm.step(k)
+            z, scale = self.bm.normal(k), self.sqrt_h[k]
         else:
-            dw = self.bm(self.grid[k], self.grid[k + 1])
-        return _checks.check_output("bm (Brownian increment)", dw, self.like, self.noise_shape())
+            z, scale = self.bm(self.grid[k], self.grid[k + 1]), 1.0
+        return _checks.check_output("bm (Brownian increment)", z, self.like, self.noise_shape()), scale
+
+    def dw(self, k, g):
+        """The Brownian increment ``W(t_{k+1}) - W(t_k)`` itself."""
+        z, scale = self.noise(k, g)
+        return z if scale == 1.0 else z.mul_(scale)
 
 
 def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5, atol=1e-4, dt_min=1e-5,
@@ -139,7 +150,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
                                      f"[{ts_host[0]}, {ts_host[-1]}]")
 
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
-    ctx = StepContext(sde, y0, grid, ts.dtype, bm, seed, bool(opts.get("grad_free", False)))
+    ctx = StepContext(sde, y0, grid, ts.dtype, bm, seed, bool(opts.get("grad_free", False)), m.stage_c)
 
     def do_step(k, y):
         ctx.stats["steps"] += 1

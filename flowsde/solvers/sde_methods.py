@@ -21,7 +21,8 @@ class SDEMethod:
     """A fixed-step SDE method.
 
     ``strong_order`` maps a noise type to the strong order of convergence (``None`` for "as general");
-    ``weak_order`` is the weak order; ``step(ctx, k, y)`` advances ``y`` over grid step ``k``.
+    ``weak_order`` is the weak order; ``step(ctx, k, y)`` advances ``y`` over grid step ``k``;
+    ``stage_c`` are the fractions of a step at which the step evaluates ``f`` and ``g``.
     """
 
     name: str
@@ -30,6 +31,7 @@ class SDEMethod:
     strong_orders: Dict[str, float]
     weak_order: float
     step: Callable
+    stage_c: Tuple[float, ...] = (0.0,)
 
     def strong_order(self, noise_type: str) -> float:
         return self.strong_orders.get(noise_type, self.strong_orders["default"])
@@ -39,19 +41,20 @@ def _euler_step(ctx, k, y):
     t0, dt = ctx.times[k][0], ctx.h[k]
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
-    dw = ctx.dw(k, g)
-    return kernels.sde_update(y, [(dt, f)], [(1.0, g)], dw, ctx.noise_type)
+    z, sc = ctx.noise(k, g)
+    return kernels.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
 
 
 def _heun_step(ctx, k, y):
     (t0, t1), dt = ctx.times[k], ctx.h[k]
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
-    dw = ctx.dw(k, g)
-    y_pred = kernels.sde_update(y, [(dt, f)], [(1.0, g)], dw, ctx.noise_type)
+    z, sc = ctx.noise(k, g)
+    y_pred = kernels.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
     f1 = ctx.f(t1, y_pred)
     g1 = ctx.g(t1, y_pred)
-    return kernels.sde_update(y, [(0.5 * dt, f), (0.5 * dt, f1)], [(0.5, g), (0.5, g1)], dw, ctx.noise_type)
+    return kernels.sde_update(y, [(0.5 * dt, f), (0.5 * dt, f1)], [(0.5 * sc, g), (0.5 * sc, g1)], z,
+                              ctx.noise_type)
 
 
 def _milstein_step(ctx, k, y):
@@ -60,7 +63,8 @@ def _milstein_step(ctx, k, y):
     f = ctx.f(t0, y)
     if nt == "additive":  # g does not depend on y: the correction vanishes and the step is Euler's
         g = ctx.g(t0, y)
-        return kernels.sde_update(y, [(dt, f)], [(1.0, g)], ctx.dw(k, g), nt)
+        z, sc = ctx.noise(k, g)
+        return kernels.sde_update(y, [(dt, f)], [(sc, g)], z, nt)
     ito = ctx.sde_type == "ito"
     if ctx.grad_free:
         g = ctx.g(t0, y)
@@ -113,7 +117,8 @@ def _diffusion_with_derivative(ctx, t0, y):
 
 
 EULER = SDEMethod("euler", ("ito",), NOISE_TYPES, {"additive": 1.0, "default": 0.5}, 1.0, _euler_step)
-HEUN = SDEMethod("heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0, _heun_step)
+HEUN = SDEMethod("heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0, _heun_step,
+                 stage_c=(0.0, 1.0))
 MILSTEIN = SDEMethod("milstein", SDE_TYPES, ("diagonal", "scalar", "additive"), {"default": 1.0}, 1.0,
                      _milstein_step)
 

@@ -1,0 +1,76 @@
+"""The workloads of the CPU benchmarks, each written for flowsde and for its peers.
+
+Shared by the pytest-benchmark suite (``benchmarks/test_bench_core.py``) and the one-run ratio script
+(``benchmarks/compare_cpu.py``), so both time exactly the same work.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torchdiffeq
+import torchsde
+
+import flowsde
+from flowsde.problems import OrnsteinUhlenbeck
+
+THETA, SIGMA = 1.0, 0.5
+
+
+def ou_problem(B=10_000, N=1_000, d=1, dtype=torch.float32):
+    """OU Euler–Maruyama workload: B paths, N steps over [0, 1]."""
+    sde = OrnsteinUhlenbeck(theta=THETA, sigma=SIGMA)
+    y0 = torch.ones(B, d, dtype=dtype)
+    ts = torch.tensor([0.0, 1.0], dtype=dtype)
+    return sde, y0, ts, 1.0 / N
+
+
+def ou_flowsde(sde, y0, ts, dt, seed=0):
+    return flowsde.sdeint(sde, y0, ts, method="euler", dt=dt, seed=seed)
+
+
+def ou_torchsde(sde, y0, ts, dt, seed=0):
+    bm = torchsde.BrownianInterval(float(ts[0]), float(ts[-1]), size=y0.shape, dtype=y0.dtype, entropy=seed)
+    return torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=dt)
+
+
+def ou_hand_loop(sde, y0, ts, dt, seed=0):
+    """What a user writes by hand: x += -theta x dt + sigma sqrt(dt) randn."""
+    gen = torch.Generator().manual_seed(seed)
+    n = round(float(ts[-1] - ts[0]) / dt)
+    x = y0
+    sq = math.sqrt(dt)
+    for _ in range(n):
+        x = x + (-THETA * x) * dt + SIGMA * sq * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    return torch.stack([y0, x])
+
+
+class MLPField(torch.nn.Module):
+    """A small velocity field v(t, x): 2-D state plus time in, SiLU MLP of width 64."""
+
+    def __init__(self, d=2, width=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(d + 1, width), torch.nn.SiLU(),
+                                       torch.nn.Linear(width, width), torch.nn.SiLU(),
+                                       torch.nn.Linear(width, d))
+
+    def forward(self, t, x):
+        return self.net(torch.cat([x, t.expand(x.shape[0], 1)], dim=1))
+
+
+def mlp_problem(B=4096, steps=50):
+    field = MLPField().eval()
+    y0 = torch.randn(B, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.0, 1.0, steps + 1)
+    return field, y0, t
+
+
+def mlp_flowsde(field, y0, t):
+    with torch.no_grad():
+        return flowsde.odeint(field, y0, t, method="rk4")
+
+
+def mlp_torchdiffeq(field, y0, t):
+    with torch.no_grad():
+        return torchdiffeq.odeint(field, y0, t, method="rk4")
