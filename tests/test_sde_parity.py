@@ -78,3 +78,13 @@ def test_flowsde_brownian_is_a_valid_bm_for_torchsde():
     a = flowsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=1 / 16)
     b = torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=1 / 16)
     assert float((a - b).abs().max() / b.abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "scalar"])
+def test_milstein_with_state_independent_diffusion_is_euler(noise_type):
+    sde = OrnsteinUhlenbeck(noise_type=noise_type)
+    y0 = torch.randn(4, 2, dtype=torch.float64)
+    ts = torch.linspace(0, 1, 3, dtype=torch.float64)
+    a = flowsde.sdeint(sde, y0, ts, method="milstein", dt=0.1, seed=3)
+    b = flowsde.sdeint(sde, y0, ts, method="euler", dt=0.1, seed=3)
+    assert float((a - b).abs().max()) < 1e-14

@@ -92,6 +92,8 @@ def _diffusion_with_derivative(ctx, t0, y):
     with torch.enable_grad():
         y_ = y if y.requires_grad else y.detach().requires_grad_(True)
         g = ctx.g(t0, y_)
+        if not g.requires_grad:  # g does not depend on y (nor on anything differentiable): no correction
+            return g, lambda v: torch.zeros_like(y)
         if ctx.noise_type == "diagonal":
             def gdg(v):
                 with torch.enable_grad():

@@ -1,0 +1,71 @@
+"""GridBrownian: reproducible, order-independent, additive across grid steps, with the right law."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchsde
+
+import flowsde
+from flowsde.brownian import GridBrownian, step_key, step_keys
+
+
+def test_increments_are_keyed_by_seed_and_step():
+    a = GridBrownian(t0=0.0, t1=1.0, steps=16, shape=(5, 3), seed=7, dtype=torch.float64)
+    b = GridBrownian(t0=0.0, t1=1.0, steps=16, shape=(5, 3), seed=7, dtype=torch.float64)
+    c = GridBrownian(t0=0.0, t1=1.0, steps=16, shape=(5, 3), seed=8, dtype=torch.float64)
+    backwards = [b.step(k) for k in reversed(range(16))][::-1]  # asked in another order: same values
+    for k in range(16):
+        assert torch.equal(a.step(k), backwards[k])
+        assert not torch.equal(a.step(k), c.step(k))
+    assert step_keys(7, 16) == [step_key(7, k) for k in range(16)]
+
+
+def test_queries_over_several_steps_sum_the_fine_increments():
+    bm = GridBrownian(t0=0.0, t1=2.0, steps=64, shape=(4, 2), seed=1, dtype=torch.float64)
+    w = bm.path()
+    assert w.shape == (65, 4, 2) and torch.equal(w[0], torch.zeros(4, 2, dtype=torch.float64))
+    for ia, ib in [(0, 64), (3, 17), (16, 48), (63, 64)]:
+        ta, tb = float(bm.grid[ia]), float(bm.grid[ib])
+        assert torch.allclose(bm(ta, tb), w[ib] - w[ia], atol=1e-12, rtol=0)
+    assert torch.allclose(bm(1.0), w[32], atol=1e-12, rtol=0)  # bm(t) = W(t) - W(t0)
+    # coarse grid times computed another way still match the grid within the tolerance
+    assert torch.allclose(bm(0.0, 3 * (2.0 / 8)), w[24], atol=1e-12, rtol=0)
+
+
+def test_off_grid_and_reversed_queries_are_refused():
+    bm = GridBrownian(t0=0.0, t1=1.0, steps=10, shape=(2,), seed=0)
+    with pytest.raises(ValueError, match="not a point of this GridBrownian's grid"):
+        bm(0.0, 0.55)
+    with pytest.raises(ValueError, match="ta < tb"):
+        bm(0.5, 0.2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        GridBrownian(grid=[0.0, 0.5, 0.5, 1.0], shape=(2,))
+    with pytest.raises(ValueError, match="needs either grid"):
+        GridBrownian(shape=(2,))
+
+
+def test_increments_have_the_brownian_law():
+    n, B = 8, 50000
+    bm = GridBrownian(grid=np.linspace(0.0, 2.0, n + 1) ** 1.5, shape=(B,), seed=3, dtype=torch.float64)
+    h = np.diff(bm.grid)
+    incs = torch.stack([bm.step(k) for k in range(n)])
+    for k in range(n):
+        se = math.sqrt(h[k] / B)
+        assert abs(float(incs[k].mean())) < 5 * se
+        assert abs(float(incs[k].var()) / h[k] - 1.0) < 5 * math.sqrt(2.0 / B)
+    corr = np.corrcoef(incs.numpy())  # independent increments
+    assert np.abs(corr - np.eye(n)).max() < 5 / math.sqrt(B)
+
+
+def test_default_brownian_equals_an_explicit_one_on_the_same_grid():
+    sde = flowsde.problems.GeometricBrownianMotion()
+    y0 = torch.ones(6, 2, dtype=torch.float64)
+    ts = torch.linspace(0, 1, 3, dtype=torch.float64)
+    a = flowsde.sdeint(sde, y0, ts, dt=1 / 8, seed=11)
+    bm = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(6, 2), seed=11, dtype=torch.float64)
+    b = flowsde.sdeint(sde, y0, ts, dt=1 / 8, bm=bm)
+    assert torch.equal(a, b)
+    c = flowsde.sdeint(sde, y0, ts, dt=1 / 8, bm=torchsde.BrownianInterval(0.0, 1.0, size=(6, 2),
+                                                                          dtype=torch.float64, entropy=0))
+    assert not torch.equal(a, c)

@@ -1,0 +1,168 @@
+"""Bad input gets a clear error naming the problem; inputs are never modified in place."""
+import pytest
+import torch
+
+import flowsde
+from flowsde.problems import GeometricBrownianMotion, LinearODE, OrnsteinUhlenbeck
+
+Y0 = torch.ones(3, 2, dtype=torch.float64)
+T = torch.linspace(0, 1, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t,match", [
+    (torch.tensor([0.0, 0.5, 0.4, 1.0], dtype=torch.float64), "strictly increasing or strictly decreasing"),
+    (torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), "strictly"),
+    (torch.tensor([0.0], dtype=torch.float64), "at least two"),
+    (torch.zeros(2, 2, dtype=torch.float64), "one-dimensional"),
+    (torch.tensor([0.0, float("nan")], dtype=torch.float64), "non-finite"),
+])
+def test_odeint_rejects_bad_time_grids(t, match):
+    with pytest.raises(ValueError, match=match):
+        flowsde.odeint(LinearODE(), Y0, t, method="euler")
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known methods.*rk4"):
+        flowsde.odeint(LinearODE(), Y0, T, method="rk5")
+    with pytest.raises(ValueError, match="known methods.*milstein"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, method="srk")
+
+
+def test_adaptive_methods_are_refused_clearly_for_now():
+    with pytest.raises(NotImplementedError, match="fixed-step method"):
+        flowsde.odeint(LinearODE(), Y0, T)  # default dopri5
+    with pytest.raises(NotImplementedError, match="adaptive"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, adaptive=True)
+
+
+def test_field_with_wrong_shape_or_dtype():
+    with pytest.raises(ValueError, match=r"func returned shape \(3, 1\), expected \(3, 2\)"):
+        flowsde.odeint(lambda t, y: y[:, :1], Y0, T, method="rk4")
+    with pytest.raises(TypeError, match="func returned dtype torch.float32"):
+        flowsde.odeint(lambda t, y: y.float(), Y0, T, method="euler")
+    with pytest.raises(TypeError, match="must return a torch.Tensor"):
+        flowsde.odeint(lambda t, y: 1.0, Y0, T, method="euler")
+
+
+class BadSDE:
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self, f_shape=None, g_shape=None):
+        self.f_shape, self.g_shape = f_shape, g_shape
+
+    def f(self, t, y):
+        return y.new_zeros(self.f_shape) if self.f_shape else -y
+
+    def g(self, t, y):
+        return y.new_ones(self.g_shape) if self.g_shape else torch.ones_like(y)
+
+
+def test_drift_and_diffusion_with_wrong_shapes():
+    with pytest.raises(ValueError, match="sde.f \\(drift\\) returned shape"):
+        flowsde.sdeint(BadSDE(f_shape=(3, 1)), Y0, T, dt=0.1)
+    with pytest.raises(ValueError, match="sde.g \\(diffusion, diagonal noise\\) returned shape \\(3, 2, 1\\)"):
+        flowsde.sdeint(BadSDE(g_shape=(3, 2, 1)), Y0, T, dt=0.1)
+    sde = BadSDE(g_shape=(3, 2))
+    sde.noise_type = "scalar"
+    with pytest.raises(ValueError, match="scalar noise.*expected \\(3, 2, 1\\)"):
+        flowsde.sdeint(sde, Y0, T, dt=0.1)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("inf"), float("nan")])
+def test_non_positive_steps(bad):
+    with pytest.raises(ValueError, match="dt must be a finite number > 0"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, dt=bad)
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
+        flowsde.odeint(LinearODE(), Y0, T, method="euler", options=dict(step_size=bad))
+
+
+def test_dtype_and_device_mismatch_between_y0_and_t():
+    with pytest.raises(TypeError, match="less precise than y0"):
+        flowsde.odeint(LinearODE(), Y0, T.float(), method="euler")
+    with pytest.raises(TypeError, match="less precise than y0"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T.float(), dt=0.1)
+    with pytest.raises(ValueError, match="is on meta but y0 is on cpu"):
+        flowsde.odeint(LinearODE(), Y0, torch.linspace(0, 1, 3, dtype=torch.float64, device="meta"), method="euler")
+    with pytest.raises(TypeError, match="real floating dtype"):
+        flowsde.odeint(LinearODE(), torch.ones(3, 2, dtype=torch.int64), T, method="euler")
+    with pytest.raises(TypeError, match="bm has dtype torch.float32"):
+        bm = flowsde.GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(3, 2), seed=0, dtype=torch.float32)
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, bm=bm, dt=0.125)
+
+
+def test_method_and_sde_type_or_noise_type_combinations():
+    with pytest.raises(ValueError, match="method 'heun' solves stratonovich SDEs, but sde.sde_type is 'ito'"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, method="heun")
+    with pytest.raises(ValueError, match="method 'euler' solves ito SDEs"):
+        flowsde.sdeint(GeometricBrownianMotion(sde_type="stratonovich"), Y0, T, method="euler")
+
+    class General(BadSDE):
+        noise_type = "general"
+
+        def g(self, t, y):
+            return torch.ones(*y.shape, 3, dtype=y.dtype)
+    with pytest.raises(ValueError, match="method 'milstein' supports noise types.*'general'"):
+        flowsde.sdeint(General(), Y0, T, method="milstein")
+    bad = BadSDE()
+    bad.noise_type = "weird"
+    with pytest.raises(ValueError, match="sde.noise_type must be one of"):
+        flowsde.sdeint(bad, Y0, T)
+
+
+def test_sdeint_needs_increasing_times_and_batched_state():
+    with pytest.raises(ValueError, match="ts must be strictly increasing"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T.flip(0))
+    with pytest.raises(ValueError, match=r"y0 must have shape \(batch, d\)"):
+        flowsde.sdeint(GeometricBrownianMotion(), torch.ones(3, dtype=torch.float64), T)
+
+
+def test_unknown_options_and_exclusive_options():
+    with pytest.raises(ValueError, match="unknown option.*step_sise"):
+        flowsde.odeint(LinearODE(), Y0, T, method="euler", options=dict(step_sise=0.1))
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        flowsde.odeint(LinearODE(), Y0, T, method="euler",
+                       options=dict(step_size=0.1, grid_constructor=lambda f, y, t: t))
+    with pytest.raises(ValueError, match="grid_constructor must return a grid starting at"):
+        flowsde.odeint(LinearODE(), Y0, T, method="euler",
+                       options=dict(grid_constructor=lambda f, y, t: torch.linspace(0, 0.9, 5, dtype=t.dtype)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flowsde.odeint(LinearODE(), Y0, T, method="euler", options=dict(backend="cuda"))
+
+
+def test_inputs_are_never_modified():
+    y0, t = Y0.clone(), T.clone()
+    opts = dict(step_size=0.1, return_stats=True)
+    for method in flowsde.ODE_METHODS:
+        flowsde.odeint(LinearODE(), y0, t, method=method, options=opts)
+    assert opts == dict(step_size=0.1, return_stats=True)
+    for sde, method in [(GeometricBrownianMotion(), "euler"), (GeometricBrownianMotion(), "milstein"),
+                        (GeometricBrownianMotion(sde_type="stratonovich"), "heun")]:
+        flowsde.sdeint(sde, y0, t, method=method, dt=0.1, seed=1)
+    assert torch.equal(y0, Y0) and torch.equal(t, T)
+    ys = flowsde.odeint(LinearODE(), y0, t, method="euler")
+    ys[0].add_(1.0)  # the solution does not alias y0
+    assert torch.equal(y0, Y0)
+
+
+def test_seed_reproducibility():
+    sde = OrnsteinUhlenbeck()
+    a = flowsde.sdeint(sde, Y0, T, dt=0.01, seed=42)
+    b = flowsde.sdeint(sde, Y0, T, dt=0.01, seed=42)
+    c = flowsde.sdeint(sde, Y0, T, dt=0.01, seed=43)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(5)
+    d = flowsde.sdeint(sde, Y0, T, dt=0.01)
+    torch.manual_seed(5)
+    e = flowsde.sdeint(sde, Y0, T, dt=0.01)
+    assert torch.equal(d, e)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        flowsde.sdeint(sde, Y0, T, dt=0.01, seed=1.5)
+
+
+def test_sdeint_stats():
+    _, stats = flowsde.sdeint(GeometricBrownianMotion(sde_type="stratonovich"), Y0, T, method="heun", dt=0.1,
+                              options=dict(return_stats=True))
+    assert stats == {"nfe": 20, "nge": 20, "steps": 10}
+    _, stats = flowsde.sdeint(GeometricBrownianMotion(), Y0, T, method="milstein", dt=0.1,
+                              options=dict(return_stats=True, grad_free=True))
+    assert stats == {"nfe": 10, "nge": 20, "steps": 10}
