@@ -23,7 +23,7 @@ setup(
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy"],
+        "test": ["pytest>=7"],
         "bench": ["pytest>=7", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["flowsde = flowsde.cli:main"]},

@@ -15,14 +15,13 @@ import torch
 class _ConstantDiffusion:
     """Shared helper: a constant diffusion ``sigma`` laid out for the problem's noise type."""
 
+    _g_last = None
+
     def _const_g(self, y: torch.Tensor) -> torch.Tensor:
-        key = (y.shape, y.dtype, y.device)
-        cache = self.__dict__.setdefault("_g_cache", {})
-        g = cache.get(key)
-        if g is None:  # a constant: built once per layout (g is called every step), a broadcast view
-            if len(cache) > 16:
-                cache.clear()
-            g = cache[key] = self._build_g(y)
+        # a constant: built once per layout (g is called every step) as a broadcast view, no copy
+        g = self._g_last
+        if g is None or g.shape[:y.dim()] != y.shape or g.dtype != y.dtype or g.device != y.device:
+            g = self._g_last = self._build_g(y)
         return g
 
     def _build_g(self, y: torch.Tensor) -> torch.Tensor:

@@ -24,33 +24,36 @@ class StepContext:
         self.h = np.diff(grid).tolist()
         self.sqrt_h = np.sqrt(np.diff(grid)).tolist()
         self.times = fixed.StageTimes(grid, stage_c, t_dtype, y0.device)
-        self.stats = {"nfe": 0, "nge": 0, "steps": 0}
+        self.nfe = self.nge = 0
         self.like = y0
         self.shape = tuple(y0.shape)
         self.batch = y0.shape[0]
         self.m = None  # noise channels of additive / general noise, fixed by the first g
+        self.g_shape = {"diagonal": self.shape, "scalar": self.shape + (1,)}.get(self.noise_type)
+        self.g_name = f"sde.g (diffusion, {self.noise_type} noise)"
         self.bm = bm
         self.seed = seed
         self.own_grid = isinstance(bm, GridBrownian) and bm.grid.shape == grid.shape and np.array_equal(
             bm.grid, grid)
 
+    @property
+    def stats(self):
+        return {"nfe": self.nfe, "nge": self.nge, "steps": len(self.h)}
+
     def f(self, t, y):
-        self.stats["nfe"] += 1
+        self.nfe += 1
         return _checks.check_output("sde.f (drift)", self.sde.f(t, y), self.like, self.shape)
 
     def g(self, t, y):
-        self.stats["nge"] += 1
+        self.nge += 1
         out = self.sde.g(t, y)
-        nt = self.noise_type
-        if nt == "diagonal":
-            expected = self.shape
-        elif nt == "scalar":
-            expected = self.shape + (1,)
-        else:
-            if self.m is None and isinstance(out, torch.Tensor) and out.dim() == 3:
+        if self.g_shape is None:  # additive / general: the first g fixes the number of noise channels
+            if isinstance(out, torch.Tensor) and out.dim() == 3:
                 self.m = out.shape[-1]
-            expected = self.shape + (self.m if self.m is not None else "m",)
-        return _checks.check_output(f"sde.g (diffusion, {nt} noise)", out, self.like, expected)
+                self.g_shape = self.shape + (self.m,)
+            else:
+                return _checks.check_output(self.g_name, out, self.like, self.shape + ("m",))
+        return _checks.check_output(self.g_name, out, self.like, self.g_shape)
 
     def noise_shape(self):
         nt = self.noise_type
@@ -152,11 +155,12 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
     ctx = StepContext(sde, y0, grid, ts.dtype, bm, seed, bool(opts.get("grad_free", False)), m.stage_c)
 
+    step_fn = m.step
+
     def do_step(k, y):
-        ctx.stats["steps"] += 1
-        return m.step(ctx, k, y), None
+        return step_fn(ctx, k, y), None
 
     ys = fixed.integrate(do_step, y0, grid, ts_host)
     if opts.get("return_stats", False):
-        return ys, dict(ctx.stats)
+        return ys, ctx.stats
     return ys

@@ -1,0 +1,81 @@
+"""One-run CPU comparison of flowsde with its peers; prints a markdown table of medians and ratios.
+
+    python benchmarks/compare_cpu.py [--rounds 9] [--threads 2]
+
+Each round runs every contender once, in rotating order, so slow drifts of a shared machine hit all of
+them alike; the table gives each contender's median time and the median over rounds of its time divided
+by flowsde's in the same round (> 1: flowsde is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
+
+
+def rounds_of(contenders, rounds):
+    names = list(contenders)
+    times = {n: [] for n in names}
+    for fn in contenders.values():  # warm-up
+        fn()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            a = time.perf_counter()
+            contenders[n]()
+            times[n].append(time.perf_counter() - a)
+    return times
+
+
+def table(title, times, base="flowsde"):
+    lines = [f"### {title}", "", "| contender | median time (ms) | median ratio to flowsde |", "|---|---:|---:|"]
+    for n, ts in times.items():
+        ratio = statistics.median(t / b for t, b in zip(ts, times[base]))
+        lines.append(f"| {n} | {statistics.median(ts) * 1e3:.1f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--widths", default="16,32,64", help="MLP widths for the RK4 comparison")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"flowsde CPU comparison: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads, {args.rounds} rounds, {time.strftime('%Y-%m-%d')}\n")
+
+    p = peers.ou_problem()
+    ou = rounds_of({
+        "flowsde": lambda: peers.ou_flowsde(*p),
+        "hand loop (sde.f, sde.g)": lambda: peers.ou_hand_loop_generic(*p),
+        "hand loop (inlined)": lambda: peers.ou_hand_loop(*p),
+        "torchsde": lambda: peers.ou_torchsde(*p),
+    }, args.rounds)
+    print(table("OU Euler–Maruyama, B=10,000 paths, N=1,000 steps, float32", ou) + "\n")
+
+    for w in [int(x) for x in args.widths.split(",")]:
+        field, y0, t = peers.mlp_problem()
+        field = peers.MLPField(width=w).eval()
+        mlp = rounds_of({
+            "flowsde": lambda: peers.mlp_flowsde(field, y0, t),
+            "torchdiffeq": lambda: peers.mlp_torchdiffeq(field, y0, t),
+        }, args.rounds)
+        print(table(f"RK4 on an MLP field (2-{w}-{w}-2, SiLU), B=4096, 50 steps, float32", mlp) + "\n")
+    tiny = rounds_of({
+        "flowsde": lambda: peers.flowsde.odeint(peers.linear_field, y0, t, method="rk4"),
+        "torchdiffeq": lambda: peers.torchdiffeq.odeint(peers.linear_field, y0, t, method="rk4"),
+    }, args.rounds)
+    print(table("RK4 solver overhead alone (field: -y), B=4096, 50 steps", tiny))
+
+
+if __name__ == "__main__":
+    main()
