@@ -149,6 +149,8 @@ class GridBrownian(BrownianMotion):
 
 
 def _as_time(t) -> float:
+    # A caller that passes tensor times (torchsde's solvers do) pays one host read per query; flowsde's
+    # own driver passes Python floats from its host-side grid, so its loop never comes here with a tensor.
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError(f"a Brownian query time must be a scalar, got shape {tuple(t.shape)}")

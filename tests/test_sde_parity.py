@@ -88,3 +88,12 @@ def test_milstein_with_state_independent_diffusion_is_euler(noise_type):
     a = flowsde.sdeint(sde, y0, ts, method="milstein", dt=0.1, seed=3)
     b = flowsde.sdeint(sde, y0, ts, method="euler", dt=0.1, seed=3)
     assert float((a - b).abs().max()) < 1e-14
+
+
+def test_float32_alias_and_list_times_match_torchsde():
+    sde = GeometricBrownianMotion()
+    y0 = torch.full((8, 2), 0.5)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(8, 2), entropy=3)
+    a = flowsde.sdeint(sde, y0, [0.0, 0.5, 1.0], bm=bm, method="euler_maruyama", dt=1 / 64)
+    b = torchsde.sdeint(sde, y0, torch.tensor([0.0, 0.5, 1.0]), bm=bm, method="euler", dt=1 / 64)
+    assert a.dtype == torch.float32 and float((a - b).abs().max() / b.abs().max()) <= 1e-6

@@ -34,6 +34,7 @@ class SDEMethod:
     stage_c: Tuple[float, ...] = (0.0,)
 
     def strong_order(self, noise_type: str) -> float:
+        """The strong order of convergence for SDEs of the given noise type."""
         return self.strong_orders.get(noise_type, self.strong_orders["default"])
 
 
