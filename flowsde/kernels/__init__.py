@@ -40,6 +40,7 @@ noise_prod = reference.noise_prod
 sde_update = reference.sde_update
 lerp = reference.lerp
 hermite = reference.hermite
+ddim_update = reference.ddim_update
 
-__all__ = ["resolve_backend", "lincomb", "noise_prod", "sde_update", "lerp", "hermite", "HAS_TRITON",
+__all__ = ["resolve_backend", "lincomb", "noise_prod", "sde_update", "lerp", "hermite", "ddim_update", "HAS_TRITON",
            "BACKENDS", "reference"]

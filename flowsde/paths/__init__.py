@@ -1,3 +1,8 @@
-"""Probability paths (schedules, conversions between model parametrisations, exact Gaussian-mixture
-fields). The paths arrive with the paths-and-sampling work; this package holds their place."""
-__all__ = []
+"""Probability paths: schedules with exact derivatives, Gaussian conditional paths, conversions between
+model parametrisations, exact Gaussian-mixture fields, time grids and training losses."""
+from .gaussian import (PREDICTIONS, VE, EDM, CondOT, GaussianPath, Schedule, VPCosine, VPLinear,
+                       check_prediction)
+from .mixture import GaussianMixture
+
+__all__ = ["GaussianPath", "CondOT", "VPCosine", "VPLinear", "EDM", "VE", "Schedule", "GaussianMixture",
+           "PREDICTIONS", "check_prediction"]

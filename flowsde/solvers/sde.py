@@ -153,14 +153,21 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
                                      f"[{ts_host[0]}, {ts_host[-1]}]")
 
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
-    ctx = StepContext(sde, y0, grid, ts.dtype, bm, seed, bool(opts.get("grad_free", False)), m.stage_c)
+    return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
+                         bool(opts.get("return_stats", False)))
 
-    step_fn = m.step
+
+def solve_on_grid(sde, y0, grid, t_out, method, t_dtype, bm=None, seed=None, grad_free=False,
+                  return_stats=False):
+    """Run the SDE ``method`` (an :class:`SDEMethod`) over a prepared host ``grid`` (float64, increasing)
+    and return the solution at the times ``t_out`` (the driver behind ``sdeint`` and ``flowsde.sample``)."""
+    ctx = StepContext(sde, y0, grid, t_dtype, bm, seed, grad_free, method.stage_c)
+    step_fn = method.step
 
     def do_step(k, y):
         return step_fn(ctx, k, y), None
 
-    ys = fixed.integrate(do_step, y0, grid, ts_host)
-    if opts.get("return_stats", False):
+    ys = fixed.integrate(do_step, y0, grid, t_out)
+    if return_stats:
         return ys, ctx.stats
     return ys

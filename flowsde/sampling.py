@@ -1,0 +1,190 @@
+"""``flowsde.sample``: turn any model output into the field of a Gaussian path and integrate it."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _checks, kernels
+from .paths.gaussian import CondOT, GaussianPath, check_prediction
+from .paths.grids import time_grid
+from .solvers import ddim as ddim_solver
+from .solvers.ode import ADAPTIVE_ODE_METHODS, ODE_METHODS, odeint
+from .solvers.sde import solve_on_grid
+from .solvers.sde_methods import EULER as EULER_MARUYAMA
+
+SAMPLE_METHODS = tuple(sorted(ODE_METHODS)) + ("ddim",)
+
+
+class PathField:
+    """A model seen through a path: its output at ``(x, t)`` (with classifier-free guidance applied) and
+    that output as a velocity, a score, or data and noise estimates.
+
+    The model is called as ``model(x, t)`` with ``t`` of shape ``(batch,)``, or ``model(x, t, c)`` when a
+    condition is given; under guidance, one batched call on ``[x, x]`` with ``[cond, uncond]`` gives both
+    outputs and the guided output is ``uncond + w (cond - uncond)``.
+    """
+
+    def __init__(self, model, path: GaussianPath, prediction: str, x_like: torch.Tensor, cond=None, uncond=None,
+                 guidance_scale=None):
+        self.model, self.path, self.prediction = model, path, prediction
+        self.batch = x_like.shape[0]
+        self.shape = tuple(x_like.shape)
+        self.like = x_like
+        self.cond, self.w = cond, guidance_scale
+        self.nfe = 0
+        self.pair = None
+        if guidance_scale is not None:
+            if uncond.shape[0] == 1 and self.batch > 1:
+                uncond = uncond.expand(self.batch, *uncond.shape[1:])
+            self.pair = torch.cat([cond, uncond.to(cond.dtype)], dim=0)
+
+    def output(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The (guided) model output at ``x`` and the 0-dim time ``t``."""
+        self.nfe += 1
+        tv = t.expand(self.batch)
+        if self.pair is None:
+            out = self.model(x, tv) if self.cond is None else self.model(x, tv, self.cond)
+            return _checks.check_output("model", out, self.like, self.shape)
+        out = self.model(torch.cat([x, x]), torch.cat([tv, tv]), self.pair)
+        out = _checks.check_output("model (guided batch)", out, self.like, (2 * self.batch,) + self.shape[1:])
+        oc, ou = out.chunk(2)
+        return torch.lerp(ou, oc, float(self.w))
+
+    def velocity(self, t, x):
+        """The field an ODE solver integrates."""
+        return self.path.convert(self.output(t, x), x, t, self.prediction, "velocity", check=False)
+
+    def denoise(self, t, x):
+        """``(z_hat, eps_hat)``: the data and noise estimates (the DDIM step's protocol)."""
+        out = self.output(t, x)
+        return (self.path.convert(out, x, t, self.prediction, "data", check=False),
+                self.path.convert(out, x, t, self.prediction, "epsilon", check=False))
+
+
+class _ExtendedSDE:
+    """``dX = [u + sigma^2/2 score] dt + sigma dW``: the same marginals as the flow for any sigma >= 0."""
+
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self, field: PathField, sigma):
+        self.field, self.sigma = field, sigma
+        self._g = None
+
+    def _sig(self, t, x):
+        if callable(self.sigma):
+            return torch.as_tensor(self.sigma(t), dtype=x.dtype, device=x.device)
+        if self._g is None:
+            self._g = torch.tensor(float(self.sigma), dtype=x.dtype, device=x.device)
+        return self._g
+
+    def f(self, t, x):
+        fl = self.field
+        out = fl.output(t, x)
+        u = fl.path.convert(out, x, t, fl.prediction, "velocity", check=False)
+        score = fl.path.convert(out, x, t, fl.prediction, "score", check=False)
+        s = self._sig(t, x)
+        return torch.addcmul(u, score, 0.5 * s * s)
+
+    def g(self, t, x):
+        return self._sig(t, x).expand(x.shape)
+
+
+def sample(model, x_init, path=None, prediction="velocity", method="heun", steps=20, t_start=0.0, t_end=1.0,
+           sigma=0.0, cond=None, uncond=None, guidance_scale=None, seed=None, backend=None, *, eta=0.0,
+           spacing="uniform", rho=7.0, return_stats=False):
+    """Sample a flow or diffusion model: integrate its field from ``t_start`` (noise) to ``t_end`` (data).
+
+    Args:
+        model: called as ``model(x, t)`` (``t`` of shape ``(batch,)``), or ``model(x, t, c)`` with a
+            condition; it returns a prediction of type ``prediction`` with ``x``'s shape.
+        x_init: the starting state at ``t_start`` (for t_start = 0: ``beta_0 * N(0, I)``; note
+            ``beta_0 = sigma_max`` on EDM / VE paths). Never modified.
+        path: a :class:`~flowsde.paths.GaussianPath` (default ``CondOT()``).
+        prediction: ``velocity`` | ``epsilon`` | ``data`` | ``score`` | ``v``.
+        method: an ODE method (``euler``, ``midpoint``, ``heun``, ``heun3``, ``rk4``, ``rk4_classic``) or
+            ``ddim`` (the DDIM-equivalent step for any Gaussian path; ``eta`` > 0 for its stochastic form).
+            With ``sigma > 0``: ``euler`` (Euler–Maruyama).
+        steps: number of steps; the grid is ``steps + 1`` times, ``spacing`` ``"uniform"`` or ``"karras"``
+            (equal steps in ``(beta/alpha)^{1/rho}``).
+        sigma: > 0 samples the SDE ``dX = [u + sigma^2/2 score] dt + sigma dW`` with the same marginals
+            (a float, or a function of the 0-dim time tensor).
+        cond, uncond, guidance_scale: classifier-free guidance ``uncond + w (cond - uncond)`` from one
+            batched model call (``guidance_scale=None``: the conditional model alone, if ``cond`` is given).
+        seed: the noise of ``sigma > 0`` and ``eta > 0`` (same seed, same result).
+        backend: ``auto`` | ``torch`` (see :mod:`flowsde.kernels`).
+        return_stats: also return ``{"nfe": model calls, "steps": steps}``.
+
+    Returns the state at ``t_end``.
+    """
+    path = CondOT() if path is None else path
+    if not isinstance(path, GaussianPath):
+        raise TypeError(f"path must be a flowsde.paths.GaussianPath, got {type(path).__name__}")
+    check_prediction(prediction)
+    x_init = _checks.check_state("x_init", x_init)
+    if x_init.dim() < 1:
+        raise ValueError("x_init must have a batch dimension")
+    kernels.resolve_backend(backend, x_init.device)
+    if method in ADAPTIVE_ODE_METHODS:
+        raise NotImplementedError(f"adaptive method {method!r} is not available in this version; "
+                                  f"use one of {SAMPLE_METHODS}")
+    if method not in SAMPLE_METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {SAMPLE_METHODS}")
+    if not callable(sigma):
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
+            raise ValueError(f"sigma must be a number >= 0 or a function of t, got {sigma!r}")
+        sigma = float(sigma)
+    stochastic = callable(sigma) or sigma > 0
+    if stochastic and method != "euler":
+        raise ValueError(f"sigma > 0 samples an SDE with Euler–Maruyama: pass method='euler' (got {method!r}); "
+                         f"for stochastic DDIM pass method='ddim' with eta > 0")
+    if not (0.0 <= float(eta) <= 1.0) or (eta and method != "ddim"):
+        raise ValueError(f"eta must be in [0, 1] and only applies to method='ddim', got eta={eta}")
+    if guidance_scale is not None:
+        if cond is None or uncond is None:
+            raise ValueError("classifier-free guidance needs both cond and uncond")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        if c is not None and (not isinstance(c, torch.Tensor) or c.dim() < 1):
+            raise TypeError(f"{name} must be a tensor with a batch dimension")
+    if cond is not None and cond.shape[0] != x_init.shape[0]:
+        raise ValueError(f"cond has batch {cond.shape[0]}, x_init has batch {x_init.shape[0]}")
+    if uncond is not None and uncond.shape[0] not in (1, x_init.shape[0]):
+        raise ValueError(f"uncond must have batch 1 or {x_init.shape[0]}, got {uncond.shape[0]}")
+
+    grid = time_grid(path, steps, t_start, t_end, spacing, rho)
+    _validate_conversions(path, prediction, method, stochastic, grid)
+    field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale)
+
+    if method == "ddim":
+        a = path.alpha(torch.as_tensor(grid)).tolist()
+        b = path.beta(torch.as_tensor(grid)).tolist()
+        x = ddim_solver.ddim(field, x_init, grid, a, b, float(eta), seed)
+    elif stochastic:
+        x = solve_on_grid(_ExtendedSDE(field, sigma), x_init, grid, grid[[0, -1]], EULER_MARUYAMA,
+                          x_init.dtype, seed=seed)[-1]
+    else:
+        t = torch.as_tensor(grid[[0, -1]], dtype=torch.float64).to(x_init.device)
+        g = torch.as_tensor(grid, dtype=torch.float64)
+        x = odeint(field.velocity, x_init, t, method=method,
+                   options=dict(grid_constructor=lambda f, y, tt: g.to(tt.device)))[-1]
+    if return_stats:
+        return x, {"nfe": field.nfe, "steps": steps}
+    return x
+
+
+def _validate_conversions(path, prediction, method, stochastic, grid):
+    """Check, once and on the host, that no conversion the run needs is singular at its evaluation times."""
+    if method == "ddim":
+        times, dsts = grid[:-1], ("data", "epsilon")
+    elif stochastic:
+        times, dsts = grid[:-1], ("velocity", "score")
+    else:
+        tab = ODE_METHODS[method]
+        h = np.diff(grid)
+        times = np.concatenate([grid[1:] if c == 1.0 else grid[:-1] + c * h for c in tab.c])
+        dsts = ("velocity",)
+    t = torch.as_tensor(times, dtype=torch.float64)
+    a, b, da, db = path.coefficients(t)
+    for dst in dsts:
+        path.check_conversion(prediction, dst, a, b, da, db, t)

@@ -1,0 +1,142 @@
+"""Paths: exact derivatives, conditional paths, conversions, and the exact Gaussian-mixture fields."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from flowsde.paths import EDM, PREDICTIONS, CondOT, GaussianMixture, Schedule, VPCosine, VPLinear
+from flowsde.paths.grids import noise_to_signal, time_grid
+
+PATHS = [CondOT(), VPCosine(), VPLinear(), EDM(sigma_min=0.01, sigma_max=20.0),
+         Schedule(lambda t: t * t, lambda t: 1 - t * t)]
+F64 = torch.float64
+
+
+def mixture():
+    return GaussianMixture([0.3, 0.5, 0.2], [[-2.0, 0.0], [1.0, 1.0], [0.5, -1.5]],
+                           [[[0.3, 0.1], [0.1, 0.2]], [[0.5, 0.0], [0.0, 0.5]], [[0.2, -0.05], [-0.05, 0.1]]])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_derivatives_match_finite_differences(path):
+    t = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    h = 1e-6
+    for f, df in [(path.alpha, path.dalpha), (path.beta, path.dbeta)]:
+        fd = (f(t + h) - f(t - h)) / (2 * h)
+        assert torch.allclose(df(t), fd, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(path.beta_dbeta(t), path.beta(t) * path.dbeta(t), rtol=1e-12)
+
+
+def test_endpoints_and_named_schedules():
+    for p in (CondOT(), VPCosine()):
+        assert float(p.alpha(0.0)) == 0.0 and float(p.beta(0.0)) == 1.0
+        assert float(p.alpha(1.0)) == 1.0 and float(p.beta(1.0)) == 0.0
+    vp = VPLinear()
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    assert torch.allclose(vp.alpha(t) ** 2 + vp.beta(t) ** 2, torch.ones_like(t))
+    assert math.isfinite(float(vp.beta_dbeta(1.0)))  # beta' alone is infinite there
+    edm = EDM()
+    assert float(edm.beta(0.0)) == pytest.approx(80.0) and float(edm.beta(1.0)) == pytest.approx(0.002)
+    gen = Schedule(lambda t: torch.sin(0.5 * math.pi * t), lambda t: torch.cos(0.5 * math.pi * t))
+    assert torch.allclose(gen.dalpha(t), VPCosine().dalpha(t)) and torch.allclose(gen.dbeta(t), VPCosine().dbeta(t))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_conditional_velocity_is_the_time_derivative_of_the_path(path):
+    g = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(6, 2, dtype=F64, generator=g), torch.randn(6, 2, dtype=F64, generator=g)
+    t, h = torch.rand(6, dtype=F64, generator=g) * 0.8 + 0.1, 1e-6
+    dx = (path.sample_conditional(z, t + h, eps) - path.sample_conditional(z, t - h, eps)) / (2 * h)
+    x = path.sample_conditional(z, t, eps)
+    assert torch.allclose(path.conditional_velocity(x, z, t), dx, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(path.target(z, eps, t, "velocity"), dx, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(path.conditional_score(x, z, t), -eps / path.beta(t)[:, None])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_conversions_round_trip_and_agree_with_targets(path):
+    g = torch.Generator().manual_seed(1)
+    z, eps = torch.randn(8, 3, dtype=F64, generator=g), torch.randn(8, 3, dtype=F64, generator=g)
+    t = torch.rand(8, dtype=F64, generator=g) * 0.9 + 0.05
+    x = path.sample_conditional(z, t, eps)
+    targets = {p: path.target(z, eps, t, p) for p in PREDICTIONS}
+    for src, dst in itertools.permutations(PREDICTIONS, 2):
+        out = path.convert(targets[src], x, t, src, dst)
+        assert torch.allclose(out, targets[dst], rtol=1e-10, atol=1e-10), (src, dst)
+        back = path.convert(out, x, t, dst, src)
+        assert float((back - targets[src]).abs().max()) <= 1e-10 * float(targets[src].abs().max()), (src, dst)
+
+
+def test_singular_conversions_raise_and_finite_limits_hold():
+    p = CondOT()
+    x, out = torch.randn(4, 2, dtype=F64), torch.randn(4, 2, dtype=F64)
+    t0 = torch.zeros(4, dtype=F64)
+    with pytest.raises(ValueError, match="epsilon -> velocity on the CondOT path is singular where alpha = 0"):
+        p.convert(out, x, t0, "epsilon", "velocity")
+    with pytest.raises(ValueError, match="singular where beta = 0"):
+        p.convert(out, x, torch.ones(4, dtype=F64), "velocity", "score")
+    with pytest.raises(ValueError, match="singular where beta = 0"):
+        p.convert(out, x, 1.0, "data", "epsilon")
+    eps = p.convert(out, x, t0, "velocity", "epsilon")  # finite at t=0: x_0 is the noise itself
+    assert torch.allclose(eps, x)
+    with pytest.raises(ValueError, match="prediction|dst must be one of"):
+        p.convert(out, x, 0.5, "velocity", "noise")
+
+
+def test_mixture_moments_and_sampling():
+    mix = mixture()
+    s = mix.sample(200000, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(s.mean(0), mix.mean(), atol=0.01)
+    assert torch.allclose(s.T.cov(), mix.covariance(), atol=0.02)
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [2.0, 1.0]]])
+
+
+@pytest.mark.parametrize("path", [CondOT(), VPCosine(), VPLinear()], ids=lambda p: p.name)
+def test_mixture_score_is_grad_log_density(path):
+    mix = mixture()
+    x = torch.randn(10, 2, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    t = torch.linspace(0.05, 0.95, 10, dtype=F64)
+    (grad,) = torch.autograd.grad(mix.log_prob_t(x, t, path).sum(), x)
+    assert torch.allclose(mix.score(x.detach(), t, path), grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [CondOT(), VPCosine(), VPLinear(beta_min=0.1, beta_max=5.0)], ids=lambda p: p.name)
+def test_mixture_velocity_satisfies_the_continuity_equation(path):
+    """d/dt p_t + div(p_t u_t) = 0, by central finite differences in t and x."""
+    mix = mixture()
+    x = torch.randn(12, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for t in (0.2, 0.5, 0.8):
+        h = 1e-5
+        dpdt = (mix.log_prob_t(x, t + h, path).exp() - mix.log_prob_t(x, t - h, path).exp()) / (2 * h)
+        div = torch.zeros(12, dtype=F64)
+        for i in range(2):
+            e = torch.zeros(2, dtype=F64)
+            e[i] = h
+            flux = lambda y: mix.log_prob_t(y, t, path).exp() * mix.velocity(y, t, path)[:, i]  # noqa: E731
+            div += (flux(x + e) - flux(x - e)) / (2 * h)
+        scale = float(dpdt.abs().max())
+        assert float((dpdt + div).abs().max()) < 1e-5 * max(scale, 1.0)
+
+
+def test_mixture_velocity_finite_at_both_ends():
+    mix = mixture()
+    x = torch.randn(5, 2, dtype=F64)
+    for path in (CondOT(), VPCosine(), VPLinear()):
+        for t in (0.0, 1.0):
+            assert torch.isfinite(mix.velocity(x, t, path)).all()
+    # at t=0 the CondOT marginal field is E[z] - x
+    assert torch.allclose(mix.velocity(x, 0.0, CondOT()), mix.mean() - x)
+
+
+def test_time_grids():
+    g = time_grid(CondOT(), 10, 0.0, 1.0)
+    assert g[0] == 0.0 and g[-1] == 1.0 and len(g) == 11
+    k = time_grid(VPLinear(), 20, 0.0, 1.0, spacing="karras")
+    s = noise_to_signal(VPLinear(), k) ** (1 / 7)
+    assert abs(s[0] - s[1] - (s[1] - s[2])) < 1e-8 * s[0]  # equal steps in sigma^(1/rho)
+    with pytest.raises(ValueError, match="t_start > 0"):
+        time_grid(CondOT(), 10, 0.0, 1.0, spacing="karras")
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        time_grid(CondOT(), 0)
