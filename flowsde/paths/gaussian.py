@@ -117,17 +117,7 @@ class GaussianPath:
         a, b, da, db = self.coefficients(t)
         if check:
             self.check_conversion(src, dst, a, b, da, db, t)
-        a, b, da, db = (_bcast(c, x) for c in (a, b, da, db))
-        z, eps = _basis(output, x, a, b, da, db, src, dst)
-        if dst == "data":
-            return z
-        if dst == "epsilon":
-            return eps
-        if dst == "velocity":
-            return da * z + db * eps
-        if dst == "score":
-            return -eps / b
-        return a * eps - b * z
+        return self._convert_with(output, x, (a, b, da, db), src, dst)
 
     def singular_terms(self, src: str, dst: str) -> Tuple[str, ...]:
         """Which of ``alpha``, ``beta``, ``D`` must be nonzero for the conversion ``src -> dst``."""
@@ -143,17 +133,45 @@ class GaussianPath:
         return tuple(need)
 
     def check_conversion(self, src, dst, a, b, da, db, t):
-        """Raise ``ValueError`` if ``src -> dst`` is singular at any of the times ``t``."""
-        vals = {"alpha": a, "beta": b, "D": a * db - da * b}
-        for name in self.singular_terms(src, dst):
-            bad = (vals[name] == 0) | ~torch.isfinite(vals[name])
-            if bool(bad.any()):
-                times = _as_time(t).reshape(-1)
-                if times.numel() == bad.numel():
-                    times = times[bad.reshape(-1)]
-                raise ValueError(f"converting {src} -> {dst} on the {self.name} path is singular where {name} = 0 "
-                                 f"(at t = {times[:4].tolist()}): choose other times (e.g. t_start > 0) "
-                                 f"or another prediction type")
+        """Raise ``ValueError`` if ``src -> dst`` is singular (not finite) at any of the times ``t``.
+
+        Probes the conversion itself on unit inputs, so any cause is caught (a zero divisor, or a
+        coefficient such as a VP path's ``beta'`` that is infinite at t=1); the message names the
+        divisors that vanish.
+        """
+        if src == dst:
+            return
+        shape = a.shape if a.dim() else (1,)
+        ones = torch.ones(*shape, 1, dtype=torch.float64, device=a.device)
+        coef = [c.reshape(shape).to(torch.float64) for c in (a, b, da, db)]
+        probe = self._convert_with(ones, ones, coef, src, dst)
+        bad = ~torch.isfinite(probe).all(-1)
+        if not bool(bad.any()):
+            return
+        times = _as_time(t).reshape(-1)
+        if times.numel() == bad.numel():
+            times = times[bad]
+        vals = {"alpha": coef[0], "beta": coef[1], "D": coef[0] * coef[3] - coef[2] * coef[1]}
+        zero = [n for n in self.singular_terms(src, dst) if bool((vals[n][bad] == 0).any())]
+        why = f"where {' and '.join(n + ' = 0' for n in zero)}" if zero else "(a path coefficient is infinite there)"
+        raise ValueError(f"converting {src} -> {dst} on the {self.name} path is singular {why} "
+                         f"(at t = {times[:4].tolist()}): choose other times (e.g. t_start > 0 or t_end < 1) "
+                         f"or another prediction type")
+
+    def _convert_with(self, output, x, coef, src, dst):
+        a, b, da, db = (_bcast(c, x) for c in coef)
+        z, eps = _basis(output, x, a, b, da, db, src, dst)
+        if dst == "data":
+            return z
+        if dst == "epsilon":
+            return eps
+        if dst == "velocity":
+            if src == "score":  # beta' eps = -beta beta' score: finite where beta' alone is not
+                return da * z - _bcast(coef[1] * coef[3], x) * output
+            return da * z + db * eps
+        if dst == "score":
+            return -eps / b
+        return a * eps - b * z
 
     def __repr__(self):
         return f"{type(self).__name__}()"

@@ -20,12 +20,14 @@ def noise_to_signal(path: GaussianPath, t: np.ndarray) -> np.ndarray:
 
 
 def time_grid(path: GaussianPath, steps: int, t_start: float = 0.0, t_end: float = 1.0,
-              spacing: str = "uniform", rho: float = 7.0) -> np.ndarray:
+              spacing: str = "uniform", rho: float = 7.0, sigma_min: float = 0.002) -> np.ndarray:
     """``steps + 1`` increasing times from ``t_start`` to ``t_end`` (float64, on the host).
 
     ``"uniform"``: equal steps in t. ``"karras"``: equal steps in ``sigma^{1/rho}`` with
     ``sigma = beta / alpha`` the noise-to-signal ratio (Karras et al. 2022, rho = 7), mapped back to t by
-    bisection; needs a finite ``sigma`` at ``t_start`` (``t_start > 0`` unless the path is VE/EDM).
+    bisection; needs a finite ``sigma`` at ``t_start`` (``t_start > 0`` unless the path is VE/EDM). Where
+    ``sigma(t_end) = 0`` the first ``steps`` times run from ``sigma(t_start)`` to ``sigma_min`` and the last
+    step goes to ``t_end`` (as EDM's sampler ends at sigma = 0).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -46,9 +48,16 @@ def time_grid(path: GaussianPath, steps: int, t_start: float = 0.0, t_end: float
         probe = noise_to_signal(path, np.linspace(t_start, t_end, 257))
         if not np.all(np.diff(probe) < 0):
             raise ValueError(f"karras spacing needs beta/alpha decreasing in t on the {path.name} path")
-        i = np.arange(steps + 1) / steps
+        n = steps
+        if s1 == 0.0:
+            if not (0.0 < sigma_min < s0):
+                raise ValueError(f"sigma_min must be in (0, {s0}), got {sigma_min}")
+            s1, n = float(sigma_min), max(steps - 1, 1)
+        i = np.arange(n + 1) / n
         target = (s0 ** (1 / rho) + i * (s1 ** (1 / rho) - s0 ** (1 / rho))) ** rho
-        lo, hi = np.full(steps + 1, t_start), np.full(steps + 1, t_end)
+        if n < steps:
+            target = np.append(target, 0.0)
+        lo, hi = np.full(target.size, t_start), np.full(target.size, t_end)
         for _ in range(200):  # bisection: sigma(t) is decreasing
             mid = 0.5 * (lo + hi)
             above = noise_to_signal(path, mid) > target

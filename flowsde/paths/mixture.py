@@ -88,7 +88,10 @@ class GaussianMixture:
 
     def _coeffs(self, x, t, path):
         t = _as_time(t).to(self.means.dtype)
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) == 0:
+            t = t[:1]  # one time for the whole batch (a sampler's t.expand(batch)): factor C_k once
+        elif t.dim() == 0:
+            t = t.reshape(1)
         return t, path.alpha(t), path.beta(t)
 
     def log_prob_t(self, x: torch.Tensor, t, path: GaussianPath) -> torch.Tensor:

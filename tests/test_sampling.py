@@ -1,0 +1,180 @@
+"""flowsde.sample with exact Gaussian-mixture fields: moments, DDIM identities, SDE marginals, guidance,
+orders of convergence."""
+import math
+
+import pytest
+import torch
+
+import flowsde
+from flowsde.brownian import GridBrownian
+from flowsde.paths import CondOT, GaussianMixture, VPCosine, VPLinear
+from flowsde.paths.grids import time_grid
+from flowsde.studies import fit_order
+
+F64 = torch.float64
+MIX = GaussianMixture([0.3, 0.5, 0.2], [[-2.0, 0.0], [1.0, 1.0], [0.5, -1.5]],
+                      [[[0.3, 0.1], [0.1, 0.2]], [[0.5, 0.0], [0.0, 0.5]], [[0.2, -0.05], [-0.05, 0.1]]])
+N = 20000
+
+
+def exact_model(path, prediction, mix=MIX):
+    """A 'trained' model that is exact: the mixture's marginal velocity in the requested parametrisation."""
+    def model(x, t):
+        return path.convert(mix.velocity(x, t, path), x, t, "velocity", prediction, check=False)
+    return model
+
+
+def noise(n=N, seed=0, scale=1.0):
+    return scale * torch.randn(n, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_moments(x, mix=MIX, slack=0.0):
+    n = x.shape[0]
+    cov = mix.covariance()
+    se_mean = torch.sqrt(torch.diagonal(cov) / n)
+    assert bool(((x.mean(0) - mix.mean()).abs() <= 5 * se_mean + slack).all()), (x.mean(0), mix.mean())
+    sd = torch.sqrt(torch.diagonal(cov))
+    se_cov = 3.0 * torch.outer(sd, sd) / math.sqrt(n)  # generous for a non-Gaussian law
+    assert bool(((x.T.cov() - cov).abs() <= 5 * se_cov + slack).all()), (x.T.cov(), cov)
+
+
+@pytest.mark.parametrize("path", [CondOT(), VPCosine()], ids=lambda p: p.name)
+@pytest.mark.parametrize("prediction", ["velocity", "epsilon"])
+@pytest.mark.parametrize("method,steps", [("heun", 40), ("ddim", 200)])
+def test_samples_reproduce_the_mixture(path, prediction, method, steps):
+    t_start = 0.0 if prediction == "velocity" else 1e-4  # epsilon says nothing about data at alpha = 0
+    x = flowsde.sample(exact_model(path, prediction), noise(), path=path, prediction=prediction, method=method,
+                       steps=steps, t_start=t_start)
+    assert_moments(x)
+
+
+def test_an_untrained_model_fails_the_moment_check():
+    x = flowsde.sample(lambda x, t: torch.zeros_like(x), noise(), method="heun", steps=10)
+    with pytest.raises(AssertionError):
+        assert_moments(x)
+
+
+def test_ddim_equals_euler_on_condot_with_velocity_output():
+    model = exact_model(CondOT(), "velocity")
+    a = flowsde.sample(model, noise(500), method="ddim", steps=17)
+    b = flowsde.sample(model, noise(500), method="euler", steps=17)
+    assert float((a - b).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_equals_the_classic_formula_on_a_vp_path(eta):
+    path, steps = VPLinear(), 12
+    model = exact_model(path, "epsilon")
+    x0 = noise(300)
+    t_start = 1e-3
+    got = flowsde.sample(model, x0, path=path, prediction="epsilon", method="ddim", steps=steps, t_start=t_start,
+                         eta=eta, seed=4)
+    grid = time_grid(path, steps, t_start, 1.0)
+    abar = [float(path.alpha(torch.tensor(t, dtype=F64))) ** 2 for t in grid]
+    xi = GridBrownian(grid, (300, 2), seed=4, dtype=F64)
+    x = x0
+    for k in range(steps):  # Song et al. (2021), eq. 12, in the t=0-noise direction
+        a_t, a_prev = abar[k], abar[k + 1]
+        e = model(x, torch.full((300,), grid[k], dtype=F64))
+        x0_pred = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
+        sig = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+        x = math.sqrt(a_prev) * x0_pred + math.sqrt(max(1 - a_prev - sig ** 2, 0.0)) * e
+        if sig:
+            x = x + sig * xi.normal(k)
+    assert float((got - x).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("path", [CondOT(), VPCosine()], ids=lambda p: p.name)
+def test_sde_sampler_keeps_the_marginals(path):
+    kw = dict(path=path, method="euler", steps=200, sigma=1.0, t_end=0.999)
+    x = flowsde.sample(exact_model(path, "velocity"), noise(), seed=1, **kw)
+    assert_moments(x, slack=0.03)
+    y = flowsde.sample(exact_model(path, "velocity"), noise(200), seed=1, **kw)
+    z = flowsde.sample(exact_model(path, "velocity"), noise(200), seed=2, **kw)
+    assert torch.equal(y, flowsde.sample(exact_model(path, "velocity"), noise(200), seed=1, **kw))
+    assert not torch.equal(y, z)
+
+
+def test_sde_sampler_differs_from_the_ode_only_by_noise():
+    """sigma > 0 must change the paths (the diffusion is applied once, not squared or dropped)."""
+    model = exact_model(CondOT(), "velocity")
+    ode = flowsde.sample(model, noise(4000), method="euler", steps=200, t_end=0.99)
+    sde = flowsde.sample(model, noise(4000), method="euler", steps=200, t_end=0.99, sigma=0.5, seed=0)
+    assert float((ode - sde).abs().mean()) > 0.05
+    assert_moments(sde, slack=0.03)
+
+
+def test_classifier_free_guidance():
+    calls = []
+
+    def model(x, t, c):
+        calls.append(x.shape[0])
+        return c[:, :1] * (1.0 - x) + 0.1 * t[:, None]
+
+    x0 = noise(64)
+    cond = torch.full((64, 1), 2.0, dtype=F64)
+    uncond = torch.zeros(1, 1, dtype=F64)
+    conditional = flowsde.sample(model, x0, method="heun", steps=8, cond=cond)
+    guided = flowsde.sample(model, x0, method="heun", steps=8, cond=cond, uncond=uncond, guidance_scale=1.0)
+    assert torch.allclose(guided, conditional, atol=1e-12, rtol=0)
+    unguided = flowsde.sample(model, x0, method="heun", steps=8, cond=uncond.expand(64, 1))
+    calls.clear()
+    zero = flowsde.sample(model, x0, method="heun", steps=8, cond=cond, uncond=uncond, guidance_scale=0.0)
+    assert torch.allclose(zero, unguided, atol=1e-12, rtol=0)
+    assert calls == [128] * 16  # one batched call per evaluation
+    strong = flowsde.sample(model, x0, method="heun", steps=8, cond=cond, uncond=uncond, guidance_scale=3.0)
+    assert not torch.allclose(strong, conditional)
+    with pytest.raises(ValueError, match="needs both cond and uncond"):
+        flowsde.sample(model, x0, cond=cond, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("method,order,steps", [("euler", 1, [8, 16, 32, 64, 128]), ("heun", 2, [4, 8, 16, 32, 64]),
+                                                ("ddim", 1, [8, 16, 32, 64, 128])])
+def test_orders_on_the_exact_mixture_flow(method, order, steps):
+    path = CondOT()
+    model = exact_model(path, "velocity")
+    x0 = noise(400, seed=5)
+    ref = flowsde.sample(model, x0, path=path, method="rk4", steps=512)
+    errs = [float((flowsde.sample(model, x0, path=path, method=method, steps=n) - ref).abs().max()) for n in steps]
+    assert abs(fit_order([1 / n for n in steps], errs) - order) <= 0.12, errs
+
+
+@pytest.mark.parametrize("method,t_end", [("heun", 1 - 1e-5), ("ddim", 1.0)])
+def test_karras_spacing_on_a_vp_path(method, t_end):
+    path = VPLinear()
+    x = flowsde.sample(exact_model(path, "epsilon"), noise(), path=path, prediction="epsilon", method=method,
+                       steps=40, spacing="karras", t_start=0.0, t_end=t_end)
+    assert_moments(x, slack=0.01)
+    with pytest.raises(ValueError, match="epsilon -> velocity on the VPLinear path is singular"):
+        flowsde.sample(exact_model(path, "epsilon"), noise(10), path=path, prediction="epsilon", method="heun")
+
+
+def test_bad_sampling_input(sync_counter):
+    model = exact_model(CondOT(), "epsilon")
+    with pytest.raises(ValueError, match="epsilon -> velocity on the CondOT path is singular where alpha = 0"):
+        flowsde.sample(model, noise(10), prediction="epsilon", method="heun")
+    with pytest.raises(ValueError, match="known methods"):
+        flowsde.sample(model, noise(10), method="lms")
+    with pytest.raises(ValueError, match="method='euler'"):
+        flowsde.sample(model, noise(10), method="heun", sigma=1.0)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        flowsde.sample(model, noise(10), prediction="x0")
+    with pytest.raises(ValueError, match="model returned shape"):
+        flowsde.sample(lambda x, t: x[:, :1], noise(10))
+    x0 = noise(10)
+    keep = x0.clone()
+    flowsde.sample(exact_model(CondOT(), "velocity"), x0, method="ddim", steps=3)
+    assert torch.equal(x0, keep)
+
+
+def test_sampling_loop_has_no_host_sync(sync_counter):
+    model = exact_model(CondOT(), "velocity", GaussianMixture([1.0], [[0.5, 0.5]], [[1.0, 1.0]]))
+
+    def run(steps, **kw):
+        with sync_counter() as c:
+            flowsde.sample(lambda x, t: -x + 0.5 * t[:, None], noise(8), steps=steps, **kw)
+        return c.calls
+    for kw in (dict(method="heun"), dict(method="ddim"), dict(method="ddim", eta=0.5, seed=0),
+               dict(method="euler", sigma=0.5, seed=0)):
+        assert run(5, **kw) == run(50, **kw), kw
+    assert model is not None
