@@ -20,6 +20,7 @@ setup(
         "numpy",
         "torchdiffeq>=0.2.3",
         "torchsde>=0.2.6",
+        "scipy",
         'triton; platform_system == "Linux"',
     ],
     extras_require={

@@ -93,3 +93,16 @@ def format_table(rows: Sequence[Convergence]) -> str:
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance between two equal-size samples ``(n, d)``: the mean over random
+    directions of the 1-D Wasserstein distance of the projections (sorted differences)."""
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"samples must both have shape (n, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa = torch.sort(a.double().cpu() @ dirs, dim=0).values
+    pb = torch.sort(b.double().cpu() @ dirs, dim=0).values
+    return float((pa - pb).abs().mean())
