@@ -74,6 +74,8 @@ def test_singular_conversions_raise_and_finite_limits_hold():
     t0 = torch.zeros(4, dtype=F64)
     with pytest.raises(ValueError, match="epsilon -> velocity on the CondOT path is singular where alpha = 0"):
         p.convert(out, x, t0, "epsilon", "velocity")
+    with pytest.raises(ValueError, match="epsilon -> data on the CondOT path is singular where alpha = 0"):
+        p.convert(out, x, 0.0, "epsilon", "data")
     with pytest.raises(ValueError, match="singular where beta = 0"):
         p.convert(out, x, torch.ones(4, dtype=F64), "velocity", "score")
     with pytest.raises(ValueError, match="singular where beta = 0"):

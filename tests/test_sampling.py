@@ -62,8 +62,9 @@ def test_ddim_equals_euler_on_condot_with_velocity_output():
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_equals_the_classic_formula_on_a_vp_path(eta):
-    path, steps = VPLinear(), 12
+@pytest.mark.parametrize("path", [VPLinear(), VPCosine()], ids=lambda p: p.name)
+def test_ddim_equals_the_classic_formula_on_a_vp_path(eta, path):
+    steps = 12
     model = exact_model(path, "epsilon")
     x0 = noise(300)
     t_start = 1e-3
