@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .kernels.philox import KEY_MASK, philox_randn
+
 _MASK = (1 << 64) - 1
 
 
@@ -81,6 +83,9 @@ class GridBrownian(BrownianMotion):
         shape: shape of ``W(t)``, e.g. ``(batch, noise_channels)``.
         seed: integer seed; ``None`` draws one from torch's global generator.
         dtype, device: of the increments.
+        stream: ``"torch"`` (a ``torch.Generator`` seeded per step: fast on any device) or ``"philox"``
+            (Triton's counter-based stream ``tl.randn(key_k, i)``, the one the fused kernels draw in
+            registers; here computed by its PyTorch mirror, slow but exact).
 
     ``bm.step(k)`` is the increment over grid step ``k``. ``bm(ta, tb)`` accepts any two grid times
     (within a relative tolerance of 1e-9 of the grid spacing) and sums the step increments in between.
@@ -88,7 +93,7 @@ class GridBrownian(BrownianMotion):
 
     def __init__(self, grid: Optional[Sequence[float]] = None, shape=(1,), seed: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device="cpu", *, t0: Optional[float] = None,
-                 t1: Optional[float] = None, steps: Optional[int] = None):
+                 t1: Optional[float] = None, steps: Optional[int] = None, stream: str = "torch"):
         if grid is None:
             if t0 is None or t1 is None or steps is None:
                 raise ValueError("GridBrownian needs either grid= or all of t0=, t1= and steps=")
@@ -109,13 +114,23 @@ class GridBrownian(BrownianMotion):
         self.seed = default_seed() if seed is None else int(seed)
         self._sqrt_h = np.sqrt(np.diff(grid)).tolist()
         self._keys = step_keys(self.seed, grid.size - 1)
-        self._gen = torch.Generator(device=self.device)
+        if stream not in ("torch", "philox"):
+            raise ValueError(f"stream must be 'torch' or 'philox', got {stream!r}")
+        self.stream = stream
+        self._gen = torch.Generator(device=self.device) if stream == "torch" else None
         self._tol = 1e-9 * float(np.min(np.diff(grid)))
 
     def normal(self, k: int) -> torch.Tensor:
         """The standard normal draw behind step ``k`` (shape ``self.shape``)."""
+        if self.stream == "philox":
+            n = int(np.prod(self.shape)) if self.shape else 1
+            return philox_randn(self.philox_key(k), n, self.device).to(self.dtype).reshape(self.shape)
         self._gen.manual_seed(self._keys[k])
         return torch.randn(self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
+
+    def philox_key(self, k: int) -> int:
+        """The Philox key of step ``k`` (63 bits: kernels take it as an int64 scalar)."""
+        return self._keys[k] & KEY_MASK
 
     def step(self, k: int) -> torch.Tensor:
         """``W(grid[k+1]) - W(grid[k])``."""

@@ -25,7 +25,7 @@ class PathField:
     """
 
     def __init__(self, model, path: GaussianPath, prediction: str, x_like: torch.Tensor, cond=None, uncond=None,
-                 guidance_scale=None):
+                 guidance_scale=None, grid=None):
         self.model, self.path, self.prediction = model, path, prediction
         self.batch = x_like.shape[0]
         self.shape = tuple(x_like.shape)
@@ -37,28 +37,62 @@ class PathField:
             if uncond.shape[0] == 1 and self.batch > 1:
                 uncond = uncond.expand(self.batch, *uncond.shape[1:])
             self.pair = torch.cat([cond, uncond.to(cond.dtype)], dim=0)
+        self._affine = None
+        if grid is not None:  # host tables of the path on the grid, for the fused DDIM step
+            a, b, da, db = (c.tolist() for c in path.coefficients(torch.as_tensor(grid, dtype=torch.float64)))
+            self._affine = [denoise_affine(prediction, *v) for v in zip(a, b, da, db)]
 
-    def output(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The (guided) model output at ``x`` and the 0-dim time ``t``."""
+    def outputs(self, t: torch.Tensor, x: torch.Tensor):
+        """``[(weight, output)]``: the model output, or under guidance ``[(1 - w, uncond), (w, cond)]``
+        from one batched call (the DDIM step's protocol: it folds the weights into its fused update)."""
         self.nfe += 1
         tv = t.expand(self.batch)
         if self.pair is None:
             out = self.model(x, tv) if self.cond is None else self.model(x, tv, self.cond)
-            return _checks.check_output("model", out, self.like, self.shape)
+            return [(1.0, _checks.check_output("model", out, self.like, self.shape))]
         out = self.model(torch.cat([x, x]), torch.cat([tv, tv]), self.pair)
         out = _checks.check_output("model (guided batch)", out, self.like, (2 * self.batch,) + self.shape[1:])
         oc, ou = out.chunk(2)
-        return torch.lerp(ou, oc, float(self.w))
+        w = float(self.w)
+        return [(1.0 - w, ou), (w, oc)]
+
+    def denoise_coefficients(self, k: int):
+        """``(p1, p2, q1, q2)`` at grid time ``k``: ``z_hat = p1 x + p2 out``, ``eps_hat = q1 x + q2 out``."""
+        return self._affine[k]
+
+    def output(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The (guided) model output at ``x`` and the 0-dim time ``t``."""
+        outs = self.outputs(t, x)
+        if len(outs) == 1:
+            return outs[0][1]
+        return torch.lerp(outs[0][1], outs[1][1], outs[1][0])
 
     def velocity(self, t, x):
         """The field an ODE solver integrates."""
         return self.path.convert(self.output(t, x), x, t, self.prediction, "velocity", check=False)
 
     def denoise(self, t, x):
-        """``(z_hat, eps_hat)``: the data and noise estimates (the DDIM step's protocol)."""
+        """``(z_hat, eps_hat)``: the data and noise estimates."""
         out = self.output(t, x)
         return (self.path.convert(out, x, t, self.prediction, "data", check=False),
                 self.path.convert(out, x, t, self.prediction, "epsilon", check=False))
+
+
+def denoise_affine(prediction: str, a: float, b: float, da: float, db: float):
+    """``(p1, p2, q1, q2)`` with ``z_hat = p1 x + p2 out`` and ``eps_hat = q1 x + q2 out`` for a model output
+    of type ``prediction`` on a path with coefficients ``alpha, beta, alpha', beta'`` (host floats; the
+    sampler has checked the divisors are nonzero at the times it uses)."""
+    if prediction == "velocity":
+        D = a * db - da * b
+        return db / D, -b / D, -da / D, a / D
+    if prediction == "epsilon":
+        return 1.0 / a, -b / a, 0.0, 1.0
+    if prediction == "data":
+        return 0.0, 1.0, 1.0 / b, -a / b
+    if prediction == "score":
+        return 1.0 / a, b * b / a, 0.0, -b
+    n = a * a + b * b  # v = alpha eps - beta z
+    return a / n, -b / n, b / n, a / n
 
 
 class _ExtendedSDE:
@@ -123,7 +157,7 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
     x_init = _checks.check_state("x_init", x_init)
     if x_init.dim() < 1:
         raise ValueError("x_init must have a batch dimension")
-    kernels.resolve_backend(backend, x_init.device)
+    ops = kernels.ops(backend, x_init.device)
     if method in ADAPTIVE_ODE_METHODS:
         raise NotImplementedError(f"adaptive method {method!r} is not available in this version; "
                                   f"use one of {SAMPLE_METHODS}")
@@ -154,20 +188,21 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
 
     grid = time_grid(path, steps, t_start, t_end, spacing, rho)
     _validate_conversions(path, prediction, method, stochastic, grid)
-    field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale)
+    field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale,
+                      grid if method == "ddim" else None)
 
     if method == "ddim":
         a = path.alpha(torch.as_tensor(grid)).tolist()
         b = path.beta(torch.as_tensor(grid)).tolist()
-        x = ddim_solver.ddim(field, x_init, grid, a, b, float(eta), seed)
+        x = ddim_solver.ddim(field, x_init, grid, a, b, float(eta), seed, ops)
     elif stochastic:
         x = solve_on_grid(_ExtendedSDE(field, sigma), x_init, grid, grid[[0, -1]], EULER_MARUYAMA,
-                          x_init.dtype, seed=seed)[-1]
+                          x_init.dtype, seed=seed, ops=ops)[-1]
     else:
         t = torch.as_tensor(grid[[0, -1]], dtype=torch.float64).to(x_init.device)
         g = torch.as_tensor(grid, dtype=torch.float64)
         x = odeint(field.velocity, x_init, t, method=method,
-                   options=dict(grid_constructor=lambda f, y, tt: g.to(tt.device)))[-1]
+                   options=dict(grid_constructor=lambda f, y, tt: g.to(tt.device), backend=ops.name))[-1]
     if return_stats:
         return x, {"nfe": field.nfe, "steps": steps}
     return x

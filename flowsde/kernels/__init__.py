@@ -1,14 +1,21 @@
 """Step ops the solvers call, dispatched to a backend.
 
-Backends: ``torch`` (the plain-PyTorch reference in :mod:`flowsde.kernels.reference`) and, once the
-fused kernels land, ``triton``. The choice comes from the per-call ``backend=`` option, else the
-environment variable ``FLOWSDE_BACKEND`` (``auto`` | ``torch`` | ``triton``), else ``auto``.
+Backends: ``torch`` (the plain-PyTorch specification in :mod:`flowsde.kernels.reference`) and
+``triton`` (the fused kernel of :mod:`flowsde.kernels.combine`). The choice comes from the per-call
+``backend=`` option, else the environment variable ``FLOWSDE_BACKEND`` (``auto`` | ``torch`` |
+``triton``), else ``auto``: Triton for CUDA tensors when triton imports, PyTorch otherwise.
+``triton`` on CPU tensors runs in Triton's interpreter and needs ``TRITON_INTERPRET=1`` (set before
+flowsde first launches a kernel). :func:`ops` returns the op set for a backend; the solvers take one per
+solve.
 """
 from __future__ import annotations
 
 import os
 
+import torch
+
 from . import reference
+from .philox import KEY_MASK, philox_randn
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -22,19 +29,123 @@ except Exception:  # pragma: no cover - depends on the machine
 def resolve_backend(backend=None, device=None) -> str:
     """Return the concrete backend (``"torch"`` or ``"triton"``) for a call on ``device``.
 
-    ``backend`` wins over ``FLOWSDE_BACKEND``; ``auto`` picks the fastest available implementation.
+    ``backend`` wins over ``FLOWSDE_BACKEND``; ``auto`` is Triton on CUDA tensors (when triton imports)
+    and PyTorch otherwise.
     """
     name = backend if backend is not None else os.environ.get("FLOWSDE_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     name = name.lower()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if name == "auto":
+        return "triton" if (HAS_TRITON and dev.type == "cuda") else "torch"
     if name == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available in this version of flowsde: only the PyTorch reference "
-            "ops are built. Use backend='torch' or 'auto'.")
-    return "torch"
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which does not import here")
+        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"backend='triton' on {dev.type} tensors runs in Triton's interpreter: set "
+                               f"TRITON_INTERPRET=1 before starting Python, or use backend='torch'")
+    return name
 
 
+class PhiloxNoise:
+    """Deferred standard normals ``z[i] = tl.randn(key, i)``: the triton backend draws them inside the
+    kernel; the torch backend materialises them with the PyTorch mirror."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: int):
+        self.key = int(key) & KEY_MASK
+
+
+class TorchOps:
+    """The PyTorch backend: the reference ops."""
+
+    name = "torch"
+    lincomb = staticmethod(reference.lincomb)
+    noise_prod = staticmethod(reference.noise_prod)
+    lerp = staticmethod(reference.lerp)
+    hermite = staticmethod(reference.hermite)
+
+    def combine(self, terms, diffusion=(), noise=None, rowwise=False):
+        if isinstance(noise, PhiloxNoise):
+            return reference.combine(terms, diffusion, None, rowwise, noise.key)
+        return reference.combine(terms, diffusion, noise, rowwise)
+
+    def sde_update(self, y, terms, noise, dw, noise_type):
+        if isinstance(dw, PhiloxNoise):
+            dw = self.normal(dw.key, _noise_shape(y, noise_type), y.dtype, y.device)
+        return reference.sde_update(y, terms, noise, dw, noise_type)
+
+    def normal(self, key, shape, dtype, device):
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return philox_randn(key, n, device).to(dtype).reshape(shape)
+
+    def ddim_update(self, z, eps, a_next, b_next, s=0.0, xi=None):
+        if isinstance(xi, PhiloxNoise):
+            xi = self.normal(xi.key, z.shape, z.dtype, z.device)
+        return reference.ddim_update(z, eps, a_next, b_next, s, xi)
+
+
+class TritonOps(TorchOps):
+    """The Triton backend: every elementwise step is one launch of the fused kernel. Additive and
+    general noise (a batched matrix-vector product) and Hermite output interpolation use the PyTorch ops."""
+
+    name = "triton"
+
+    def __init__(self):
+        from . import combine as _c  # imported on first use, after TRITON_INTERPRET is set
+        self._c = _c
+
+    def combine(self, terms, diffusion=(), noise=None, rowwise=False):
+        key = noise.key if isinstance(noise, PhiloxNoise) else 0
+        tensor = None if isinstance(noise, PhiloxNoise) else noise
+        terms = [(c, t) for c, t in terms if c != 0.0] or [terms[0]]
+        if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum
+            head = self._c.combine(terms[:self._c.MAX_TERMS])
+            terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
+        return self._c.combine(terms, diffusion, tensor, rowwise, key)
+
+    def lincomb(self, y, terms):
+        return self.combine([(1.0, y)] + list(terms))
+
+    def lerp(self, y0, y1, s):
+        return self.combine([(1.0 - s, y0), (s, y1)])
+
+    def sde_update(self, y, terms, noise, dw, noise_type):
+        if noise_type not in ("diagonal", "scalar"):
+            return super().sde_update(y, terms, noise, dw, noise_type)
+        g = [(s, gg.squeeze(-1) if noise_type == "scalar" else gg) for s, gg in noise]
+        return self.combine([(1.0, y)] + list(terms), g, dw, rowwise=noise_type == "scalar")
+
+    def normal(self, key, shape, dtype, device):
+        return self._c.randn(int(key) & KEY_MASK, tuple(shape), dtype, device)
+
+    def ddim_update(self, z, eps, a_next, b_next, s=0.0, xi=None):
+        c = max(b_next * b_next - s * s, 0.0) ** 0.5
+        if s == 0.0:
+            return self.combine([(a_next, z), (c, eps)])
+        return self.combine([(a_next, z), (c, eps)], [(s, None)], xi)
+
+
+def _noise_shape(y, noise_type):
+    return tuple(y.shape) if noise_type == "diagonal" else (y.shape[0], 1)
+
+
+_OPS = {}
+
+
+def ops(backend=None, device=None) -> TorchOps:
+    """The op set of the backend resolved for ``device`` (see :func:`resolve_backend`)."""
+    name = resolve_backend(backend, device)
+    if name not in _OPS:
+        _OPS[name] = TritonOps() if name == "triton" else TorchOps()
+    return _OPS[name]
+
+
+# the PyTorch ops, for callers that do not choose a backend
 lincomb = reference.lincomb
 noise_prod = reference.noise_prod
 sde_update = reference.sde_update
@@ -42,5 +153,5 @@ lerp = reference.lerp
 hermite = reference.hermite
 ddim_update = reference.ddim_update
 
-__all__ = ["resolve_backend", "lincomb", "noise_prod", "sde_update", "lerp", "hermite", "ddim_update", "HAS_TRITON",
-           "BACKENDS", "reference"]
+__all__ = ["resolve_backend", "ops", "TorchOps", "TritonOps", "PhiloxNoise", "lincomb", "noise_prod",
+           "sde_update", "lerp", "hermite", "ddim_update", "HAS_TRITON", "BACKENDS", "reference"]

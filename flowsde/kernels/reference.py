@@ -83,3 +83,29 @@ def ddim_update(z: torch.Tensor, eps: torch.Tensor, a_next: float, b_next: float
     if s != 0.0:
         out.add_(xi, alpha=s)
     return out
+
+
+def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = False, key: int = 0):
+    """Specification of the fused kernel: ``sum c_i t_i + (sum s_j g_j) z``.
+
+    ``diffusion`` holds ``(s, g)`` pairs (``g = None`` means 1); ``z`` is ``noise`` (shape of the result,
+    or ``(batch, 1)`` with ``rowwise``: one draw per batch row) or, when ``noise`` is None, the Philox
+    stream ``philox_randn(key, i)`` over the noise elements (see :mod:`flowsde.kernels.philox`).
+    """
+    from .philox import philox_randn
+
+    out = lincomb(terms[0][1] * terms[0][0], terms[1:])
+    if not diffusion:
+        return out
+    shape = out.shape
+    if noise is None:
+        n = shape[0] if rowwise else out.numel()
+        noise = philox_randn(key, n, out.device).to(out.dtype)
+        noise = noise.reshape(shape[0], 1) if rowwise else noise.reshape(shape)
+    z = noise.reshape(shape[0], *([1] * (len(shape) - 1))) if rowwise else noise
+    for s, g in diffusion:
+        if g is None:
+            out.add_(z, alpha=s)
+        else:
+            out.addcmul_(g.reshape(shape) if g.numel() == out.numel() else g, z, value=s)
+    return out

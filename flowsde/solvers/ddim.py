@@ -17,6 +17,7 @@ import torch
 
 from .. import kernels
 from ..brownian import GridBrownian
+from ..kernels import PhiloxNoise
 from . import fixed
 
 
@@ -35,14 +36,31 @@ def ddim_noise_scales(alpha: Sequence[float], beta: Sequence[float], eta: float)
 
 
 def ddim(field, x0: torch.Tensor, grid: np.ndarray, alpha: Sequence[float], beta: Sequence[float],
-         eta: float = 0.0, seed=None) -> torch.Tensor:
-    """Integrate with the DDIM step over ``grid``; ``alpha``/``beta`` are the path's values on the grid."""
+         eta: float = 0.0, seed=None, ops=None) -> torch.Tensor:
+    """Integrate with the DDIM step over ``grid``; ``alpha``/``beta`` are the path's values on the grid.
+
+    The field's protocol: ``field.outputs(t, x) -> [(w_i, out_i)]`` (the model outputs and their guidance
+    weights) and ``field.denoise_coefficients(k) -> (p1, p2, q1, q2)`` with ``z_hat = p1 x + p2 out`` and
+    ``eps_hat = q1 x + q2 out`` at ``grid[k]``. The step is then affine in ``x`` and the outputs, so each
+    step is one fused launch: ``x' = (a' p1 + c q1) x + sum_i w_i (a' p2 + c q2) out_i + s xi``.
+    """
+    ops = kernels.ops("torch") if ops is None else ops
     times = fixed.StageTimes(grid, (0.0,), x0.dtype, x0.device)
     scales = ddim_noise_scales(alpha, beta, eta)
-    noise = GridBrownian(grid, tuple(x0.shape), seed, x0.dtype, x0.device) if any(scales) else None
+    noise = None
+    if any(scales):
+        stream = "philox" if ops.name == "triton" else "torch"
+        noise = GridBrownian(grid, tuple(x0.shape), seed, x0.dtype, x0.device, stream=stream)
     x = x0
     for k in range(len(grid) - 1):
-        z, eps = field.denoise(times[k][0], x)
-        s = scales[k]
-        x = kernels.ddim_update(z, eps, alpha[k + 1], beta[k + 1], s, noise.normal(k) if s else None)
+        outs = field.outputs(times[k][0], x)
+        p1, p2, q1, q2 = field.denoise_coefficients(k)
+        s, a1, b1 = scales[k], alpha[k + 1], beta[k + 1]
+        c = math.sqrt(max(b1 * b1 - s * s, 0.0))
+        terms = [(a1 * p1 + c * q1, x)] + [(w * (a1 * p2 + c * q2), o) for w, o in outs]
+        if s:
+            xi = PhiloxNoise(noise.philox_key(k)) if noise.stream == "philox" else noise.normal(k)
+            x = ops.combine(terms, [(s, None)], xi)
+        else:
+            x = ops.combine(terms)
     return x

@@ -70,7 +70,7 @@ class StageTimes:
 
 
 def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndarray,
-              interp: Optional[Callable] = None) -> torch.Tensor:
+              interp: Optional[Callable] = None, lerp: Callable = kernels.lerp) -> torch.Tensor:
     """Run ``step(k, y) -> (y_next, aux)`` over ``grid`` and return the solution at every ``t_out``.
 
     An output time inside a step is interpolated between the step's ends: linearly by default (as
@@ -92,7 +92,7 @@ def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndar
                 outs.append(y)
             else:
                 s = (tj - ta) / (tb - ta)
-                outs.append(kernels.lerp(y, y1, s) if interp is None else interp(k, y, y1, aux, s))
+                outs.append(lerp(y, y1, s) if interp is None else interp(k, y, y1, aux, s))
             j += 1
         y = y1
     return torch.stack(outs, dim=0)

@@ -72,7 +72,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     y0 = _checks.check_state("y0", y0)
     t = _checks.check_times("t", t, y0)
     t_host = _checks.host_times("t", t)
-    kernels.resolve_backend(opts.get("backend"), y0.device)
+    ops = kernels.ops(opts.get("backend"), y0.device)
 
     step_size = opts.get("step_size")
     gc = opts.get("grid_constructor")
@@ -101,7 +101,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
 
     def step(k, y):
         stats["steps"] += 1
-        y1, ks = rk_step(field, times[k], y, h_all[k], tab)
+        y1, ks = rk_step(field, times[k], y, h_all[k], tab, ops)
         return y1, ks[0]
 
     interp = None
@@ -115,7 +115,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
                 cache[k] = field(ends[k][0], yb)
             return kernels.hermite(ya, f0, yb, cache[k], s, h_all[k])
 
-    ys = fixed.integrate(step, y0, grid, t_host, interp)
+    ys = fixed.integrate(step, y0, grid, t_host, interp, ops.lerp)
     if shapes is not None:
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
     if opts.get("return_stats", False):

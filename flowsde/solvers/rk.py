@@ -54,15 +54,16 @@ Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def rk_step(func: Field, times: Sequence[torch.Tensor], y: torch.Tensor, h: float,
-            tab: ButcherTableau) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+            tab: ButcherTableau, ops=kernels.ops("torch")) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """One explicit RK step of size ``h`` from ``y``.
 
     ``times`` holds the stage times ``t0 + c_i h`` as tensors (prepared before the loop, so the step
-    never builds or reads a device scalar). Returns ``(y1, ks)``; ``ks[0]`` is the field at the start.
+    never builds or reads a device scalar); ``ops`` is the backend's op set. Returns ``(y1, ks)``;
+    ``ks[0]`` is the field at the start.
     """
     ks: List[torch.Tensor] = []
     for i in range(tab.stages):
-        yi = y if i == 0 else kernels.lincomb(y, [(h * a, k) for a, k in zip(tab.a[i], ks)])
+        yi = y if i == 0 else ops.lincomb(y, [(h * a, k) for a, k in zip(tab.a[i], ks)])
         ks.append(func(times[i], yi))
-    y1 = kernels.lincomb(y, [(h * b, k) for b, k in zip(tab.b, ks)])
+    y1 = ops.lincomb(y, [(h * b, k) for b, k in zip(tab.b, ks)])
     return y1, ks

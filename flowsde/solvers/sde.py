@@ -6,6 +6,7 @@ import torch
 
 from .. import _checks, kernels
 from ..brownian import GridBrownian
+from ..kernels import PhiloxNoise
 from . import fixed
 from .sde_methods import DEFAULT_SDE_METHOD, NOISE_TYPES, SDE_METHODS, SDE_TYPES
 
@@ -15,8 +16,9 @@ SDE_OPTIONS = ("return_stats", "grad_free", "backend")
 class StepContext:
     """What an SDE step needs: checked drift/diffusion, grid, step sizes and Brownian increments."""
 
-    def __init__(self, sde, y0, grid, t_dtype, bm, seed, grad_free, stage_c=(0.0,)):
+    def __init__(self, sde, y0, grid, t_dtype, bm, seed, grad_free, stage_c=(0.0,), ops=None):
         self.sde = sde
+        self.ops = kernels.ops("torch") if ops is None else ops
         self.noise_type = sde.noise_type
         self.sde_type = sde.sde_type
         self.grad_free = grad_free
@@ -70,10 +72,15 @@ class StepContext:
         ``sqrt(h)``, so a step folds the scaling into its fused update instead of a pass of its own.
         ``g`` fixes the number of noise channels on first use (additive and general noise).
         """
-        if self.bm is None:
-            self.bm = GridBrownian(self.grid, self.noise_shape(), self.seed, self.like.dtype, self.like.device)
+        if self.bm is None:  # the triton backend draws its own noise in the kernel (Philox)
+            stream = "philox" if self.ops.name == "triton" else "torch"
+            self.bm = GridBrownian(self.grid, self.noise_shape(), self.seed, self.like.dtype, self.like.device,
+                                   stream=stream)
             self.own_grid = True
         if self.own_grid:
+            if self.bm.stream == "philox":
+                z = PhiloxNoise(self.bm.philox_key(k))
+                return z, self.sqrt_h[k]
             z, scale = self.bm.normal(k), self.sqrt_h[k]
         else:
             z, scale = self.bm(self.grid[k], self.grid[k + 1]), 1.0
@@ -82,6 +89,8 @@ class StepContext:
     def dw(self, k, g):
         """The Brownian increment ``W(t_{k+1}) - W(t_k)`` itself."""
         z, scale = self.noise(k, g)
+        if isinstance(z, PhiloxNoise):
+            z = self.ops.normal(z.key, self.noise_shape(), self.like.dtype, self.like.device)
         return z if scale == 1.0 else z.mul_(scale)
 
 
@@ -136,7 +145,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ts = _checks.check_times("ts", ts, y0)
     ts_host = _checks.host_times("ts", ts, increasing_only=True)
     step = _checks.check_step("dt", dt)
-    kernels.resolve_backend(opts.get("backend"), y0.device)
+    ops = kernels.ops(opts.get("backend"), y0.device)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if bm is not None:
@@ -154,20 +163,20 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
 
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
     return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
-                         bool(opts.get("return_stats", False)))
+                         bool(opts.get("return_stats", False)), ops)
 
 
 def solve_on_grid(sde, y0, grid, t_out, method, t_dtype, bm=None, seed=None, grad_free=False,
-                  return_stats=False):
+                  return_stats=False, ops=None):
     """Run the SDE ``method`` (an :class:`SDEMethod`) over a prepared host ``grid`` (float64, increasing)
     and return the solution at the times ``t_out`` (the driver behind ``sdeint`` and ``flowsde.sample``)."""
-    ctx = StepContext(sde, y0, grid, t_dtype, bm, seed, grad_free, method.stage_c)
+    ctx = StepContext(sde, y0, grid, t_dtype, bm, seed, grad_free, method.stage_c, ops)
     step_fn = method.step
 
     def do_step(k, y):
         return step_fn(ctx, k, y), None
 
-    ys = fixed.integrate(do_step, y0, grid, t_out)
+    ys = fixed.integrate(do_step, y0, grid, t_out, lerp=ctx.ops.lerp)
     if return_stats:
         return ys, ctx.stats
     return ys

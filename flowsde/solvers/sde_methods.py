@@ -10,7 +10,6 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from .. import kernels
 
 NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
 SDE_TYPES = ("ito", "stratonovich")
@@ -43,7 +42,7 @@ def _euler_step(ctx, k, y):
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
     z, sc = ctx.noise(k, g)
-    return kernels.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
+    return ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
 
 
 def _heun_step(ctx, k, y):
@@ -51,10 +50,10 @@ def _heun_step(ctx, k, y):
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
     z, sc = ctx.noise(k, g)
-    y_pred = kernels.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
+    y_pred = ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
     f1 = ctx.f(t1, y_pred)
     g1 = ctx.g(t1, y_pred)
-    return kernels.sde_update(y, [(0.5 * dt, f), (0.5 * dt, f1)], [(0.5 * sc, g), (0.5 * sc, g1)], z,
+    return ctx.ops.sde_update(y, [(0.5 * dt, f), (0.5 * dt, f1)], [(0.5 * sc, g), (0.5 * sc, g1)], z,
                               ctx.noise_type)
 
 
@@ -65,7 +64,7 @@ def _milstein_step(ctx, k, y):
     if nt == "additive":  # g does not depend on y: the correction vanishes and the step is Euler's
         g = ctx.g(t0, y)
         z, sc = ctx.noise(k, g)
-        return kernels.sde_update(y, [(dt, f)], [(sc, g)], z, nt)
+        return ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, nt)
     ito = ctx.sde_type == "ito"
     if ctx.grad_free:
         g = ctx.g(t0, y)
@@ -73,14 +72,14 @@ def _milstein_step(ctx, k, y):
         v = dw * dw - dt if ito else dw * dw
         sq = dt ** 0.5
         gv = g if nt == "diagonal" else g.squeeze(-1)
-        y_sup = kernels.lincomb(y, [(dt if ito else 0.0, f), (sq, gv)])
+        y_sup = ctx.ops.lincomb(y, [(dt if ito else 0.0, f), (sq, gv)])
         g_sup = ctx.g(t0, y_sup)
-        out = kernels.sde_update(y, [(dt, f)], [(1.0, g)], dw, nt)
-        return out.add_(kernels.noise_prod(g_sup - g, v, nt), alpha=0.5 / sq)
+        out = ctx.ops.sde_update(y, [(dt, f)], [(1.0, g)], dw, nt)
+        return out.add_(ctx.ops.noise_prod(g_sup - g, v, nt), alpha=0.5 / sq)
     g, gdg_fn = _diffusion_with_derivative(ctx, t0, y)
     dw = ctx.dw(k, g)
     v = dw * dw - dt if ito else dw * dw
-    return kernels.sde_update(y, [(dt, f), (0.5, gdg_fn(v))], [(1.0, g)], dw, nt)
+    return ctx.ops.sde_update(y, [(dt, f), (0.5, gdg_fn(v))], [(1.0, g)], dw, nt)
 
 
 def _diffusion_with_derivative(ctx, t0, y):

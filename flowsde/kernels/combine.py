@@ -1,0 +1,160 @@
+"""The fused Triton kernel behind every step: one pass over memory computing
+
+    out = sum_i c_i * t_i  +  (sum_j s_j * g_j) * z
+
+with up to six terms ``t_i`` (the state, stage derivatives, model outputs), up to two diffusion values
+``g_j`` and a noise ``z`` that is read from a tensor (a user's Brownian increments) or drawn in registers
+by Philox keyed by ``(key, element)`` (``tl.randn``; ``key`` encodes ``(seed, step)``). Scalar noise
+shares one draw per batch row (``ROWWISE``).
+
+Every step family is this kernel with other coefficients, computed on the host in float64:
+ODE stage inputs and updates (``y + h sum a_ij k_j``), Euler–Maruyama and stochastic Heun updates, the
+DDIM-equivalent step (the prediction-type conversion and classifier-free guidance are affine in the
+model outputs, so they fold into the coefficients of ``x``, ``out_cond`` and ``out_uncond``, plus the eta
+noise), and the SDE-extension drift fused into the Euler–Maruyama update. Python floats reach Triton
+as float32, so each float64 coefficient travels as a float32 pair (hi + lo, ~48 bits); half types
+accumulate in float32, float64 in float64.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+MAX_TERMS = 6
+MAX_NOISE = 2
+
+
+@triton.jit
+def _coef(hi, lo, F64: tl.constexpr):
+    if F64:
+        return hi.to(tl.float64) + lo.to(tl.float64)
+    else:
+        return hi.to(tl.float32)
+
+
+@triton.jit
+def _term(acc, ptr, offs, mask, hi, lo, F64: tl.constexpr):
+    x = tl.load(ptr + offs, mask=mask, other=0.0)
+    if F64:
+        return acc + _coef(hi, lo, F64) * x.to(tl.float64)
+    else:
+        return acc + _coef(hi, lo, F64) * x.to(tl.float32)
+
+
+@triton.jit
+def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
+                   h0, l0, h1, l1, h2, l2, h3, l3, h4, l4, h5, l5,
+                   g0, g1, sh0, sl0, sh1, sl1, dw_ptr, key, n, row,
+                   NT: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, ROWWISE: tl.constexpr,
+                   UNIT: tl.constexpr, F64: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    if F64:
+        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    acc = _term(acc, p0, offs, mask, h0, l0, F64)
+    if NT > 1:
+        acc = _term(acc, p1, offs, mask, h1, l1, F64)
+    if NT > 2:
+        acc = _term(acc, p2, offs, mask, h2, l2, F64)
+    if NT > 3:
+        acc = _term(acc, p3, offs, mask, h3, l3, F64)
+    if NT > 4:
+        acc = _term(acc, p4, offs, mask, h4, l4, F64)
+    if NT > 5:
+        acc = _term(acc, p5, offs, mask, h5, l5, F64)
+    if NG > 0:
+        if ROWWISE:
+            nidx = offs // row
+        else:
+            nidx = offs
+        if F64:
+            gz = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
+        else:
+            gz = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+        if UNIT:
+            gz = gz + _coef(sh0, sl0, F64)
+        else:
+            gz = _term(gz, g0, offs, mask, sh0, sl0, F64)
+        if NG > 1:
+            gz = _term(gz, g1, offs, mask, sh1, sl1, F64)
+        if NOISE == 1:
+            z = tl.load(dw_ptr + nidx, mask=mask, other=0.0)
+        else:
+            z = tl.randn(key, nidx)
+        if F64:
+            acc = acc + gz * z.to(tl.float64)
+        else:
+            acc = acc + gz * z.to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def randn_kernel(out_ptr, key, n, BLOCK_SIZE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    z = tl.randn(key, offs)
+    tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launch wrappers ---------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _split(c: float):
+    hi = float(np.float32(c))
+    return hi, float(np.float32(c - hi))
+
+
+def _flat(t: torch.Tensor, shape) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` (broadcast and copied only where the input is not already one)."""
+    if tuple(t.shape) != tuple(shape):
+        t = t.expand(shape)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0):
+    """Launch :func:`combine_kernel`: ``sum c_i t_i + (sum s_j g_j) z`` (see the module docstring).
+
+    ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes shape and dtype), ``diffusion``:
+    ``[(s, g or None)]`` (0 to 2; ``None`` means ``g = 1``, allowed alone), ``noise``: a tensor (the
+    increments: ``y.shape``, or ``(batch, 1)`` with ``rowwise``) or ``None`` to draw ``tl.randn(key, i)``.
+    """
+    like = terms[0][1]
+    shape, dtype = tuple(like.shape), like.dtype
+    if not 1 <= len(terms) <= MAX_TERMS or len(diffusion) > MAX_NOISE:
+        raise ValueError(f"combine takes 1..{MAX_TERMS} terms and 0..{MAX_NOISE} diffusion terms")
+    ts = [_flat(t, shape) for _, t in terms]
+    cs = [_split(float(c)) for c, _ in terms]
+    out = torch.empty(shape, dtype=dtype, device=like.device)
+    n = out.numel()
+    pad = MAX_TERMS - len(ts)
+    ptrs = ts + [ts[0]] * pad
+    coefs = [v for hl in cs + [(0.0, 0.0)] * pad for v in hl]
+    unit = len(diffusion) == 1 and diffusion[0][1] is None
+    if any(g is None for _, g in diffusion) and not unit:
+        raise ValueError("a unit diffusion (g = None) must be the only diffusion term")
+    gs = [] if unit else [_flat(g.reshape(shape) if g.numel() == n else g, shape) for _, g in diffusion]
+    gs = gs + [ts[0]] * (MAX_NOISE - len(gs))
+    ss = [_split(float(s)) for s, _ in diffusion] + [(0.0, 0.0)] * (MAX_NOISE - len(diffusion))
+    mode = 0 if not diffusion else (1 if noise is not None else 2)
+    dw = ts[0] if noise is None else noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().reshape(-1)
+    row = max(1, n // shape[0]) if rowwise and shape else 1
+    grid = (triton.cdiv(n, BLOCK),)
+    combine_kernel[grid](out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], dw,
+                         int(key), n, row, NT=len(ts), NG=len(diffusion), NOISE=mode, ROWWISE=bool(rowwise),
+                         UNIT=unit, F64=dtype == torch.float64, BLOCK_SIZE=BLOCK)
+    return out
+
+
+def randn(key: int, shape, dtype, device) -> torch.Tensor:
+    """Standard normals ``tl.randn(key, i)`` for ``i = 0 .. numel-1``, laid out in ``shape``."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    n = out.numel()
+    randn_kernel[(triton.cdiv(n, BLOCK),)](out, int(key), n, BLOCK_SIZE=BLOCK)
+    return out

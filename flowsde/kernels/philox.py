@@ -1,0 +1,60 @@
+"""A plain-PyTorch mirror of Triton's counter-based generator (Philox 4x32, 10 rounds, then Box–Muller),
+so the noise the kernels draw in registers can be reproduced and tested on any machine.
+
+``philox_randn(key, n)`` equals, element by element, what ``tl.randn(key, offset)`` returns for
+``offset = 0 .. n-1`` inside a kernel (the integer stream exactly; the floats to rounding of log / cos).
+uint32 arithmetic is emulated in int64 tensors; ``umulhi`` splits one factor into 16-bit halves so no
+product overflows.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+KEY_MASK = (1 << 63) - 1  # kernel keys are passed as int64 scalars
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor):
+    """High and low 32 bits of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` (int64)."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p_lo, p_hi = a * b_lo, a * b_hi                 # each < 2^48
+    mid = p_hi + (p_lo >> 16)                       # < 2^49
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return hi & _M32, lo & _M32
+
+
+def philox4x32(key: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+               rounds: int = 10):
+    """Philox-4x32 with a 64-bit key on counters given as int64 tensors holding uint32 values."""
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's uint32 -> [0, 1) map: reinterpret as int32, fold negatives with ``~``, scale, in float32."""
+    s = torch.where(x >= 2 ** 31, x - 2 ** 32, x)
+    s = torch.where(s < 0, -s - 1, s)
+    return s.to(torch.float32) * 4.6566127342e-10
+
+
+def philox_randint(key: int, n: int, device="cpu"):
+    """The four uint32 streams (as int64) of ``tl.randint4x(key, offset)`` for ``offset = 0 .. n-1``."""
+    off = torch.arange(n, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(off)
+    return philox4x32(int(key) & KEY_MASK, off & _M32, (off >> 32) & _M32, zero, zero)
+
+
+def philox_randn(key: int, n: int, device="cpu") -> torch.Tensor:
+    """``tl.randn(key, offset)`` for ``offset = 0 .. n-1``: float32 standard normals (Box–Muller)."""
+    i1, i2, _, _ = philox_randint(key, n, device)
+    u1 = torch.clamp(_uniform(i1), min=1.0e-7)
+    th = 6.283185307179586 * _uniform(i2)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
