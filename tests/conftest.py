@@ -1,7 +1,11 @@
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from torch.overrides import TorchFunctionMode
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -41,11 +41,15 @@ def test_inputs_untouched():
 
 
 def test_backend_resolution(monkeypatch):
-    assert kernels.resolve_backend(None) == "torch"
+    assert kernels.resolve_backend(None) == "torch"            # auto on CPU tensors: PyTorch
     assert kernels.resolve_backend("torch") == "torch"
     monkeypatch.setenv("FLOWSDE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.resolve_backend(None)
-    assert kernels.resolve_backend("auto") == "torch"  # the per-call option wins over the variable
-    with pytest.raises(NotImplementedError, match="triton"):
-        kernels.resolve_backend("triton")
+    assert kernels.resolve_backend("auto") == "torch"          # the per-call option wins over the variable
+    monkeypatch.setenv("FLOWSDE_BACKEND", "triton")
+    assert kernels.resolve_backend(None, "cpu") == "triton"    # interpreter on (set by conftest)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.resolve_backend(None, "cpu")
+    assert kernels.resolve_backend("torch", "cpu") == "torch"

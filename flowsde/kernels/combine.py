@@ -28,9 +28,9 @@ MAX_NOISE = 2
 @triton.jit
 def _coef(hi, lo, F64: tl.constexpr):
     if F64:
-        return hi.to(tl.float64) + lo.to(tl.float64)
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
-        return hi.to(tl.float32)
+        return tl.cast(hi, tl.float32)
 
 
 @triton.jit

@@ -36,20 +36,22 @@ def ddim_noise_scales(alpha: Sequence[float], beta: Sequence[float], eta: float)
 
 
 def ddim(field, x0: torch.Tensor, grid: np.ndarray, alpha: Sequence[float], beta: Sequence[float],
-         eta: float = 0.0, seed=None, ops=None) -> torch.Tensor:
+         eta: float = 0.0, seed=None, ops=None, stream=None) -> torch.Tensor:
     """Integrate with the DDIM step over ``grid``; ``alpha``/``beta`` are the path's values on the grid.
 
     The field's protocol: ``field.outputs(t, x) -> [(w_i, out_i)]`` (the model outputs and their guidance
     weights) and ``field.denoise_coefficients(k) -> (p1, p2, q1, q2)`` with ``z_hat = p1 x + p2 out`` and
     ``eps_hat = q1 x + q2 out`` at ``grid[k]``. The step is then affine in ``x`` and the outputs, so each
     step is one fused launch: ``x' = (a' p1 + c q1) x + sum_i w_i (a' p2 + c q2) out_i + s xi``.
+    The eta noise comes from ``stream`` (default: ``philox`` in the kernel on the triton backend,
+    ``torch`` otherwise).
     """
     ops = kernels.ops("torch") if ops is None else ops
     times = fixed.StageTimes(grid, (0.0,), x0.dtype, x0.device)
     scales = ddim_noise_scales(alpha, beta, eta)
     noise = None
     if any(scales):
-        stream = "philox" if ops.name == "triton" else "torch"
+        stream = stream or ("philox" if ops.name == "triton" else "torch")
         noise = GridBrownian(grid, tuple(x0.shape), seed, x0.dtype, x0.device, stream=stream)
     x = x0
     for k in range(len(grid) - 1):

@@ -1,0 +1,175 @@
+"""The fused Triton kernel (in Triton's interpreter on CPU tensors) against the PyTorch reference, its
+in-kernel noise, and the triton backend against the torch backend end to end."""
+import math
+
+import pytest
+import torch
+import torchsde
+
+import flowsde
+from flowsde import kernels
+from flowsde.kernels import PhiloxNoise, reference
+from flowsde.kernels.philox import philox_randint, philox_randn
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def tri():
+    return kernels.ops("triton", "cpu")
+
+
+def rnd(shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def close(got, exact, dtype):
+    scale = max(1.0, float(exact.abs().max()))
+    return float((got.double() - exact).abs().max()) <= TOL[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (33, 3), (1037,), (4, 5, 6)])
+@pytest.mark.parametrize("nterms", [1, 3, 6])
+def test_combine_matches_the_reference(tri, dtype, shape, nterms):
+    ts = [rnd(shape, dtype, i) for i in range(nterms)]
+    cs = [0.7, -1.3, 1 / 3, 2.5e-3, -0.125, 1e-7][:nterms]
+    got = tri._c.combine(list(zip(cs, ts)))
+    exact = sum(c * t.double() for c, t in zip(cs, ts))
+    assert got.dtype == dtype and got.shape == shape and close(got, exact, dtype)
+    ref = reference.combine(list(zip(cs, ts)))
+    assert close(ref, exact, dtype) or dtype in (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_noise_updates_with_given_increments(tri, dtype, rowwise):
+    shape = (37, 4)
+    y, f, g1, g2 = (rnd(shape, dtype, i) for i in range(4))
+    dw = rnd((37, 1) if rowwise else shape, dtype, 9)
+    terms, diff = [(1.0, y), (0.01, f)], [(0.5, g1), (0.25, g2)]
+    got = tri._c.combine(terms, diff, dw, rowwise=rowwise)
+    z = dw.double().expand(shape) if rowwise else dw.double()
+    exact = y.double() + 0.01 * f.double() + (0.5 * g1.double() + 0.25 * g2.double()) * z
+    assert close(got, exact, dtype)
+    assert close(reference.combine(terms, diff, dw, rowwise), exact, dtype) or dtype == torch.float16
+
+
+def test_strides_and_broadcasting(tri):
+    base = rnd((6, 9), torch.float64, 0)
+    y = base.T                                   # non-contiguous
+    sigma = torch.tensor(0.3, dtype=torch.float64).expand(9, 6)   # a broadcast view
+    dw = rnd((9, 6), torch.float64, 1)[:, :]
+    got = tri._c.combine([(1.0, y), (2.0, base.T)], [(1.0, sigma)], dw)
+    assert torch.allclose(got, 3.0 * y + 0.3 * dw, atol=1e-14, rtol=0)
+    assert got.is_contiguous() and torch.equal(base, rnd((6, 9), torch.float64, 0))  # input untouched
+
+
+@pytest.mark.parametrize("key", [0, 12345, 2 ** 40 + 3, 2 ** 63 - 1])
+def test_in_kernel_noise_equals_the_philox_mirror(tri, key):
+    z = tri.normal(key, (2049,), torch.float32, "cpu")
+    assert float((z - philox_randn(key, 2049)).abs().max()) < 1e-6
+    # the fused update draws the same stream: y + 1 * 1 * z
+    y = torch.zeros(2049, dtype=torch.float32)
+    out = tri.combine([(1.0, y)], [(1.0, None)], PhiloxNoise(key))
+    assert float((out - philox_randn(key, 2049)).abs().max()) < 1e-6
+    # and so does the torch backend's materialised form
+    assert torch.equal(kernels.ops("torch").normal(key, (2049,), torch.float32, "cpu"), philox_randn(key, 2049))
+
+
+def test_philox_integers_are_the_published_algorithm():
+    """Known-answer check of the mirror's integer stream against a direct scalar implementation."""
+    def philox_scalar(key, ctr):
+        M = 0xFFFFFFFF
+        c, k0, k1 = [ctr & M, ctr >> 32, 0, 0], key & M, key >> 32
+        for _ in range(10):
+            p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+            c = [(p1 >> 32) ^ c[1] ^ k0, p1 & M, (p0 >> 32) ^ c[3] ^ k1, p0 & M]
+            k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
+        return c
+    streams = philox_randint(987654321, 5)
+    for i in range(5):
+        assert [int(s[i]) for s in streams] == philox_scalar(987654321, i)
+
+
+def test_in_kernel_noise_has_the_standard_normal_law(tri):
+    from scipy import stats
+    n = 200_000
+    z = tri.normal(7, (n,), torch.float64, "cpu")
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    lag = float(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1])           # across elements
+    other = tri.normal(8, (n,), torch.float64, "cpu")                         # across steps (keys)
+    cross = float(torch.corrcoef(torch.stack([z, other]))[0, 1])
+    assert abs(lag) < 5 / math.sqrt(n) and abs(cross) < 5 / math.sqrt(n)
+    assert torch.equal(z, tri.normal(7, (n,), torch.float64, "cpu")) and not torch.equal(z, other)
+
+
+@pytest.mark.parametrize("method", sorted(flowsde.ODE_METHODS))
+def test_odeint_backends_agree(method):
+    from flowsde.problems import LinearODE
+    y0 = rnd((5, 2), torch.float64, 3)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    opts = dict(step_size=0.1)
+    a = flowsde.odeint(LinearODE(), y0, t, method=method, options=dict(opts, backend="triton"))
+    b = flowsde.odeint(LinearODE(), y0, t, method=method, options=dict(opts, backend="torch"))
+    assert float((a - b).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("method,noise_type,sde_type", [
+    ("euler", "diagonal", "ito"), ("euler", "scalar", "ito"), ("euler", "additive", "ito"),
+    ("heun", "diagonal", "stratonovich"), ("milstein", "diagonal", "ito"), ("milstein", "scalar", "ito")])
+def test_sdeint_backends_agree_on_a_given_bm(method, noise_type, sde_type):
+    from test_sde_parity import Nonlinear, noise_size
+    sde = Nonlinear(noise_type, sde_type)
+    y0 = rnd((5, 3), torch.float64, 0)
+    ts = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(5, noise_size(noise_type)), dtype=torch.float64, entropy=2)
+    a = flowsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1 / 16, options=dict(backend="triton"))
+    b = flowsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1 / 16, options=dict(backend="torch"))
+    assert float((a - b).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "scalar"])
+def test_sdeint_in_kernel_noise_equals_the_mirrored_brownian_motion(noise_type):
+    from flowsde.problems import GeometricBrownianMotion
+    sde = GeometricBrownianMotion(noise_type=noise_type)
+    y0 = torch.ones(6, 2)
+    ts = torch.tensor([0.0, 1.0])
+    a = flowsde.sdeint(sde, y0, ts, dt=1 / 8, seed=3, options=dict(backend="triton"))
+    shape = (6, 2) if noise_type == "diagonal" else (6, 1)
+    bm = flowsde.GridBrownian(t0=0.0, t1=1.0, steps=8, shape=shape, seed=3, stream="philox")
+    b = flowsde.sdeint(sde, y0, ts, dt=1 / 8, bm=bm, options=dict(backend="torch"))
+    assert float((a - b).abs().max()) < 1e-5
+    c = flowsde.sdeint(sde, y0, ts, dt=1 / 8, seed=4, options=dict(backend="triton"))
+    assert float((a - c).abs().max()) > 1e-3
+
+
+def test_sample_ddim_with_guidance_backends_agree():
+    def model(x, t, c):
+        return c * (1.0 - x) + 0.2 * t[:, None] * x
+
+    x0 = rnd((16, 2), torch.float64, 5)
+    cond, uncond = torch.full((16, 1), 2.0, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    path = flowsde.paths.VPCosine()
+    kw = dict(path=path, prediction="epsilon", method="ddim", steps=6, t_start=0.05, cond=cond, uncond=uncond,
+              guidance_scale=2.5)
+    a = flowsde.sample(model, x0, backend="triton", **kw)
+    b = flowsde.sample(model, x0, backend="torch", **kw)
+    assert float((a - b).abs().max()) < 1e-10
+    a = flowsde.sample(model, x0, backend="triton", eta=1.0, seed=2, **kw)
+    # the same run on the torch ops, drawing the in-kernel stream through the PyTorch Philox mirror
+    from flowsde.paths.grids import time_grid
+    from flowsde.sampling import PathField
+    from flowsde.solvers.ddim import ddim
+    grid = time_grid(path, 6, 0.05, 1.0)
+    field = PathField(model, path, "epsilon", x0, cond, uncond, 2.5, grid)
+    tg = torch.as_tensor(grid)
+    b = ddim(field, x0, grid, path.alpha(tg).tolist(), path.beta(tg).tolist(), 1.0, 2, kernels.ops("torch"),
+             stream="philox")
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6
+    c = flowsde.sample(model, x0, backend="triton", eta=1.0, seed=3, **kw)
+    assert float((a - c).abs().max() / b.abs().max()) > 1e-3
