@@ -37,10 +37,11 @@ class PathField:
             if uncond.shape[0] == 1 and self.batch > 1:
                 uncond = uncond.expand(self.batch, *uncond.shape[1:])
             self.pair = torch.cat([cond, uncond.to(cond.dtype)], dim=0)
-        self._affine = None
-        if grid is not None:  # host tables of the path on the grid, for the fused DDIM step
+        self._affine = self._coef = None
+        if grid is not None:  # host tables of the path on the grid, for the fused steps
             a, b, da, db = (c.tolist() for c in path.coefficients(torch.as_tensor(grid, dtype=torch.float64)))
-            self._affine = [denoise_affine(prediction, *v) for v in zip(a, b, da, db)]
+            self._coef = list(zip(a, b, da, db))
+            self._affine = [denoise_affine(prediction, *v) for v in self._coef]
 
     def outputs(self, t: torch.Tensor, x: torch.Tensor):
         """``[(weight, output)]``: the model output, or under guidance ``[(1 - w, uncond), (w, cond)]``
@@ -59,6 +60,13 @@ class PathField:
     def denoise_coefficients(self, k: int):
         """``(p1, p2, q1, q2)`` at grid time ``k``: ``z_hat = p1 x + p2 out``, ``eps_hat = q1 x + q2 out``."""
         return self._affine[k]
+
+    def drift_coefficients(self, k: int, sigma: float):
+        """``(cx, co)`` with ``u + sigma^2/2 score = cx x + co out`` at grid time ``k`` (the extension drift)."""
+        a, b, da, db = self._coef[k]
+        p1, p2, q1, q2 = self._affine[k]
+        half = 0.5 * sigma * sigma
+        return (da * p1 + db * q1 - half * q1 / b), (da * p2 + db * q2 - half * q2 / b)
 
     def output(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The (guided) model output at ``x`` and the 0-dim time ``t``."""
@@ -189,12 +197,14 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
     grid = time_grid(path, steps, t_start, t_end, spacing, rho)
     _validate_conversions(path, prediction, method, stochastic, grid)
     field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale,
-                      grid if method == "ddim" else None)
+                      grid if method == "ddim" or stochastic else None)
 
     if method == "ddim":
         a = path.alpha(torch.as_tensor(grid)).tolist()
         b = path.beta(torch.as_tensor(grid)).tolist()
         x = ddim_solver.ddim(field, x_init, grid, a, b, float(eta), seed, ops)
+    elif stochastic and not callable(sigma):
+        x = _extension_em(field, x_init, grid, sigma, seed, ops)
     elif stochastic:
         x = solve_on_grid(_ExtendedSDE(field, sigma), x_init, grid, grid[[0, -1]], EULER_MARUYAMA,
                           x_init.dtype, seed=seed, ops=ops)[-1]
@@ -205,6 +215,28 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
                    options=dict(grid_constructor=lambda f, y, tt: g.to(tt.device), backend=ops.name))[-1]
     if return_stats:
         return x, {"nfe": field.nfe, "steps": steps}
+    return x
+
+
+def _extension_em(field: PathField, x0: torch.Tensor, grid, sigma: float, seed, ops, stream=None) -> torch.Tensor:
+    """Euler–Maruyama on ``dX = [u + sigma^2/2 score] dt + sigma dW`` with the drift's conversion, the
+    guidance and the noise fused into one update per step: ``x' = (1 + h cx) x + sum_i w_i h co out_i +
+    sigma sqrt(h) z`` (the noise drawn in the kernel on the triton backend)."""
+    from .brownian import GridBrownian
+    from .kernels import PhiloxNoise
+    from .solvers import fixed
+
+    times = fixed.StageTimes(grid, (0.0,), x0.dtype, x0.device)
+    bm = GridBrownian(grid, tuple(x0.shape), seed, x0.dtype, x0.device,
+                      stream=stream or ("philox" if ops.name == "triton" else "torch"))
+    x = x0
+    for k in range(len(grid) - 1):
+        h = float(grid[k + 1] - grid[k])
+        outs = field.outputs(times[k][0], x)
+        cx, co = field.drift_coefficients(k, sigma)
+        z = PhiloxNoise(bm.philox_key(k)) if bm.stream == "philox" else bm.normal(k)
+        terms = [(1.0 + h * cx, x)] + [(w * h * co, o) for w, o in outs]
+        x = ops.combine(terms, [(sigma * h ** 0.5, None)], z)
     return x
 
 

@@ -173,3 +173,17 @@ def test_sample_ddim_with_guidance_backends_agree():
     assert float((a - b).abs().max() / b.abs().max()) < 1e-6
     c = flowsde.sample(model, x0, backend="triton", eta=1.0, seed=3, **kw)
     assert float((a - c).abs().max() / b.abs().max()) > 1e-3
+
+
+def test_sample_sde_extension_in_kernel_noise_equals_the_mirror():
+    from flowsde.paths.grids import time_grid
+    from flowsde.sampling import PathField, _extension_em
+    path = flowsde.paths.CondOT()
+    model = lambda x, t: -x + 0.3 * t[:, None]  # noqa: E731
+    x0 = rnd((12, 2), torch.float64, 1)
+    a = flowsde.sample(model, x0, path=path, method="euler", steps=5, t_end=0.9, sigma=0.8, seed=5,
+                       backend="triton")
+    grid = time_grid(path, 5, 0.0, 0.9)
+    b = _extension_em(PathField(model, path, "velocity", x0, grid=grid), x0, grid, 0.8, 5, kernels.ops("torch"),
+                      stream="philox")
+    assert float((a - b).abs().max()) < 1e-6
