@@ -187,3 +187,13 @@ def test_sample_sde_extension_in_kernel_noise_equals_the_mirror():
     b = _extension_em(PathField(model, path, "velocity", x0, grid=grid), x0, grid, 0.8, 5, kernels.ops("torch"),
                       stream="philox")
     assert float((a - b).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 1500), (3, 2, 7)])
+def test_per_sample_error_norm(tri, dtype, shape):
+    y0, y1, e = rnd(shape, dtype, 1), rnd(shape, dtype, 2), 1e-3 * rnd(shape, dtype, 3)
+    got = tri.error_norm(y0, y1, e, 1e-3, 1e-6)
+    ref = reference.error_norm(y0, y1, e, 1e-3, 1e-6)
+    assert got.shape == (shape[0],)
+    assert torch.allclose(got.double(), ref.double(), rtol=1e-5 if dtype != torch.float64 else 1e-12)

@@ -66,6 +66,7 @@ class TorchOps:
     noise_prod = staticmethod(reference.noise_prod)
     lerp = staticmethod(reference.lerp)
     hermite = staticmethod(reference.hermite)
+    error_norm = staticmethod(reference.error_norm)
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False):
         if isinstance(noise, PhiloxNoise):
@@ -110,6 +111,9 @@ class TritonOps(TorchOps):
 
     def lincomb(self, y, terms):
         return self.combine([(1.0, y)] + list(terms))
+
+    def error_norm(self, y0, y1, err, rtol, atol):
+        return self._c.error_norm(y0, y1, err, float(rtol), float(atol))
 
     def lerp(self, y0, y1, s):
         return self.combine([(1.0 - s, y0), (s, y1)])

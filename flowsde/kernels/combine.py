@@ -158,3 +158,41 @@ def randn(key: int, shape, dtype, device) -> torch.Tensor:
     n = out.numel()
     randn_kernel[(triton.cdiv(n, BLOCK),)](out, int(key), n, BLOCK_SIZE=BLOCK)
     return out
+
+
+@triton.jit
+def error_norm_kernel(out_ptr, y0_ptr, y1_ptr, e_ptr, row, rtol_h, rtol_l, atol_h, atol_l,
+                      F64: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Per sample (one program per batch row): RMS of err / (atol + rtol max(|y0|, |y1|))."""
+    b = tl.program_id(0)
+    base = b * row
+    rtol = _coef(rtol_h, rtol_l, F64)
+    atol = _coef(atol_h, atol_l, F64)
+    if F64:
+        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    for start in range(0, row, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < row
+        y0 = tl.load(y0_ptr + base + offs, mask=mask, other=0.0).to(acc.dtype)
+        y1 = tl.load(y1_ptr + base + offs, mask=mask, other=0.0).to(acc.dtype)
+        e = tl.load(e_ptr + base + offs, mask=mask, other=0.0).to(acc.dtype)
+        r = e / (atol + rtol * tl.maximum(tl.abs(y0), tl.abs(y1)))
+        acc += tl.where(mask, r * r, 0.0)
+    tl.store(out_ptr + b, tl.sqrt(tl.sum(acc, axis=0) / row))
+
+
+def error_norm(y0, y1, err, rtol: float, atol: float):
+    """Launch :func:`error_norm_kernel`: the per-sample scaled RMS error, shape ``(batch,)``."""
+    shape = tuple(y1.shape)
+    y0, y1, err = (_flat(t, shape) for t in (y0, y1, err))
+    B = shape[0]
+    row = max(1, y1.numel() // B)
+    acc_dtype = torch.float64 if y1.dtype == torch.float64 else torch.float32
+    out = torch.empty(B, dtype=acc_dtype, device=y1.device)
+    rh, rl = _split(rtol)
+    ah, al = _split(atol)
+    error_norm_kernel[(B,)](out, y0, y1, err, row, rh, rl, ah, al, F64=acc_dtype == torch.float64,
+                            BLOCK_SIZE=min(BLOCK, triton.next_power_of_2(row)))
+    return out

@@ -109,3 +109,11 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
         else:
             out.addcmul_(g.reshape(shape) if g.numel() == out.numel() else g, z, value=s)
     return out
+
+
+def error_norm(y0: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """Per-sample scaled RMS error of an embedded pair: ``sqrt(mean_i (err_i / (atol + rtol max(|y0_i|,
+    |y1_i|)))^2)`` over each batch row; shape ``(batch,)``, float32 for half inputs."""
+    acc = torch.float64 if y1.dtype == torch.float64 else torch.float32
+    scale = atol + rtol * torch.maximum(y0.to(acc).abs(), y1.to(acc).abs())
+    return (err.to(acc) / scale).pow(2).reshape(y1.shape[0], -1).mean(1).sqrt()
