@@ -117,3 +117,22 @@ def error_norm(y0: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, rtol: floa
     acc = torch.float64 if y1.dtype == torch.float64 else torch.float32
     scale = atol + rtol * torch.maximum(y0.to(acc).abs(), y1.to(acc).abs())
     return (err.to(acc) / scale).pow(2).reshape(y1.shape[0], -1).mean(1).sqrt()
+
+
+def linear_trajectory(x0: torch.Tensor, coef: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor,
+                      n_out: int) -> torch.Tensor:
+    """Specification of the whole-trajectory kernel: Euler–Maruyama for ``dX = (a X + b) dt + (c X + d) dW``
+    with ``(a, b, c, d, h)`` per step in ``coef``, noise ``philox_randn(keys[k], i)``, the state written to
+    row ``slots[k]`` after step ``k`` when ``slots[k] >= 0``."""
+    from .philox import philox_randn
+
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    x = x0.to(acc)
+    out = torch.empty((n_out,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device)
+    cf, ks, sl = coef.tolist(), keys.tolist(), slots.tolist()
+    for k, (a, b, c, d, h) in enumerate(cf):
+        z = philox_randn(ks[k], x.numel(), x.device).to(acc).reshape(x.shape)
+        x = x + (a * x + b) * h + (c * x + d) * (h ** 0.5) * z
+        if sl[k] >= 0:
+            out[sl[k]] = x.to(x0.dtype)
+    return out
