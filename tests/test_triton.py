@@ -218,3 +218,14 @@ def test_whole_trajectory_kernel_matches_reference_and_sdeint(dtype):
                                      stream="philox")
         b = flowsde.sdeint(sde, x0, ts, dt=1 / 16, bm=bm_ts, options=dict(backend="torch"))
         assert float((a.double() - b.double()).abs().max()) < 1e-5
+
+
+def test_gpu_benchmark_script_checks_run_in_the_interpreter():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.check_kernels("cpu", n=1 << 11)
+    assert len(rows) == 7 and all(err < 1e-5 for _, err in rows)
