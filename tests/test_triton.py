@@ -229,3 +229,15 @@ def test_gpu_benchmark_script_checks_run_in_the_interpreter():
     spec.loader.exec_module(mod)
     rows = mod.check_kernels("cpu", n=1 << 11)
     assert len(rows) == 7 and all(err < 1e-5 for _, err in rows)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_preallocated_output_may_alias_an_input(backend):
+    o = kernels.ops(backend, "cpu")
+    y, k = rnd((9, 3), torch.float64, 0), rnd((9, 3), torch.float64, 1)
+    expected = y + 0.5 * k + 0.1 * philox_randn(5, 27).double().reshape(9, 3)
+    buf = y.clone()
+    res = o.combine([(1.0, buf), (0.5, k)], [(0.1, None)], PhiloxNoise(5), out=buf)
+    assert res.data_ptr() == buf.data_ptr() and torch.allclose(buf, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.ops("triton", "cpu").combine([(1.0, y)], out=torch.empty(3))

@@ -68,10 +68,11 @@ class TorchOps:
     hermite = staticmethod(reference.hermite)
     error_norm = staticmethod(reference.error_norm)
 
-    def combine(self, terms, diffusion=(), noise=None, rowwise=False):
+    def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
+        """``sum c_i t_i + (sum s_j g_j) z`` (see :func:`flowsde.kernels.reference.combine`)."""
         if isinstance(noise, PhiloxNoise):
-            return reference.combine(terms, diffusion, None, rowwise, noise.key)
-        return reference.combine(terms, diffusion, noise, rowwise)
+            return reference.combine(terms, diffusion, None, rowwise, noise.key, out)
+        return reference.combine(terms, diffusion, noise, rowwise, out=out)
 
     def sde_update(self, y, terms, noise, dw, noise_type):
         if isinstance(dw, PhiloxNoise):
@@ -100,14 +101,14 @@ class TritonOps(TorchOps):
         from . import combine as _c  # imported on first use, after TRITON_INTERPRET is set
         self._c = _c
 
-    def combine(self, terms, diffusion=(), noise=None, rowwise=False):
+    def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
         tensor = None if isinstance(noise, PhiloxNoise) else noise
         terms = [(c, t) for c, t in terms if c != 0.0] or [terms[0]]
         if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum
             head = self._c.combine(terms[:self._c.MAX_TERMS])
             terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
-        return self._c.combine(terms, diffusion, tensor, rowwise, key)
+        return self._c.combine(terms, diffusion, tensor, rowwise, key, out)
 
     def lincomb(self, y, terms):
         return self.combine([(1.0, y)] + list(terms))

@@ -118,12 +118,14 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0):
+def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
     """Launch :func:`combine_kernel`: ``sum c_i t_i + (sum s_j g_j) z`` (see the module docstring).
 
     ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes shape and dtype), ``diffusion``:
     ``[(s, g or None)]`` (0 to 2; ``None`` means ``g = 1``, allowed alone), ``noise``: a tensor (the
     increments: ``y.shape``, or ``(batch, 1)`` with ``rowwise``) or ``None`` to draw ``tl.randn(key, i)``.
+    ``out``: an optional preallocated contiguous result (it may be one of the inputs: each element is
+    read before it is written), so a loop need not allocate per step.
     """
     like = terms[0][1]
     shape, dtype = tuple(like.shape), like.dtype
@@ -131,7 +133,10 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
         raise ValueError(f"combine takes 1..{MAX_TERMS} terms and 0..{MAX_NOISE} diffusion terms")
     ts = [_flat(t, shape) for _, t in terms]
     cs = [_split(float(c)) for c, _ in terms]
-    out = torch.empty(shape, dtype=dtype, device=like.device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=like.device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
     n = out.numel()
     pad = MAX_TERMS - len(ts)
     ptrs = ts + [ts[0]] * pad

@@ -85,15 +85,18 @@ def ddim_update(z: torch.Tensor, eps: torch.Tensor, a_next: float, b_next: float
     return out
 
 
-def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = False, key: int = 0):
+def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
     """Specification of the fused kernel: ``sum c_i t_i + (sum s_j g_j) z``.
 
     ``diffusion`` holds ``(s, g)`` pairs (``g = None`` means 1); ``z`` is ``noise`` (shape of the result,
     or ``(batch, 1)`` with ``rowwise``: one draw per batch row) or, when ``noise`` is None, the Philox
     stream ``philox_randn(key, i)`` over the noise elements (see :mod:`flowsde.kernels.philox`).
+    ``out``: an optional tensor to write the result into (it may alias an input).
     """
     from .philox import philox_randn
 
+    if out is not None:
+        return out.copy_(combine(terms, diffusion, noise, rowwise, key))
     out = lincomb(terms[0][1] * terms[0][0], terms[1:])
     if not diffusion:
         return out
