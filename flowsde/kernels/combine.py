@@ -34,6 +34,14 @@ def _coef(hi, lo, F64: tl.constexpr):
 
 
 @triton.jit
+def _zeros(BLOCK_SIZE: tl.constexpr, F64: tl.constexpr):
+    if F64:
+        return tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
+    else:
+        return tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+
+
+@triton.jit
 def _term(acc, ptr, offs, mask, hi, lo, F64: tl.constexpr):
     x = tl.load(ptr + offs, mask=mask, other=0.0)
     if F64:
@@ -51,11 +59,7 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
     pid = tl.program_id(0)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
-    if F64:
-        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    acc = _term(acc, p0, offs, mask, h0, l0, F64)
+    acc = _term(_zeros(BLOCK_SIZE, F64), p0, offs, mask, h0, l0, F64)
     if NT > 1:
         acc = _term(acc, p1, offs, mask, h1, l1, F64)
     if NT > 2:
@@ -71,10 +75,7 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
             nidx = offs // row
         else:
             nidx = offs
-        if F64:
-            gz = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
-        else:
-            gz = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+        gz = _zeros(BLOCK_SIZE, F64)
         if UNIT:
             gz = gz + _coef(sh0, sl0, F64)
         else:
@@ -173,10 +174,7 @@ def error_norm_kernel(out_ptr, y0_ptr, y1_ptr, e_ptr, row, rtol_h, rtol_l, atol_
     base = b * row
     rtol = _coef(rtol_h, rtol_l, F64)
     atol = _coef(atol_h, atol_l, F64)
-    if F64:
-        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    acc = _zeros(BLOCK_SIZE, F64)
     for start in range(0, row, BLOCK_SIZE):
         offs = start + tl.arange(0, BLOCK_SIZE)
         mask = offs < row
