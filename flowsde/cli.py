@@ -61,6 +61,7 @@ def convergence_rows(problem: str = "ou", paths: int = 4000, seed: int = 0, thet
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``flowsde`` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="flowsde", description=__doc__)
     parser.add_argument("command", nargs="?", default="convergence", choices=["convergence"],
                         help="what to run (default: convergence)")

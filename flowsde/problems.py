@@ -69,6 +69,7 @@ class OrnsteinUhlenbeck(_ConstantDiffusion):
         return self.sigma ** 2 / (2 * self.theta) * (1.0 - math.exp(-2 * self.theta * t))
 
     def stationary_variance(self) -> float:
+        """``sigma^2 / (2 theta)``."""
         return self.sigma ** 2 / (2 * self.theta)
 
     def exact_step(self, x, h: float, xi):
@@ -223,6 +224,7 @@ class MLPVelocity(torch.nn.Module):
         self.net = torch.nn.Sequential(*layers)
 
     def forward(self, x, t):
+        """The velocity at states ``x`` (``(batch, dim)``) and times ``t`` (``(batch,)`` or scalar)."""
         t = t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
         return self.net(torch.cat([x, t], dim=1))
 

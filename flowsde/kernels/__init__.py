@@ -75,17 +75,20 @@ class TorchOps:
         return reference.combine(terms, diffusion, noise, rowwise, out=out)
 
     def sde_update(self, y, terms, noise, dw, noise_type):
+        """``y + sum c k + sum s (g dW)`` for any noise type (``dw`` a tensor or :class:`PhiloxNoise`)."""
         if isinstance(dw, PhiloxNoise):
             dw = self.normal(dw.key, _noise_shape(y, noise_type), y.dtype, y.device)
         return reference.sde_update(y, terms, noise, dw, noise_type)
 
     def normal(self, key, shape, dtype, device):
+        """The Philox normals ``tl.randn(key, i)`` laid out in ``shape``."""
         n = 1
         for s in shape:
             n *= int(s)
         return philox_randn(key, n, device).to(dtype).reshape(shape)
 
     def ddim_update(self, z, eps, a_next, b_next, s=0.0, xi=None):
+        """``a' z + sqrt(b'^2 - s^2) eps + s xi`` from data and noise estimates."""
         if isinstance(xi, PhiloxNoise):
             xi = self.normal(xi.key, z.shape, z.dtype, z.device)
         return reference.ddim_update(z, eps, a_next, b_next, s, xi)

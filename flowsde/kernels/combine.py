@@ -56,6 +56,7 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
                    g0, g1, sh0, sl0, sh1, sl1, dw_ptr, key, n, row,
                    NT: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, ROWWISE: tl.constexpr,
                    UNIT: tl.constexpr, F64: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """``out = sum_{i<NT} c_i p_i + (sum_{j<NG} s_j g_j) z`` over ``n`` elements (see the module doc)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
@@ -95,6 +96,7 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
 
 @triton.jit
 def randn_kernel(out_ptr, key, n, BLOCK_SIZE: tl.constexpr):
+    """``out[i] = tl.randn(key, i)``."""
     offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     z = tl.randn(key, offs)

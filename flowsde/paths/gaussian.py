@@ -49,15 +49,19 @@ class GaussianPath:
     name = "path"
 
     def alpha(self, t):  # pragma: no cover - interface
+        """The data coefficient ``alpha_t``."""
         raise NotImplementedError
 
     def beta(self, t):  # pragma: no cover - interface
+        """The noise coefficient ``beta_t``."""
         raise NotImplementedError
 
     def dalpha(self, t):  # pragma: no cover - interface
+        """``d alpha_t / dt``."""
         raise NotImplementedError
 
     def dbeta(self, t):  # pragma: no cover - interface
+        """``d beta_t / dt``."""
         raise NotImplementedError
 
     def beta_dbeta(self, t):
@@ -193,6 +197,7 @@ def _basis(out, x, a, b, da, db, src, dst):
 
 
 def check_prediction(prediction: str, name: str = "prediction") -> str:
+    """Return ``prediction`` if it is one of :data:`PREDICTIONS`, else raise ``ValueError``."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"{name} must be one of {PREDICTIONS}, got {prediction!r}")
     return prediction
