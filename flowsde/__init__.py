@@ -6,9 +6,9 @@ and Diffusion Models" (arXiv 2506.02070). ``odeint`` mirrors torchdiffeq, ``sdei
 __version__ = "0.1.0"
 
 from . import brownian, kernels, paths, problems, solvers, studies  # noqa: E402
-from .brownian import BrownianMotion, GridBrownian  # noqa: E402
+from .brownian import BrownianMotion, GridBrownian, VirtualBrownianTree  # noqa: E402
 from .solvers import ODE_METHODS, SDE_METHODS, odeint, sdeint  # noqa: E402
 from .sampling import sample  # noqa: E402
 
-__all__ = ["odeint", "sdeint", "sample", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian", "brownian",
+__all__ = ["odeint", "sdeint", "sample", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian", "VirtualBrownianTree", "brownian",
            "kernels", "paths", "problems", "solvers", "studies", "__version__"]

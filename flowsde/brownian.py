@@ -163,6 +163,84 @@ class GridBrownian(BrownianMotion):
                 f"seed={self.seed}, dtype={self.dtype}, device={self.device})")
 
 
+class VirtualBrownianTree(BrownianMotion):
+    """Brownian motion on ``[t0, t1]`` queried at any time, reproducibly, from a seed and no stored path.
+
+    ``W(t1)`` is drawn from the key of the root; the value at the midpoint of a dyadic interval is the
+    Brownian bridge between its ends plus ``sqrt(length / 4)`` times a normal drawn from the key of that
+    tree node (``(seed, node)``). A query descends the tree until its interval is shorter than ``tol`` and
+    interpolates linearly inside it (an error of order ``sqrt(tol)``, far below any step an adaptive solver
+    takes). So ``W(t)`` does not depend on which times were asked for before, or in which order: a
+    rejected step re-queries the same path. Node values are cached (bounded) for speed.
+
+    Args:
+        t0, t1: the interval; shape: of ``W(t)``; seed: int or ``None`` (from torch's generator);
+        tol: the finest interval length (default ``(t1 - t0) * 2**-20``); dtype, device: of the values.
+    """
+
+    def __init__(self, t0: float, t1: float, shape=(1,), seed: Optional[int] = None, tol: Optional[float] = None,
+                 dtype: torch.dtype = torch.float32, device="cpu", cache_size: int = 4096):
+        t0, t1 = float(t0), float(t1)
+        if not (np.isfinite(t0) and np.isfinite(t1) and t1 > t0):
+            raise ValueError(f"VirtualBrownianTree needs finite t0 < t1, got {t0}, {t1}")
+        tol = (t1 - t0) * 2.0 ** -20 if tol is None else float(tol)
+        if not (0 < tol < t1 - t0):
+            raise ValueError(f"tol must be in (0, t1 - t0), got {tol}")
+        if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.t0, self.t1, self.tol = t0, t1, tol
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.seed = default_seed() if seed is None else int(seed)
+        self.depth = int(np.ceil(np.log2((t1 - t0) / tol)))
+        self._gen = torch.Generator(device=self.device)
+        self._cache = {}
+        self._cache_size = int(cache_size)
+        zero = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        self._w0, self._w1 = zero, self._normal(0).mul_((t1 - t0) ** 0.5)  # node 0: W(t1); 1, 2, ...: midpoints
+
+    def _normal(self, node: int) -> torch.Tensor:
+        self._gen.manual_seed(step_key(self.seed, node))
+        return torch.randn(self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
+
+    def _mid(self, node, a, b, wa, wb):
+        w = self._cache.get(node)
+        if w is None:
+            w = (wa + wb).mul_(0.5).add_(self._normal(node), alpha=0.5 * (b - a) ** 0.5)
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[node] = w
+        return w
+
+    def value(self, t: float) -> torch.Tensor:
+        """``W(t) - W(t0)``."""
+        t = float(t)
+        if not (self.t0 - 1e-12 <= t <= self.t1 + 1e-12):
+            raise ValueError(f"time {t} is outside the tree's interval [{self.t0}, {self.t1}]")
+        a, b, wa, wb, node = self.t0, self.t1, self._w0, self._w1, 1
+        if t <= a:
+            return wa.clone()
+        if t >= b:
+            return wb.clone()
+        for _ in range(self.depth):
+            m = 0.5 * (a + b)
+            wm = self._mid(node, a, b, wa, wb)
+            if t == m:
+                return wm.clone()
+            if t < m:
+                b, wb, node = m, wm, 2 * node
+            else:
+                a, wa, node = m, wm, 2 * node + 1
+        return torch.lerp(wa, wb, (t - a) / (b - a))
+
+    def increment(self, ta: float, tb: float) -> torch.Tensor:
+        return self.value(tb) - self.value(ta)
+
+    def __repr__(self):
+        return (f"VirtualBrownianTree(t0={self.t0}, t1={self.t1}, shape={self.shape}, seed={self.seed}, "
+                f"tol={self.tol:g})")
+
+
 def _as_time(t) -> float:
     # A caller that passes tensor times (torchsde's solvers do) pays one host read per query; flowsde's
     # own driver passes Python floats from its host-side grid, so its loop never comes here with a tensor.

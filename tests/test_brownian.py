@@ -69,3 +69,55 @@ def test_default_brownian_equals_an_explicit_one_on_the_same_grid():
     c = flowsde.sdeint(sde, y0, ts, dt=1 / 8, bm=torchsde.BrownianInterval(0.0, 1.0, size=(6, 2),
                                                                           dtype=torch.float64, entropy=0))
     assert not torch.equal(a, c)
+
+
+def test_virtual_tree_is_consistent_whatever_the_query_order():
+    from flowsde.brownian import VirtualBrownianTree
+    times = [0.3, 0.71, 0.05, 0.5, 0.999, 0.3, 0.123456]
+    a = VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=2, dtype=torch.float64, cache_size=3)
+    first = {t: a.value(t) for t in times}
+    b = VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=2, dtype=torch.float64)
+    for t in reversed(times):
+        assert torch.equal(b.value(t), first[t])
+    assert torch.equal(a.value(0.3), first[0.3])
+    assert torch.allclose(a(0.05, 0.71), a(0.05, 0.3) + a(0.3, 0.71), atol=1e-14, rtol=0)
+    assert torch.equal(a(1.0), a.value(1.0)) and float(a.value(0.0).abs().max()) == 0.0
+    c = VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=3, dtype=torch.float64)
+    assert not torch.equal(c.value(0.5), first[0.5])
+    with pytest.raises(ValueError, match="outside"):
+        a.value(1.5)
+
+
+def test_virtual_tree_has_the_brownian_law():
+    from scipy import stats
+
+    from flowsde.brownian import VirtualBrownianTree
+    B = 40000
+    bm = VirtualBrownianTree(0.0, 2.0, shape=(B,), seed=5, dtype=torch.float64)
+    s, t, u = 0.37, 1.1, 1.73
+    ws, wt, wu = bm.value(s), bm.value(t), bm.value(u)
+    for w, var in [(ws, s), (wt, t), (wt - ws, t - s), (wu - wt, u - t)]:
+        assert abs(float(w.mean())) < 5 * math.sqrt(var / B)
+        assert abs(float(w.var()) / var - 1) < 5 * math.sqrt(2 / B)
+    assert stats.kstest((wu - wt).numpy() / math.sqrt(u - t), "norm").pvalue > 1e-3
+    cov = float(((ws - ws.mean()) * (wt - wt.mean())).mean())       # Cov(W_s, W_t) = min(s, t)
+    assert abs(cov - s) < 5 * math.sqrt(s * t / B)
+    inc_corr = float(torch.corrcoef(torch.stack([ws, wu - wt]))[0, 1])   # independent increments
+    assert abs(inc_corr) < 5 / math.sqrt(B)
+    # the bridge: given W(0) and W(2), W(1) has mean W(2)/2 and variance 1/2
+    resid = bm.value(1.0) - 0.5 * bm.value(2.0)
+    assert abs(float(resid.var()) - 0.5) < 5 * 0.5 * math.sqrt(2 / B)
+
+
+def test_virtual_tree_as_sdeint_brownian_motion():
+    from flowsde.brownian import VirtualBrownianTree
+    from flowsde.problems import GeometricBrownianMotion
+    sde = GeometricBrownianMotion()
+    y0 = torch.ones(200, 1, dtype=torch.float64)
+    bm = VirtualBrownianTree(0.0, 1.0, shape=(200, 1), seed=1, dtype=torch.float64)
+    ys = flowsde.sdeint(sde, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=bm, method="milstein", dt=1 / 512)
+    exact = sde.exact(y0, 1.0, bm.value(1.0))
+    assert float((ys[-1] - exact).abs().mean()) < 0.01
+    b = torchsde.sdeint(sde, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=bm, method="milstein",
+                        dt=1 / 512)
+    assert float((ys[-1] - b[-1].detach()).abs().max()) < 1e-10
