@@ -97,7 +97,7 @@ def test_stats_count_evaluations_and_steps():
 def test_step_size_grid_has_no_sliver_step():
     # 1 / 0.1 rounds to just above 10 in floating point division for some spans: never 11 steps
     y0 = torch.randn(2, 2, dtype=torch.float64)
-    for t1, h, n in [(1.0, 0.1, 10), (0.3, 0.1, 3), (0.7, 0.1, 7), (1.0, 0.3, 4)]:
+    for t1, h, n in [(1.0, 0.1, 10), (0.3, 0.1, 3), (0.7, 0.1, 7), (1.0, 0.3, 4), (0.9, 0.03, 30), (0.45, 0.03, 15)]:
         _, stats = flowsde.odeint(LinearODE(), y0, torch.tensor([0.0, t1], dtype=torch.float64), method="euler",
                                   options=dict(step_size=h, return_stats=True))
         assert stats["steps"] == n
