@@ -16,7 +16,6 @@ calls it with small sizes, so the script's checking code is itself tested.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -189,3 +189,15 @@ def test_fused_extension_step_equals_the_sde_solver_path():
         a = flowsde.sample(exact_model(path, pred), noise(300), sigma=0.7, **kw)
         b = flowsde.sample(exact_model(path, pred), noise(300), sigma=lambda t: 0.7, **kw)
         assert float((a - b).abs().max()) < 1e-10
+
+
+def test_path_field_is_an_odeint_field():
+    from flowsde.sampling import PathField
+    path = VPCosine()
+    x0 = noise(50)
+    field = PathField(exact_model(path, "epsilon"), path, "epsilon", x0)
+    t = torch.linspace(0.1, 1.0, 5, dtype=F64)
+    ys = flowsde.odeint(field.velocity, x0, t, method="rk4", options=dict(step_size=0.01))
+    same = flowsde.sample(exact_model(path, "epsilon"), x0, path=path, prediction="epsilon", method="rk4",
+                          steps=90, t_start=0.1)
+    assert float((ys[-1] - same).abs().max()) < 1e-8

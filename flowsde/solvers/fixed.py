@@ -7,7 +7,7 @@ tensor back (no ``.item()``, no ``float(tensor)``): the loop is free of host-dev
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
