@@ -10,5 +10,5 @@ from .brownian import BrownianMotion, GridBrownian, VirtualBrownianTree  # noqa:
 from .solvers import ODE_METHODS, SDE_METHODS, odeint, sdeint  # noqa: E402
 from .sampling import sample  # noqa: E402
 
-__all__ = ["odeint", "sdeint", "sample", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian", "VirtualBrownianTree", "brownian",
-           "kernels", "paths", "problems", "solvers", "studies", "__version__"]
+__all__ = ["odeint", "sdeint", "sample", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian",
+           "VirtualBrownianTree", "brownian", "kernels", "paths", "problems", "solvers", "studies", "__version__"]
