@@ -115,5 +115,14 @@ class GaussianMixture:
         per = da.reshape(-1, 1, 1) * self.means[None] + (M @ sol.unsqueeze(-1)).squeeze(-1)
         return (r[..., None] * per).sum(1).to(x.dtype)
 
+    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The exact denoiser of the variance-exploding convention (k-diffusion / EDM): ``E[z | z + sigma eps
+        = x]`` = ``x + sigma^2 grad log p_sigma(x)``; ``sigma`` a number or ``(batch,)``; 0 gives ``x``."""
+        s = torch.as_tensor(sigma, dtype=self.means.dtype).reshape(-1)
+        one = torch.ones_like(s)
+        _, r, _, sol = self._marginal_log_prob(x, one, s)
+        score = -(r[..., None] * sol).sum(1)
+        return (x.to(self.means.dtype) + (s * s)[:, None] * score).to(x.dtype)
+
     def __repr__(self):
         return f"GaussianMixture(K={self.K}, d={self.d})"
