@@ -8,7 +8,7 @@ from . import _checks, kernels
 from .paths.gaussian import CondOT, GaussianPath, check_prediction
 from .paths.grids import time_grid
 from .solvers import ddim as ddim_solver
-from .solvers.ode import ADAPTIVE_ODE_METHODS, ODE_METHODS
+from .solvers.ode import ADAPTIVE_ODE_METHODS, ODE_METHODS, odeint
 from .solvers.sde import solve_on_grid
 from .solvers.sde_methods import EULER as EULER_MARUYAMA
 
@@ -127,7 +127,7 @@ class _ExtendedSDE:
 
 def sample(model, x_init, path=None, prediction="velocity", method="heun", steps=20, t_start=0.0, t_end=1.0,
            sigma=0.0, cond=None, uncond=None, guidance_scale=None, seed=None, backend=None, *, eta=0.0,
-           spacing="uniform", rho=7.0, return_stats=False):
+           spacing="uniform", rho=7.0, rtol=1e-5, atol=1e-5, return_stats=False):
     """Sample a flow or diffusion model: integrate its field from ``t_start`` (noise) to ``t_end`` (data).
 
     Args:
@@ -147,7 +147,9 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
         cond, uncond, guidance_scale: classifier-free guidance ``uncond + w (cond - uncond)`` from one
             batched model call (``guidance_scale=None``: the conditional model alone, if ``cond`` is given).
         seed: the noise of ``sigma > 0`` and ``eta > 0`` (same seed, same result).
-        backend: ``auto`` | ``torch`` (see :mod:`flowsde.kernels`).
+        backend: ``auto`` | ``torch`` | ``triton`` (see :mod:`flowsde.kernels`).
+        rtol, atol: tolerances of the adaptive methods (``dopri5``, ``bosh3``, ``heun_euler``), which
+            choose their own steps between ``t_start`` and ``t_end`` (``steps`` is then ignored).
         return_stats: also return ``{"nfe": model calls, "steps": steps}``.
 
     Returns the state at ``t_end``.
@@ -160,16 +162,27 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
     if x_init.dim() < 1:
         raise ValueError("x_init must have a batch dimension")
     ops = kernels.ops(backend, x_init.device)
-    if method in ADAPTIVE_ODE_METHODS:
-        raise NotImplementedError(f"adaptive method {method!r} is not available in this version; "
-                                  f"use one of {SAMPLE_METHODS}")
-    if method not in SAMPLE_METHODS:
+    if method not in SAMPLE_METHODS and method not in ADAPTIVE_ODE_METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {SAMPLE_METHODS}")
     if not callable(sigma):
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
             raise ValueError(f"sigma must be a number >= 0 or a function of t, got {sigma!r}")
         sigma = float(sigma)
     stochastic = callable(sigma) or sigma > 0
+    if method in ADAPTIVE_ODE_METHODS:
+        if stochastic or eta:
+            raise ValueError(f"adaptive method {method!r} integrates the ODE: sigma and eta must be 0")
+        if guidance_scale is not None and (cond is None or uncond is None):
+            raise ValueError("classifier-free guidance needs both cond and uncond")
+        probe = np.linspace(float(t_start), float(t_end), 257)
+        _validate_conversions(path, prediction, "heun", False, probe)  # every probe time, both ends included
+        field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale)
+        t = torch.as_tensor([float(t_start), float(t_end)], dtype=torch.float64).to(x_init.device)
+        ys, st = odeint(field.velocity, x_init, t, method=method, rtol=rtol, atol=atol,
+                        options=dict(backend=ops.name, return_stats=True))
+        if st["status"] != "success":
+            raise RuntimeError(f"adaptive sampling stopped with status {st['status']}")
+        return (ys[-1], {"nfe": field.nfe, "steps": st["steps"]}) if return_stats else ys[-1]
     if stochastic and method != "euler":
         raise ValueError(f"sigma > 0 samples an SDE with Euler–Maruyama: pass method='euler' (got {method!r}); "
                          f"for stochastic DDIM pass method='ddim' with eta > 0")

@@ -201,3 +201,15 @@ def test_path_field_is_an_odeint_field():
     same = flowsde.sample(exact_model(path, "epsilon"), x0, path=path, prediction="epsilon", method="rk4",
                           steps=90, t_start=0.1)
     assert float((ys[-1] - same).abs().max()) < 1e-8
+
+
+def test_adaptive_sampling_reproduces_the_mixture():
+    path = VPCosine()
+    model = exact_model(path, "epsilon")
+    x, st = flowsde.sample(model, noise(), path=path, prediction="epsilon", method="dopri5", t_start=1e-3,
+                           rtol=1e-6, atol=1e-6, return_stats=True)
+    assert_moments(x)
+    ref = flowsde.sample(model, noise(), path=path, prediction="epsilon", method="rk4", steps=200, t_start=1e-3)
+    assert float((x - ref).abs().max()) < 1e-3 and st["nfe"] < 800
+    with pytest.raises(ValueError, match="singular"):
+        flowsde.sample(model, noise(10), path=path, prediction="epsilon", method="dopri5")

@@ -8,6 +8,7 @@ import torch
 
 from .. import _checks, kernels
 from . import fixed
+from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, integrate_adaptive
 from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
 
 #: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
@@ -20,8 +21,8 @@ ODE_METHODS: Dict[str, ButcherTableau] = {
     "rk4": RK4,
     "rk4_classic": RK4_CLASSIC,
 }
-#: Adaptive methods of the public contract, not yet built in this version.
-ADAPTIVE_ODE_METHODS = ("heun_euler", "bosh3", "dopri5")
+#: Adaptive methods (embedded pairs), see :mod:`flowsde.solvers.adaptive`.
+ADAPTIVE_ODE_METHODS = tuple(ADAPTIVE_TABLEAUX)
 
 ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "return_stats", "backend")
 
@@ -35,23 +36,26 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     shape ``(len(t), *y0.shape)`` (a tuple of such tensors for a tuple ``y0``).
 
     Methods (``method=``): ``euler``, ``midpoint``, ``heun`` (alias ``heun2``, explicit trapezoid),
-    ``heun3``, ``rk4`` (Kutta's 3/8 rule, torchdiffeq's ``rk4``) and ``rk4_classic``.
+    ``heun3``, ``rk4`` (Kutta's 3/8 rule, torchdiffeq's ``rk4``) and ``rk4_classic``; adaptive
+    (embedded pairs, shared step size, torchdiffeq's controller and dense output): ``dopri5`` (the
+    default), ``bosh3``, ``heun_euler`` (alias ``adaptive_heun``), with options ``first_step``,
+    ``max_num_steps`` (reaching it: ``status`` in the stats, or a RuntimeError without them),
+    ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor`` and ``check_every`` (how often the
+    host reads whether the integration has finished).
     Options: ``step_size`` (uniform grid from ``t[0]`` to ``t[-1]``; outputs in between interpolated)
     or ``grid_constructor(func, y0, t) -> grid``; without either the grid is ``t`` itself.
     ``interp``: ``"linear"`` (default) or ``"cubic"`` (Hermite) for outputs inside a step.
     ``return_stats=True`` returns ``(ys, stats)`` with ``nfe`` and ``steps``. ``backend``: see
-    :func:`flowsde.kernels.resolve_backend`. ``rtol`` / ``atol`` are for adaptive methods.
+    :func:`flowsde.kernels.resolve_backend`. ``rtol`` / ``atol`` are for the adaptive methods.
     """
-    opts = _checks.check_options(options, ODE_OPTIONS, "odeint")
     if method is None:
         method = "dopri5"
-    if not isinstance(method, str) or method not in ODE_METHODS:
-        if method in ADAPTIVE_ODE_METHODS:
-            raise NotImplementedError(
-                f"adaptive method {method!r} is not available in this version of flowsde; "
-                f"pass a fixed-step method: {sorted(ODE_METHODS)}")
-        raise ValueError(f"unknown method {method!r}; known methods: {sorted(ODE_METHODS)}")
-    tab = ODE_METHODS[method]
+    adaptive = isinstance(method, str) and method in ADAPTIVE_TABLEAUX
+    if not adaptive and (not isinstance(method, str) or method not in ODE_METHODS):
+        raise ValueError(f"unknown method {method!r}; known methods: {sorted(ODE_METHODS) + sorted(ADAPTIVE_TABLEAUX)}")
+    opts = _checks.check_options(options, ADAPTIVE_OPTIONS if adaptive else ODE_OPTIONS,
+                                 f"odeint(method={method!r})")
+    tab = ADAPTIVE_TABLEAUX[method] if adaptive else ODE_METHODS[method]
 
     # tuples of tensors are integrated as one flat state, as torchdiffeq does
     shapes = None
@@ -73,6 +77,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     t = _checks.check_times("t", t, y0)
     t_host = _checks.host_times("t", t)
     ops = kernels.ops(opts.get("backend"), y0.device)
+    if adaptive:
+        return _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes)
 
     step_size = opts.get("step_size")
     gc = opts.get("grid_constructor")
@@ -120,6 +126,31 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
     if opts.get("return_stats", False):
         return ys, dict(stats)
+    return ys
+
+
+def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
+    if opts.get("per_sample", False):
+        raise NotImplementedError("per_sample=True (a step size per sample) is not available in this version")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            raise ValueError(f"{name} cannot require gradient")
+        if (v < 0).any() if isinstance(v, torch.Tensor) else v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    shape = tuple(y0.shape)
+    check = lambda out: _checks.check_output("func", out, y0, shape)  # noqa: E731
+    f, th = func, t_host
+    if t_host[0] > t_host[-1]:  # backwards in time: integrate s = -t (as torchdiffeq does)
+        f, th = (lambda s, y: -func(-s, y)), -t_host
+    ys, stats = integrate_adaptive(f, y0, th, tab, rtol, atol, opts, ops, check)
+    if shapes is not None:
+        ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+    if opts.get("return_stats", False):
+        return ys, stats
+    if stats["status"] != "success":
+        raise RuntimeError(f"odeint stopped after max_num_steps={stats['steps']} steps before reaching "
+                           f"t={t_host[-1]}; pass options=dict(return_stats=True) to get what was computed "
+                           f"(outputs not reached are NaN) with its status")
     return ys
 
 

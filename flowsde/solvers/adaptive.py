@@ -1,0 +1,204 @@
+"""The adaptive driver for ``odeint``: embedded Runge–Kutta pairs with error control, shared step size.
+
+Every decision is taken on the device: a step is always computed, then accepted or rejected by masks
+(``torch.where``), the next step size comes from the controller formula on device scalars, and the output
+times inside an accepted step are filled by dense interpolation under masks. The host learns whether the
+integration has finished only every ``check_every`` steps (one read; default every step on CPU tensors,
+where a read costs nothing, and every 8 on CUDA), so the loop does not synchronise per step.
+
+The controller and the dense output follow torchdiffeq's (an I-controller: safety 0.9, ifactor 10,
+dfactor 0.2, exponent 1/order; Hairer's initial step; a quartic interpolant through the step's ends and
+its midpoint), so with the same tolerances the accepted steps are torchdiffeq's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from .. import _checks
+
+
+@dataclass(frozen=True)
+class EmbeddedTableau:
+    """An embedded explicit RK pair. ``c[i]``/``a[i]``: time fraction and weights of stage ``i + 1`` (stage 0
+    is the field at the start); ``b``: solution weights; ``e``: error weights (``b - b_hat``); ``mid``:
+    weights of the midpoint value used by the dense output; ``order``: the order the controller uses."""
+
+    name: str
+    c: Tuple[float, ...]
+    a: Tuple[Tuple[float, ...], ...]
+    b: Tuple[float, ...]
+    e: Tuple[float, ...]
+    mid: Tuple[float, ...]
+    order: int
+
+    def __post_init__(self):
+        s = len(self.c) + 1
+        if len(self.a) != s - 1 or any(len(r) != i + 1 for i, r in enumerate(self.a)):
+            raise ValueError(f"tableau {self.name}: row i of a must have i + 1 entries")
+        if not (len(self.b) == len(self.e) == len(self.mid) == s):
+            raise ValueError(f"tableau {self.name}: b, e and mid need {s} entries")
+
+    @property
+    def fsal(self) -> bool:
+        """The last stage is evaluated at the solution itself (first same as last)."""
+        return self.b[-1] == 0.0 and tuple(self.b[:-1]) == tuple(self.a[-1])
+
+
+DOPRI5 = EmbeddedTableau(
+    "dopri5", (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+    ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+     (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+     (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+    (35 / 384 - 1951 / 21600, 0.0, 500 / 1113 - 22642 / 50085, 125 / 192 - 451 / 720,
+     -2187 / 6784 + 12231 / 42400, 11 / 84 - 649 / 6300, -1.0 / 60.0),
+    (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -2691868925 / 45128329728 / 2,
+     187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2),
+    order=5)
+BOSH3 = EmbeddedTableau(
+    "bosh3", (1 / 2, 3 / 4, 1.0), ((1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
+    (2 / 9, 1 / 3, 4 / 9, 0.0), (2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8),
+    (0.0, 0.5, 0.0, 0.0), order=3)
+# Heun (trapezoid) with an Euler error estimate; as in torchdiffeq's "adaptive_heun", the next step's first
+# stage reuses the field at the Euler predictor.
+HEUN_EULER = EmbeddedTableau("heun_euler", (1.0,), ((1.0,),), (0.5, 0.5), (0.5, -0.5), (0.5, 0.0), order=2)
+
+ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
+ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor",
+                    "check_every", "return_stats", "backend", "per_sample")
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().pow(2).mean().sqrt()
+
+
+def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts,
+                       ops, field_check):
+    """Integrate ``func`` from ``t_out[0]`` through every ``t_out`` (increasing) with the pair ``tab``.
+
+    ``field_check(out)`` validates a field value. Returns ``(ys, stats)``.
+    """
+    dev, ydt = y0.device, y0.dtype
+    f64 = dict(dtype=torch.float64, device=dev)
+    rtol_t, atol_t = torch.as_tensor(rtol, **f64), torch.as_tensor(atol, **f64)
+    min_step = torch.as_tensor(float(opts.get("min_step", 0.0)), **f64)
+    max_step = torch.as_tensor(float(opts.get("max_step", float("inf"))), **f64)
+    safety = torch.as_tensor(float(opts.get("safety", 0.9)), **f64)
+    ifactor = torch.as_tensor(float(opts.get("ifactor", 10.0)), **f64)
+    dfactor = torch.as_tensor(float(opts.get("dfactor", 0.2)), **f64)
+    max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
+    if max_steps < 1:
+        raise ValueError(f"max_num_steps must be >= 1, got {max_steps}")
+    check_every = int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    nfe = 0
+
+    def f(t, y):
+        nonlocal nfe
+        nfe += 1
+        return field_check(func(t.to(ydt), y))
+
+    t_outs = torch.as_tensor(t_out, **f64)
+    t0 = t_outs[0].clone()
+    t_end = float(t_out[-1])
+    y = y0
+    f0 = f(t0, y)
+    first = opts.get("first_step")
+    if first is not None:
+        dt = torch.as_tensor(_checks.check_step("first_step", first), **f64)
+    else:
+        with torch.no_grad():  # step sizes carry no gradient (the probe is one evaluation, as in torchdiffeq)
+            dt = _initial_step(f, t0, y, f0, tab.order - 1, rtol_t, atol_t)
+    outs = [y0] + [None] * (len(t_out) - 1)
+    written = torch.zeros(len(t_out), dtype=torch.bool, device=dev)
+    written[0] = True
+    accepted = torch.zeros((), dtype=torch.int64, device=dev)
+    rejected = torch.zeros((), dtype=torch.int64, device=dev)
+    expo = 1.0 / tab.order
+    first_pending = 1
+    status, steps = "success", 0
+    t_end_t = torch.as_tensor(t_end, **f64)
+    while True:
+        if steps >= max_steps:
+            status = "max_num_steps"
+            break
+        steps += 1
+        active = t0 < t_end_t  # False only in the steps between finishing and the next host check
+        dt = torch.where(torch.isfinite(dt), dt, min_step)
+        dt = torch.minimum(torch.maximum(dt, min_step), max_step)
+        t1 = t0 + dt
+        dty = dt.to(ydt)
+        ks = [f0]
+        yi = y
+        for ci, row in zip(tab.c, tab.a):
+            ti = t1 if ci == 1.0 else t0 + ci * dt
+            yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
+            ks.append(f(ti, yi))
+        y1 = yi if tab.fsal else torch.addcmul(y, dty, ops.combine(list(zip(tab.b, ks))))
+        err = dty * ops.combine(list(zip(tab.e, ks)))
+        ratio = _rms(err / (atol_t + rtol_t * torch.maximum(y.abs(), y1.abs())))
+        accept = ((ratio <= 1) | (dt <= min_step)) & active
+        # dense output for the output times this step covers (masked: no host read)
+        ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
+        coeff = _interp_fit(y, y1, ymid, f0, ks[-1], dty)
+        for j in range(first_pending, len(t_out)):
+            tj = t_outs[j]
+            hit = accept & (tj > t0) & (tj <= t1) & ~written[j]
+            val = _interp_eval(coeff, ((tj - t0) / dt).to(ydt))
+            outs[j] = torch.where(hit, val, outs[j]) if outs[j] is not None else torch.where(hit, val, val)
+            written[j] = written[j] | hit
+        # the controller (torchdiffeq's), on device scalars
+        r = ratio.detach().to(torch.float64)
+        dfac = torch.where(r < 1, torch.ones_like(dfactor), dfactor)
+        factor = torch.minimum(ifactor, torch.maximum(safety / r.clamp_min(1e-300) ** expo, dfac))
+        factor = torch.where(r == 0, ifactor, factor)
+        dt_next = torch.minimum(torch.maximum(dt * factor, min_step), max_step)
+        y = torch.where(accept, y1, y)
+        f0 = torch.where(accept, ks[-1], f0)
+        t0 = torch.where(accept, t1, t0)
+        dt = dt_next
+        accepted += accept.to(torch.int64)
+        rejected += (~accept & active).to(torch.int64)
+        if steps % check_every == 0:
+            t_now = float(t0)  # the one host read, every check_every steps
+            if t_now >= t_end:
+                break
+            first_pending = int(np.searchsorted(t_out, t_now, side="right"))
+    ys = torch.stack([o if o is not None else torch.full_like(y0, float("nan")) for o in outs])
+    ys = torch.where(written.reshape(-1, *([1] * y0.dim())), ys, torch.full_like(ys, float("nan")))
+    stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected), "status": status}
+    return ys, stats
+
+
+def _initial_step(f, t0, y0, f0, order, rtol, atol):
+    """Hairer, Nørsett & Wanner, Sec. II.4 (as torchdiffeq), on device scalars."""
+    scale = atol + y0.abs() * rtol
+    d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300)).abs().to(torch.float64)
+    y1 = torch.addcmul(y0, h0.to(y0.dtype), f0)
+    f1 = f(t0 + h0, y1)
+    d2 = (_rms((f1 - f0) / scale) / h0.to(y0.dtype)).abs().to(torch.float64)
+    d1 = d1.to(torch.float64)
+    tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
+    h1 = torch.where(tiny, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                     (0.01 / torch.maximum(d1, d2).clamp_min(1e-300)) ** (1.0 / float(order + 1)))
+    return torch.minimum(100 * h0, h1.abs())
+
+
+def _interp_fit(y0, y1, ymid, f0, f1, dt):
+    a = 2 * dt * (f1 - f0) - 8 * (y1 + y0) + 16 * ymid
+    b = dt * (5 * f0 - 3 * f1) + 18 * y0 + 14 * y1 - 32 * ymid
+    c = dt * (f1 - 4 * f0) - 11 * y0 - 5 * y1 + 16 * ymid
+    return (y0, dt * f0, c, b, a)
+
+
+def _interp_eval(coeff, x):
+    e, d, c, b, a = coeff
+    return e + x * (d + x * (c + x * (b + x * a)))

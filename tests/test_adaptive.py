@@ -1,0 +1,100 @@
+"""Adaptive odeint (embedded pairs) against torchdiffeq, and its own controls."""
+import math
+
+import pytest
+import torch
+import torchdiffeq
+
+import flowsde
+from flowsde.problems import LinearODE
+
+F64 = torch.float64
+
+
+def nonlinear(t, y):
+    return torch.stack([torch.sin(y[..., 1]) * t, -y[..., 0] * torch.cos(3 * t) + 0.1 * y[..., 1] ** 2], -1)
+
+
+class Recorder:
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, t, y):
+        self.times.append(float(t))
+        return self.fn(t, y)
+
+
+@pytest.mark.parametrize("ours,theirs", [("dopri5", "dopri5"), ("bosh3", "bosh3"), ("heun_euler", "adaptive_heun")])
+@pytest.mark.parametrize("fn", [LinearODE(), nonlinear], ids=["linear", "nonlinear"])
+@pytest.mark.parametrize("t", [torch.linspace(0, 3, 7, dtype=F64), torch.tensor([2.0, 1.0, -0.5], dtype=F64)],
+                         ids=["forwards", "backwards"])
+@pytest.mark.parametrize("tol", [1e-4, 1e-7])
+def test_matches_torchdiffeq_step_for_step(ours, theirs, fn, t, tol):
+    if ours == "heun_euler" and tol < 1e-5:
+        tol = 1e-5  # a second-order pair takes ~10^4 steps at 1e-7: the same check, cheaper
+    y0 = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    ra, rb = Recorder(fn), Recorder(fn)
+    a, stats = flowsde.odeint(ra, y0, t, method=ours, rtol=tol, atol=tol, options=dict(return_stats=True))
+    b = torchdiffeq.odeint(rb, y0, t, method=theirs, rtol=tol, atol=tol)
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-10
+    assert stats["nfe"] == len(rb.times) and stats["status"] == "success"      # no more evaluations
+    assert max(abs(x - y) for x, y in zip(ra.times, rb.times)) < 1e-9         # the same steps, in order
+    assert stats["accepted"] + stats["rejected"] == stats["steps"]
+
+
+def test_default_method_is_dopri5_and_error_shrinks_with_tolerance():
+    lin = LinearODE()
+    y0 = torch.tensor([[1.0, 0.5]], dtype=F64)
+    t = torch.linspace(0, 5, 6, dtype=F64)
+    exact = lin.exact(y0, t)
+    errs, nfes = [], []
+    for tol in (1e-3, 1e-5, 1e-7, 1e-9):
+        ys, st = flowsde.odeint(lin, y0, t, rtol=tol, atol=tol, options=dict(return_stats=True))
+        errs.append(float((ys - exact).abs().max()))
+        nfes.append(st["nfe"])
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:])) and errs[-1] < 1e-7
+    assert all(n1 < n2 for n1, n2 in zip(nfes, nfes[1:]))
+
+
+def test_check_every_reads_the_host_less_often_with_the_same_answer(sync_counter):
+    y0 = torch.randn(3, 2, dtype=F64)
+    t = torch.linspace(0, 4, 3, dtype=F64)
+    a, sa = flowsde.odeint(nonlinear, y0, t, method="dopri5", rtol=1e-6, atol=1e-6,
+                           options=dict(return_stats=True))
+    with sync_counter() as c:
+        b, sb = flowsde.odeint(nonlinear, y0, t, method="dopri5", rtol=1e-6, atol=1e-6,
+                               options=dict(return_stats=True, check_every=5))
+    assert float((a - b).abs().max()) < 1e-12       # finished steps are masked no-ops
+    assert sb["accepted"] == sa["accepted"] and sb["steps"] - sa["steps"] < 5
+    reads_in_loop = [n for n in c.calls if n == "__float__"]
+    assert len(reads_in_loop) <= sb["steps"] // 5 + 1
+
+
+def test_max_num_steps_returns_partial_work_with_a_status():
+    y0 = torch.ones(2, 2, dtype=F64)
+    t = torch.linspace(0, 10, 5, dtype=F64)
+    ys, st = flowsde.odeint(nonlinear, y0, t, rtol=1e-10, atol=1e-10,
+                            options=dict(max_num_steps=20, return_stats=True))
+    assert st["status"] == "max_num_steps" and st["steps"] == 20
+    assert torch.equal(ys[0], y0) and torch.isnan(ys[-1]).all()
+    with pytest.raises(RuntimeError, match="max_num_steps=20"):
+        flowsde.odeint(nonlinear, y0, t, rtol=1e-10, atol=1e-10, options=dict(max_num_steps=20))
+
+
+def test_adaptive_options_and_gradients():
+    y0 = torch.ones(2, 2, dtype=F64, requires_grad=True)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.raises(NotImplementedError, match="per_sample"):
+        flowsde.odeint(nonlinear, y0, t, options=dict(per_sample=True))
+    with pytest.raises(ValueError, match="unknown option.*step_t"):
+        flowsde.odeint(nonlinear, y0, t, options=dict(step_t=[0.5]))
+    with pytest.raises(ValueError, match="rtol must be >= 0"):
+        flowsde.odeint(nonlinear, y0, t, rtol=-1.0)
+    ga = torch.autograd.grad(flowsde.odeint(nonlinear, y0, t).sum(), y0)[0]
+    gb = torch.autograd.grad(torchdiffeq.odeint(nonlinear, y0, t).sum(), y0)[0]
+    # step sizes are constants here (torchdiffeq lets its first step carry a gradient)
+    assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-9)
+    ys = flowsde.odeint(nonlinear, y0, t, method="bosh3", options=dict(first_step=0.01, max_step=0.05))
+    ref = torchdiffeq.odeint(nonlinear, y0, t, method="bosh3", options=dict(first_step=0.01, max_step=0.05))
+    assert torch.allclose(ys, ref, rtol=1e-10, atol=1e-12)
+    assert math.isfinite(float(ys.detach().sum()))
