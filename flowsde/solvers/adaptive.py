@@ -202,3 +202,133 @@ def _interp_fit(y0, y1, ymid, f0, f1, dt):
 def _interp_eval(coeff, x):
     e, d, c, b, a = coeff
     return e + x * (d + x * (c + x * (b + x * a)))
+
+
+def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(batch,)`` tensor laid out to broadcast against ``like`` (``(batch, ...)``)."""
+    return x.reshape(x.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _rms_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().pow(2).reshape(x.shape[0], -1).mean(1).sqrt()
+
+
+def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts, ops,
+                         field_check):
+    """Adaptive integration with a time, a step size and an acceptance per sample (``y0``: ``(batch, ...)``).
+
+    The field is called as ``func(t, y)`` with ``t`` of shape ``(rows,)`` (each row's own time) on the rows
+    that are still running only: every ``check_every`` steps the host reads which samples have finished
+    (one read) and the active set is compacted, so the work follows the sum of the samples' efforts. The
+    error ratio is the per-sample RMS (the ``error_norm`` kernel on the triton backend); the controller is
+    the shared-step one, per sample. Returns ``(ys, stats)`` with per-sample ``nfe``, ``accepted``,
+    ``rejected`` and ``status`` tensors/lists, plus ``rows`` (rows passed to the field in all).
+    """
+    dev, ydt = y0.device, y0.dtype
+    if y0.dim() < 1 or y0.shape[0] < 1:
+        raise ValueError("per_sample=True needs y0 of shape (batch, ...)")
+    B = y0.shape[0]
+    f64 = dict(dtype=torch.float64, device=dev)
+    rtol_f, atol_f = float(rtol), float(atol)
+    min_step = float(opts.get("min_step", 0.0))
+    max_step = float(opts.get("max_step", float("inf")))
+    safety, ifactor, dfactor = (float(opts.get(k, d)) for k, d in (("safety", 0.9), ("ifactor", 10.0),
+                                                                   ("dfactor", 0.2)))
+    max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
+    check_every = int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
+    if max_steps < 1 or check_every < 1:
+        raise ValueError("max_num_steps and check_every must be >= 1")
+    rows_total = 0
+
+    def f(t, y):
+        nonlocal rows_total
+        rows_total += y.shape[0]
+        return field_check(func(t.to(ydt), y), y)
+
+    t_outs = torch.as_tensor(t_out, **f64)
+    t_end = torch.as_tensor(float(t_out[-1]), **f64)
+    T = torch.full((B,), float(t_out[0]), **f64)
+    Y = y0
+    F0 = f(T, Y)
+    nfe = torch.full((B,), 1, dtype=torch.int64, device=dev)
+    first = opts.get("first_step")
+    if first is not None:
+        DT = torch.full((B,), _checks.check_step("first_step", first), **f64)
+    else:
+        with torch.no_grad():
+            scale = atol_f + Y.abs() * rtol_f
+            d0, d1 = _rms_rows(Y / scale), _rms_rows(F0 / scale)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+            h0 = h0.abs().to(torch.float64)
+            F1 = f(T + h0, torch.addcmul(Y, _per_row(h0.to(ydt), Y), F0))
+            d2 = (_rms_rows((F1 - F0) / scale) / h0.to(ydt)).to(torch.float64)
+            d1 = d1.to(torch.float64)
+            h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                             (0.01 / torch.maximum(d1, d2).clamp_min(1e-300)) ** (1.0 / tab.order))
+            DT = torch.minimum(100 * h0, h1.abs())
+        nfe += 1
+    n_out = len(t_out)
+    OUT = y0.unsqueeze(0).repeat(n_out, *([1] * y0.dim()))
+    WRITTEN = torch.zeros(n_out, B, dtype=torch.bool, device=dev)
+    WRITTEN[0] = True
+    ACC = torch.zeros(B, dtype=torch.int64, device=dev)
+    REJ = torch.zeros(B, dtype=torch.int64, device=dev)
+    idx = torch.arange(B, device=dev)
+    expo = 1.0 / tab.order
+    steps = 0
+    status_all = None
+    while True:
+        if steps >= max_steps:
+            status_all = "max_num_steps"
+            break
+        steps += 1
+        y, t0, dt, f0 = Y[idx], T[idx], DT[idx], F0[idx]
+        active = t0 < t_end
+        dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, min_step)).clamp(min_step, max_step)
+        t1 = t0 + dt
+        dty = _per_row(dt.to(ydt), y)
+        ks = [f0]
+        yi = y
+        for ci, row in zip(tab.c, tab.a):
+            ti = t1 if ci == 1.0 else t0 + ci * dt
+            yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
+            ks.append(f(ti, yi))
+        n_stage = len(ks) - 1
+        y1 = yi if tab.fsal else torch.addcmul(y, dty, ops.combine(list(zip(tab.b, ks))))
+        err = dty * ops.combine(list(zip(tab.e, ks)))
+        ratio = ops.error_norm(y, y1, err, rtol_f, atol_f).to(torch.float64).detach()
+        accept = ((ratio <= 1) | (dt <= min_step)) & active
+        ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
+        coeff = _interp_fit(y, y1, ymid, f0, ks[-1], dty)
+        for j in range(1, n_out):
+            tj = t_outs[j]
+            hit = accept & (tj > t0) & (tj <= t1) & ~WRITTEN[j, idx]
+            val = _interp_eval(coeff, _per_row(((tj - t0) / dt).to(ydt), y))
+            OUT[j, idx] = torch.where(_per_row(hit, y), val, OUT[j, idx])
+            WRITTEN[j, idx] = WRITTEN[j, idx] | hit
+        dfac = torch.where(ratio < 1, torch.ones_like(ratio), torch.full_like(ratio, dfactor))
+        factor = torch.clamp(safety / ratio.clamp_min(1e-300) ** expo, max=ifactor)
+        factor = torch.minimum(torch.full_like(ratio, ifactor), torch.maximum(factor, dfac))
+        factor = torch.where(ratio == 0, torch.full_like(ratio, ifactor), factor)
+        acc_row = _per_row(accept, y)
+        Y = Y.index_copy(0, idx, torch.where(acc_row, y1, y))
+        F0 = F0.index_copy(0, idx, torch.where(acc_row, ks[-1], f0))
+        T = T.index_copy(0, idx, torch.where(accept, t1, t0))
+        DT = DT.index_copy(0, idx, torch.where(active, (dt * factor).clamp(min_step, max_step), dt))
+        ACC = ACC.index_add(0, idx, accept.to(torch.int64))
+        REJ = REJ.index_add(0, idx, (~accept & active).to(torch.int64))
+        nfe = nfe.index_add(0, idx, active.to(torch.int64) * n_stage)
+        if steps % check_every == 0:
+            running = (T < t_end).nonzero().flatten()  # the one host read, every check_every steps
+            if running.numel() == 0:
+                break
+            idx = running
+    status = ["success" if bool(d) else "max_num_steps" for d in (T >= t_end).tolist()] \
+        if status_all else ["success"] * B
+    ys = torch.where(_per_row_out(WRITTEN, OUT), OUT, torch.full_like(OUT, float("nan")))
+    stats = {"nfe": nfe, "accepted": ACC, "rejected": REJ, "status": status, "steps": steps, "rows": rows_total}
+    return ys, stats
+
+
+def _per_row_out(written: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return written.reshape(*written.shape, *([1] * (out.dim() - 2)))

@@ -8,7 +8,7 @@ import torch
 
 from .. import _checks, kernels
 from . import fixed
-from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, integrate_adaptive
+from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, integrate_adaptive, integrate_per_sample
 from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
 
 #: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
@@ -130,18 +130,28 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
 
 
 def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
-    if opts.get("per_sample", False):
-        raise NotImplementedError("per_sample=True (a step size per sample) is not available in this version")
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, torch.Tensor) and v.requires_grad:
             raise ValueError(f"{name} cannot require gradient")
         if (v < 0).any() if isinstance(v, torch.Tensor) else v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
+    per_sample = bool(opts.get("per_sample", False))
+    if per_sample and (shapes is not None or isinstance(rtol, torch.Tensor) or isinstance(atol, torch.Tensor)):
+        raise ValueError("per_sample=True needs a tensor y0 of shape (batch, ...) and scalar rtol / atol")
     shape = tuple(y0.shape)
     check = lambda out: _checks.check_output("func", out, y0, shape)  # noqa: E731
+    check_rows = lambda out, y: _checks.check_output("func", out, y0, tuple(y.shape))  # noqa: E731
     f, th = func, t_host
     if t_host[0] > t_host[-1]:  # backwards in time: integrate s = -t (as torchdiffeq does)
         f, th = (lambda s, y: -func(-s, y)), -t_host
+    if per_sample:
+        ys, stats = integrate_per_sample(f, y0, th, tab, rtol, atol, opts, ops, check_rows)
+        if opts.get("return_stats", False):
+            return ys, stats
+        if any(s != "success" for s in stats["status"]):
+            raise RuntimeError("odeint stopped at max_num_steps before every sample reached the end; pass "
+                               "options=dict(return_stats=True) to get what was computed and each status")
+        return ys
     ys, stats = integrate_adaptive(f, y0, th, tab, rtol, atol, opts, ops, check)
     if shapes is not None:
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
