@@ -84,8 +84,8 @@ def test_max_num_steps_returns_partial_work_with_a_status():
 def test_adaptive_options_and_gradients():
     y0 = torch.ones(2, 2, dtype=F64, requires_grad=True)
     t = torch.linspace(0, 1, 3, dtype=F64)
-    with pytest.raises(NotImplementedError, match="per_sample"):
-        flowsde.odeint(nonlinear, y0, t, options=dict(per_sample=True))
+    with pytest.raises(ValueError, match="per_sample=True needs a tensor y0"):
+        flowsde.odeint(lambda t, s: s, (y0, y0), t, options=dict(per_sample=True))
     with pytest.raises(ValueError, match="unknown option.*step_t"):
         flowsde.odeint(nonlinear, y0, t, options=dict(step_t=[0.5]))
     with pytest.raises(ValueError, match="rtol must be >= 0"):
