@@ -48,11 +48,37 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--widths", default="16,32,64", help="MLP widths for the RK4 comparison")
+    ap.add_argument("--only", choices=["ou", "rk4", "dopri5"], help="run one section")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"flowsde CPU comparison: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} threads, {args.rounds} rounds, {time.strftime('%Y-%m-%d')}\n")
 
+    if args.only in (None, "ou"):
+        ou_section(args)
+    if args.only in (None, "rk4"):
+        rk4_section(args)
+    if args.only in (None, "dopri5"):
+        dopri5_section(args)
+
+
+def dopri5_section(args):
+    field = peers.MLPField(width=64).eval()
+    y0 = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.0, 1.0, 11)
+    res = rounds_of({
+        "flowsde": lambda: peers.dopri5_flowsde(field, y0, t),
+        "torchdiffeq": lambda: peers.dopri5_torchdiffeq(field, y0, t),
+    }, args.rounds)
+    print(table("dopri5 (rtol = atol = 1e-5, the same steps), MLP 2-64-64-2, B=4096, 11 outputs", res) + "\n")
+    res = rounds_of({
+        "flowsde": lambda: peers.dopri5_flowsde(peers.linear_field, y0, t, 1e-7),
+        "torchdiffeq": lambda: peers.dopri5_torchdiffeq(peers.linear_field, y0, t, 1e-7),
+    }, args.rounds)
+    print(table("dopri5 solver overhead alone (field: -y), rtol = atol = 1e-7", res))
+
+
+def ou_section(args):
     p = peers.ou_problem()
     ou = rounds_of({
         "flowsde": lambda: peers.ou_flowsde(*p),
@@ -62,6 +88,8 @@ def main(argv=None):
     }, args.rounds)
     print(table("OU Euler–Maruyama, B=10,000 paths, N=1,000 steps, float32", ou) + "\n")
 
+
+def rk4_section(args):
     for w in [int(x) for x in args.widths.split(",")]:
         field, y0, t = peers.mlp_problem()
         field = peers.MLPField(width=w).eval()
@@ -70,11 +98,12 @@ def main(argv=None):
             "torchdiffeq": lambda: peers.mlp_torchdiffeq(field, y0, t),
         }, args.rounds)
         print(table(f"RK4 on an MLP field (2-{w}-{w}-2, SiLU), B=4096, 50 steps, float32", mlp) + "\n")
+    field, y0, t = peers.mlp_problem()
     tiny = rounds_of({
         "flowsde": lambda: peers.flowsde.odeint(peers.linear_field, y0, t, method="rk4"),
         "torchdiffeq": lambda: peers.torchdiffeq.odeint(peers.linear_field, y0, t, method="rk4"),
     }, args.rounds)
-    print(table("RK4 solver overhead alone (field: -y), B=4096, 50 steps", tiny))
+    print(table("RK4 solver overhead alone (field: -y), B=4096, 50 steps", tiny) + "\n")
 
 
 if __name__ == "__main__":

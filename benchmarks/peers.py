@@ -92,3 +92,13 @@ def mlp_torchdiffeq(field, y0, t):
 def linear_field(t, y):
     """A field that costs almost nothing: what is left to time is the solver itself."""
     return -y
+
+
+def dopri5_flowsde(field, y0, t, tol=1e-5):
+    with torch.no_grad():
+        return flowsde.odeint(field, y0, t, rtol=tol, atol=tol)
+
+
+def dopri5_torchdiffeq(field, y0, t, tol=1e-5):
+    with torch.no_grad():
+        return torchdiffeq.odeint(field, y0, t, rtol=tol, atol=tol)
