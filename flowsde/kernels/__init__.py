@@ -87,12 +87,6 @@ class TorchOps:
             n *= int(s)
         return philox_randn(key, n, device).to(dtype).reshape(shape)
 
-    def ddim_update(self, z, eps, a_next, b_next, s=0.0, xi=None):
-        """``a' z + sqrt(b'^2 - s^2) eps + s xi`` from data and noise estimates."""
-        if isinstance(xi, PhiloxNoise):
-            xi = self.normal(xi.key, z.shape, z.dtype, z.device)
-        return reference.ddim_update(z, eps, a_next, b_next, s, xi)
-
 
 class TritonOps(TorchOps):
     """The Triton backend: every elementwise step is one launch of the fused kernel. Additive and
@@ -131,11 +125,6 @@ class TritonOps(TorchOps):
     def normal(self, key, shape, dtype, device):
         return self._c.randn(int(key) & KEY_MASK, tuple(shape), dtype, device)
 
-    def ddim_update(self, z, eps, a_next, b_next, s=0.0, xi=None):
-        c = max(b_next * b_next - s * s, 0.0) ** 0.5
-        if s == 0.0:
-            return self.combine([(a_next, z), (c, eps)])
-        return self.combine([(a_next, z), (c, eps)], [(s, None)], xi)
 
 
 def _noise_shape(y, noise_type):
@@ -159,7 +148,6 @@ noise_prod = reference.noise_prod
 sde_update = reference.sde_update
 lerp = reference.lerp
 hermite = reference.hermite
-ddim_update = reference.ddim_update
 
 __all__ = ["resolve_backend", "ops", "TorchOps", "TritonOps", "PhiloxNoise", "lincomb", "noise_prod",
-           "sde_update", "lerp", "hermite", "ddim_update", "HAS_TRITON", "BACKENDS", "reference"]
+           "sde_update", "lerp", "hermite", "HAS_TRITON", "BACKENDS", "reference"]

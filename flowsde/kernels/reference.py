@@ -72,19 +72,6 @@ def hermite(y0: torch.Tensor, f0: torch.Tensor, y1: torch.Tensor, f1: torch.Tens
     return lincomb(y0 * h00, [(h10 * dt, f0), (h01, y1), (h11 * dt, f1)])
 
 
-def ddim_update(z: torch.Tensor, eps: torch.Tensor, a_next: float, b_next: float, s: float = 0.0,
-                xi: torch.Tensor = None) -> torch.Tensor:
-    """The DDIM-equivalent step ``x' = a' z + sqrt(b'^2 - s^2) eps + s xi`` from data/noise estimates.
-
-    ``s = 0`` is deterministic DDIM; ``s > 0`` (from ``eta``) adds fresh noise ``xi``.
-    """
-    c = (b_next * b_next - s * s) ** 0.5
-    out = torch.add(z * a_next, eps, alpha=c) if a_next != 1.0 else torch.add(z, eps, alpha=c)
-    if s != 0.0:
-        out.add_(xi, alpha=s)
-    return out
-
-
 def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
     """Specification of the fused kernel: ``sum c_i t_i + (sum s_j g_j) z``.
 
