@@ -134,14 +134,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         dt = torch.minimum(torch.maximum(dt, min_step), max_step)
         t1 = t0 + dt
         dty = dt.to(ydt)
-        ks = [f0]
-        yi = y
-        for ci, row in zip(tab.c, tab.a):
-            ti = t1 if ci == 1.0 else t0 + ci * dt
-            yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
-            ks.append(f(ti, yi))
-        y1 = yi if tab.fsal else torch.addcmul(y, dty, ops.combine(list(zip(tab.b, ks))))
-        err = dty * ops.combine(list(zip(tab.e, ks)))
+        ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
         ratio = _rms(err / (atol_t + rtol_t * torch.maximum(y.abs(), y1.abs())))
         accept = ((ratio <= 1) | (dt <= min_step)) & active
         # dense output for the output times this step covers (masked: no host read)
@@ -174,6 +167,19 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     ys = torch.where(written.reshape(-1, *([1] * y0.dim())), ys, torch.full_like(ys, float("nan")))
     stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected), "status": status}
     return ys, stats
+
+
+def embedded_step(f, tab: EmbeddedTableau, y, f0, t0, t1, dt, dty, ops):
+    """One step of the pair from ``y`` (``f0`` its field): ``(ks, y1, err)``. ``dt`` is the float64 step
+    (a scalar, or one per row), ``dty`` the same in ``y``'s dtype laid out to broadcast against ``y``."""
+    ks = [f0]
+    yi = y
+    for ci, row in zip(tab.c, tab.a):
+        ti = t1 if ci == 1.0 else t0 + ci * dt
+        yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
+        ks.append(f(ti, yi))
+    y1 = yi if tab.fsal else torch.addcmul(y, dty, ops.combine(list(zip(tab.b, ks))))
+    return ks, y1, dty * ops.combine(list(zip(tab.e, ks)))
 
 
 def _initial_step(f, t0, y0, f0, order, rtol, atol):
@@ -287,15 +293,8 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
         dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, min_step)).clamp(min_step, max_step)
         t1 = t0 + dt
         dty = _per_row(dt.to(ydt), y)
-        ks = [f0]
-        yi = y
-        for ci, row in zip(tab.c, tab.a):
-            ti = t1 if ci == 1.0 else t0 + ci * dt
-            yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
-            ks.append(f(ti, yi))
+        ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
         n_stage = len(ks) - 1
-        y1 = yi if tab.fsal else torch.addcmul(y, dty, ops.combine(list(zip(tab.b, ks))))
-        err = dty * ops.combine(list(zip(tab.e, ks)))
         ratio = ops.error_norm(y, y1, err, rtol_f, atol_f).to(torch.float64).detach()
         accept = ((ratio <= 1) | (dt <= min_step)) & active
         ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
