@@ -160,7 +160,7 @@ def test_seed_reproducibility():
 def test_sdeint_stats():
     _, stats = flowsde.sdeint(GeometricBrownianMotion(sde_type="stratonovich"), Y0, T, method="heun", dt=0.1,
                               options=dict(return_stats=True))
-    assert stats == {"nfe": 20, "nge": 20, "steps": 10}
+    assert stats == {"nfe": 20, "nge": 20, "steps": 10, "accepted": 10, "rejected": 0, "status": "success"}
     _, stats = flowsde.sdeint(GeometricBrownianMotion(), Y0, T, method="milstein", dt=0.1,
                               options=dict(return_stats=True, grad_free=True))
-    assert stats == {"nfe": 10, "nge": 20, "steps": 10}
+    assert stats == {"nfe": 10, "nge": 20, "steps": 10, "accepted": 10, "rejected": 0, "status": "success"}

@@ -91,7 +91,7 @@ def test_stats_count_evaluations_and_steps():
     for method, stages in [("euler", 1), ("midpoint", 2), ("heun", 2), ("heun3", 3), ("rk4", 4)]:
         ys, stats = flowsde.odeint(LinearODE(), y0, t, method=method,
                                    options=dict(step_size=0.1, return_stats=True))
-        assert stats == {"nfe": 10 * stages, "steps": 10}
+        assert stats == {"nfe": 10 * stages, "steps": 10, "accepted": 10, "rejected": 0, "status": "success"}
 
 
 def test_step_size_grid_has_no_sliver_step():

@@ -45,7 +45,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     Options: ``step_size`` (uniform grid from ``t[0]`` to ``t[-1]``; outputs in between interpolated)
     or ``grid_constructor(func, y0, t) -> grid``; without either the grid is ``t`` itself.
     ``interp``: ``"linear"`` (default) or ``"cubic"`` (Hermite) for outputs inside a step.
-    ``return_stats=True`` returns ``(ys, stats)`` with ``nfe`` and ``steps``. ``backend``: see
+    ``return_stats=True`` returns ``(ys, stats)`` (``nfe``, ``steps``, ``accepted``, ``rejected``,
+    ``status``). ``backend``: see
     :func:`flowsde.kernels.resolve_backend`. ``rtol`` / ``atol`` are for the adaptive methods.
     """
     if method is None:
@@ -124,8 +125,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     ys = fixed.integrate(step, y0, grid, t_host, interp, ops.lerp)
     if shapes is not None:
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
-    if opts.get("return_stats", False):
-        return ys, dict(stats)
+    if opts.get("return_stats", False):  # a fixed grid accepts every step
+        return ys, dict(stats, accepted=stats["steps"], rejected=0, status="success")
     return ys
 
 

@@ -40,7 +40,8 @@ class StepContext:
 
     @property
     def stats(self):
-        return {"nfe": self.nfe, "nge": self.nge, "steps": len(self.h)}
+        n = len(self.h)
+        return {"nfe": self.nfe, "nge": self.nge, "steps": n, "accepted": n, "rejected": 0, "status": "success"}
 
     def f(self, t, y):
         self.nfe += 1
