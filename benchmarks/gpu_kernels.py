@@ -5,8 +5,8 @@
 1. checks every kernel against the PyTorch reference in float64;
 2. for each step kernel at 16M elements: achieved bandwidth as a fraction of a measured device-to-device
    copy, and the speedup over eager PyTorch and over torch.compile of the same update;
-3. end to end: flowsde.sample (small MLP, 2-D, B=65,536, 100 steps, Euler) over a hand-written loop and
-   over torchdiffeq;
+3. end to end: flowsde.sample (small MLP, 2-D, B=65,536, 100 steps, Euler and RK4, with and without
+   CUDA-graph capture) and flowsde.odeint over a hand-written loop and over torchdiffeq;
 4. the whole-trajectory OU kernel (B=10^6, N=1000) over torchsde on the GPU.
 Prints a markdown report with the device name and date (paste it into benchmarks/RESULTS.md).
 
@@ -16,6 +16,7 @@ calls it with small sizes, so the script's checking code is itself tested.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -72,14 +73,17 @@ def check_kernels(device="cuda", n=1 << 16) -> list:
 
 
 def _time(fn, reps=20):
+    """Median seconds of ``fn`` over ``reps`` runs, timed with CUDA events after one warm-up run."""
     fn()
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
-        s = time.perf_counter()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         fn()
-        torch.cuda.synchronize()
-        ts.append(time.perf_counter() - s)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
     ts.sort()
     return ts[len(ts) // 2]
 
@@ -90,6 +94,10 @@ def bandwidth(n=1 << 24, reps=20) -> list:
     tri = kernels.ops("triton", dev)
     x = [torch.randn(n, device=dev) for _ in range(6)]
     dst = torch.empty_like(x[0])
+    end = time.perf_counter() + 1.0  # bring the clocks up before the first measurement
+    while time.perf_counter() < end:
+        dst.copy_(x[0])
+        torch.cuda.synchronize()
     t_copy = _time(lambda: dst.copy_(x[0]), reps)
     copy_bw = 2 * n * 4 / t_copy
     y, k1, k2, k3, k4, g = x
@@ -123,32 +131,98 @@ def bandwidth(n=1 << 24, reps=20) -> list:
     return rows, copy_bw / 1e9
 
 
-def end_to_end(B=65536, steps=100, reps=5):
+def tune(n=1 << 24, reps=20) -> list:
+    """Sweep the elementwise kernels' launch configuration (elements and warps per program) on the RK4
+    update and the in-kernel-noise EM update: ``[(block, warps, rk4 GB/s, em GB/s)]``."""
+    from flowsde.kernels import combine as C
+    tri = kernels.ops("triton", "cuda")
+    y, k1, k2, k3, k4, g = (torch.randn(n, device="cuda") for _ in range(6))
+    saved = dict(C.CONFIG)
+    rows = []
+    try:
+        for block in (512, 1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8, 16):
+                if block // (32 * warps) < 1:
+                    continue
+                C.CONFIG.update(block=block, num_warps=warps)
+                t_rk = _time(lambda: tri.lincomb(y, [(0.1, k1), (0.3, k2), (0.3, k3), (0.1, k4)]), reps)
+                t_em = _time(lambda: tri.sde_update(y, [(0.01, k1)], [(0.1, g)], PhiloxNoise(1), "diagonal"), reps)
+                rows.append((block, warps, 6 * n * 4 / t_rk / 1e9, 4 * n * 4 / t_em / 1e9))
+    finally:
+        C.CONFIG.update(saved)
+    return rows
+
+
+def launch_overhead(reps=200) -> dict:
+    """Host time to enqueue one small update (no synchronisation): the cost that graphs remove."""
+    tri = kernels.ops("triton", "cuda")
+    y, k = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    out = {}
+    from flowsde.kernels import combine as C
+
+    def slow():
+        C.FAST_LAUNCH = False
+        try:
+            tri.combine([(1.0, y), (0.1, k)])
+        finally:
+            C.FAST_LAUNCH = True
+    for name, fn in (("triton combine (2 terms)", lambda: tri.combine([(1.0, y), (0.1, k)])),
+                     ("triton combine, Triton's own launch path", slow),
+                     ("torch.add(y, k, alpha=0.1)", lambda: torch.add(y, k, alpha=0.1))):
+        fn()
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out[name] = (time.perf_counter() - s) / reps
+        torch.cuda.synchronize()
+    return out
+
+
+def end_to_end(B=65536, steps=100, reps=10):
+    """``flowsde.sample`` (Euler and RK4 on a 2-64-64-2 MLP) with and without CUDA-graph capture, a
+    hand-written loop and torchdiffeq's odeint on the same field: ``{name: seconds}``."""
     import torchdiffeq
     import flowsde
     from flowsde.problems import MLPVelocity
     dev = "cuda"
     model = MLPVelocity(width=64).to(dev).eval()
     x0 = torch.randn(B, 2, device=dev)
+    grid = torch.linspace(0, 1, steps + 1, device=dev)
+    out = {}
 
-    def fs():
-        with torch.no_grad():
-            return flowsde.sample(model, x0, method="euler", steps=steps)
+    def hand_euler():
+        x = x0
+        for k in range(steps):
+            t = torch.full((B,), k / steps, device=dev)
+            x = x + model(x, t) / steps
+        return x
 
-    def hand():
-        with torch.no_grad():
-            x = x0
-            for k in range(steps):
-                t = torch.full((B,), k / steps, device=dev)
-                x = x + model(x, t) / steps
-            return x
+    def hand_rk4():  # torchdiffeq's rk4 is Kutta's 3/8 rule; the classic rule costs the same
+        x, h = x0, 1.0 / steps
+        for k in range(steps):
+            t0 = torch.full((B,), k * h, device=dev)
+            k1 = model(x, t0)
+            k2 = model(x + h / 2 * k1, t0 + h / 2)
+            k3 = model(x + h / 2 * k2, t0 + h / 2)
+            k4 = model(x + h * k3, t0 + h)
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        return x
 
-    def tdq():
-        with torch.no_grad():
-            return torchdiffeq.odeint(lambda t, x: model(x, t.expand(B)), x0,
-                                      torch.linspace(0, 1, steps + 1, device=dev), method="euler")[-1]
-    t_f, t_h, t_d = _time(fs, reps), _time(hand, reps), _time(tdq, reps)
-    return t_f, t_h / t_f, t_d / t_f
+    with torch.no_grad():
+        for method, hand in (("euler", hand_euler), ("rk4", hand_rk4)):
+            out[f"{method}: flowsde.sample, backend=triton"] = _time(
+                lambda: flowsde.sample(model, x0, method=method, steps=steps, backend="triton"), reps)
+            out[f"{method}: flowsde.sample, backend=torch (auto at this size)"] = _time(
+                lambda: flowsde.sample(model, x0, method=method, steps=steps, backend="torch"), reps)
+            out[f"{method}: flowsde.sample, cuda_graph=True (triton)"] = _time(
+                lambda: flowsde.sample(model, x0, method=method, steps=steps, cuda_graph=True), reps)
+            out[f"{method}: hand-written loop"] = _time(hand, reps)
+            out[f"{method}: torchdiffeq.odeint"] = _time(
+                lambda: torchdiffeq.odeint(model.ode_field(), x0, grid, method=method)[-1], reps)
+            out[f"{method}: flowsde.odeint"] = _time(
+                lambda: flowsde.odeint(model.ode_field(), x0, grid, method=method)[-1], reps)
+    return out
 
 
 def ou_trajectory(B=1_000_000, N=1000):
@@ -167,6 +241,8 @@ def ou_trajectory(B=1_000_000, N=1000):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--tune", action="store_true", help="also sweep the elementwise launch configuration")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: running the float64 kernel checks in Triton's interpreter only")
@@ -175,19 +251,43 @@ def main(argv=None):
             print(f"  {name}: max abs error {err:.2e}")
         return 0
     print(f"## {torch.cuda.get_device_name()} — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}\n")
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     print("| kernel check (float64) | max abs error vs reference |\n|---|---:|")
-    for name, err in check_kernels("cuda"):
+    checks = check_kernels("cuda")
+    for name, err in checks:
         print(f"| {name} | {err:.1e} |")
+    results["checks"] = checks
     rows, copy = bandwidth(1 << (22 if args.quick else 24))
+    results["copy_GBps"], results["step_kernels"] = copy, rows
     print(f"\nDevice-to-device copy: {copy:.0f} GB/s\n")
     print("| step kernel | GB/s | of copy | vs eager | vs torch.compile |\n|---|---:|---:|---:|---:|")
     for name, bw, frac, se, sc in rows:
         print(f"| {name} | {bw:.0f} | {100 * frac:.0f} % | {se:.2f}× | {sc:.2f}× |")
-    t, vs_hand, vs_tdq = end_to_end(steps=20 if args.quick else 100)
-    print(f"\nflowsde.sample, MLP 2-64-64-2, B=65,536: {1e3 * t:.1f} ms; {vs_hand:.2f}× a hand loop, "
-          f"{vs_tdq:.2f}× torchdiffeq (CUDA-graph capture: not implemented yet)")
-    t, vs = ou_trajectory(B=100_000 if args.quick else 1_000_000)
-    print(f"\nOU whole trajectory, N=1000: {1e3 * t:.1f} ms; {vs:.0f}× torchsde on the GPU")
+    if args.tune:
+        print("\n| block | warps | rk4 GB/s | EM+noise GB/s |\n|---:|---:|---:|---:|")
+        results["tune"] = tune(1 << (22 if args.quick else 24))
+        for row in results["tune"]:
+            print("| %d | %d | %.0f | %.0f |" % row)
+    results["launch_overhead_s"] = launch_overhead()
+    print("\n| host time to enqueue one small update | µs |\n|---|---:|")
+    for name, t in results["launch_overhead_s"].items():
+        print(f"| {name} | {1e6 * t:.1f} |")
+    e2e = end_to_end(steps=20 if args.quick else 100)
+    print("\n| sampling, MLP 2-64-64-2, B=65,536, %d steps | ms | torchdiffeq / this | hand loop / this |"
+          % (20 if args.quick else 100))
+    print("|---|---:|---:|---:|")
+    for name, t in e2e.items():
+        method = name.split(":")[0]
+        tdq, hand = e2e[f"{method}: torchdiffeq.odeint"], e2e[f"{method}: hand-written loop"]
+        print(f"| {name} | {1e3 * t:.2f} | {tdq / t:.2f}× | {hand / t:.2f}× |")
+    results["end_to_end_s"] = e2e
+    B = 100_000 if args.quick else 1_000_000
+    t, vs = ou_trajectory(B=B)
+    print(f"\nOU whole trajectory, B={B:,}, N=1000: {1e3 * t:.1f} ms; {vs:.0f}× torchsde on the GPU")
+    results["ou_trajectory"] = {"B": B, "seconds": t, "vs_torchsde": vs}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
     return 0
 
 

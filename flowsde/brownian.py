@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .kernels import PhiloxNoise
 from .kernels.philox import KEY_MASK, philox_randn
 
 _MASK = (1 << 64) - 1
@@ -132,6 +133,16 @@ class GridBrownian(BrownianMotion):
         """The Philox key of step ``k`` (63 bits: kernels take it as an int64 scalar)."""
         return self._keys[k] & KEY_MASK
 
+    def draw(self, k: int):
+        """The standard normal draw of step ``k`` in the form a fused update takes: on the philox stream
+        a deferred :class:`~flowsde.kernels.PhiloxNoise` (drawn inside the kernel), else a tensor."""
+        return PhiloxNoise(self.philox_key(k)) if self.stream == "philox" else self.normal(k)
+
+    def philox_keys(self) -> list:
+        """Every step's Philox key, in step order."""
+        return [k & KEY_MASK for k in self._keys]
+
+
     def step(self, k: int) -> torch.Tensor:
         """``W(grid[k+1]) - W(grid[k])``."""
         return self.normal(k).mul_(self._sqrt_h[k])
@@ -162,6 +173,22 @@ class GridBrownian(BrownianMotion):
         return (f"GridBrownian(t0={self.t0}, t1={self.t1}, steps={self.grid.size - 1}, shape={self.shape}, "
                 f"seed={self.seed}, dtype={self.dtype}, device={self.device})")
 
+
+
+class DeviceKeys:
+    """Per-step Philox keys held in a device tensor (``keys[k]``), drawn by the kernels from memory: the
+    noise source of a captured CUDA graph, whose replays see whatever keys were last written there."""
+
+    stream = "philox"
+
+    def __init__(self, keys: torch.Tensor):
+        if keys.dim() != 1 or keys.dtype != torch.int64:
+            raise TypeError("DeviceKeys needs a 1-D int64 tensor")
+        self.keys = keys
+        self._views = keys.unbind(0)  # views made once, none in the loop
+
+    def draw(self, k: int):
+        return PhiloxNoise(self._views[k])
 
 class VirtualBrownianTree(BrownianMotion):
     """Brownian motion on ``[t0, t1]`` queried at any time, reproducibly, from a seed and no stored path.

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from . import _checks, kernels
-from .paths.gaussian import CondOT, GaussianPath, check_prediction
+from .paths.gaussian import EDM, CondOT, GaussianPath, VPCosine, VPLinear, check_prediction
 from .paths.grids import time_grid
 from .solvers import ddim as ddim_solver
 from .solvers.ode import ADAPTIVE_ODE_METHODS, ODE_METHODS, odeint
@@ -42,6 +42,16 @@ class PathField:
             a, b, da, db = (c.tolist() for c in path.coefficients(torch.as_tensor(grid, dtype=torch.float64)))
             self._coef = list(zip(a, b, da, db))
             self._affine = [denoise_affine(prediction, *v) for v in self._coef]
+
+    def set_condition(self, cond: torch.Tensor, uncond=None):
+        """Copy a new condition (and unconditional input) into this field's buffers, in place: how a
+        captured sampling loop takes new conditions."""
+        if self.pair is None:
+            self.cond.copy_(cond)
+            return
+        self.pair[:self.batch].copy_(cond)
+        self.pair[self.batch:].copy_(uncond.expand(self.batch, *uncond.shape[1:]) if uncond.shape[0] == 1
+                                     else uncond)
 
     def outputs(self, t: torch.Tensor, x: torch.Tensor):
         """``[(weight, output)]``: the model output, or under guidance ``[(1 - w, uncond), (w, cond)]``
@@ -127,7 +137,7 @@ class _ExtendedSDE:
 
 def sample(model, x_init, path=None, prediction="velocity", method="heun", steps=20, t_start=0.0, t_end=1.0,
            sigma=0.0, cond=None, uncond=None, guidance_scale=None, seed=None, backend=None, *, eta=0.0,
-           spacing="uniform", rho=7.0, rtol=1e-5, atol=1e-5, return_stats=False):
+           spacing="uniform", rho=7.0, rtol=1e-5, atol=1e-5, return_stats=False, cuda_graph=False):
     """Sample a flow or diffusion model: integrate its field from ``t_start`` (noise) to ``t_end`` (data).
 
     Args:
@@ -151,6 +161,13 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
         rtol, atol: tolerances of the adaptive methods (``dopri5``, ``bosh3``, ``heun_euler``), which
             choose their own steps between ``t_start`` and ``t_end`` (``steps`` is then ignored).
         return_stats: also return ``{"nfe": model calls, "steps": steps}``.
+        cuda_graph: capture the whole fixed-step loop as a CUDA graph on the first call and replay it on
+            later calls with the same model, path, settings and shapes (CUDA tensors; not the adaptive
+            methods or a time-dependent ``sigma``). The model must be capturable (no host syncs, no
+            data-dependent control flow). Stochastic samplers read their per-step noise keys from device
+            memory, so a new ``seed`` needs no new capture; the noise is the Philox stream on either
+            backend (the same numbers the triton backend draws without a graph). No gradients flow
+            through a captured loop. :func:`flowsde.graphs.clear_graph_cache` frees the graphs.
 
     Returns the state at ``t_end``.
     """
@@ -161,7 +178,7 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
     x_init = _checks.check_state("x_init", x_init)
     if x_init.dim() < 1:
         raise ValueError("x_init must have a batch dimension")
-    ops = kernels.ops(backend, x_init.device)
+    ops = kernels.ops(backend, x_init.device, x_init.numel(), captured=bool(cuda_graph))
     if method not in SAMPLE_METHODS and method not in ADAPTIVE_ODE_METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {SAMPLE_METHODS}")
     if not callable(sigma):
@@ -203,23 +220,59 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
 
     grid = time_grid(path, steps, t_start, t_end, spacing, rho)
     _validate_conversions(path, prediction, method, stochastic, grid)
-    field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale,
-                      grid if method == "ddim" or stochastic else None)
+    if cuda_graph and callable(sigma):
+        raise ValueError("cuda_graph=True needs a constant sigma (a float), not a function of t")
 
-    if method == "ddim":
-        a = path.alpha(torch.as_tensor(grid)).tolist()
-        b = path.beta(torch.as_tensor(grid)).tolist()
-        x = ddim_solver.ddim(field, x_init, grid, a, b, float(eta), seed, ops)
-    elif stochastic and not callable(sigma):
-        x = _extension_em(field, x_init, grid, sigma, seed, ops)
-    elif stochastic:
-        x = solve_on_grid(_ExtendedSDE(field, sigma), x_init, grid, grid[[0, -1]], EULER_MARUYAMA,
-                          x_init.dtype, seed=seed, ops=ops)[-1]
+    def build(x_like, c, u, noise=None):
+        field = PathField(model, path, prediction, x_like, c, u, guidance_scale,
+                          grid if method == "ddim" or stochastic else None)
+        if method == "ddim":
+            tg = torch.as_tensor(grid)
+            run = ddim_solver.ddim_loop(field, grid, path.alpha(tg).tolist(), path.beta(tg).tolist(), float(eta),
+                                        x_like, ops, seed=seed, noise=noise)
+        elif stochastic and not callable(sigma):
+            run = _extension_em_loop(field, grid, sigma, ops, x_like, seed=seed, noise=noise)
+        elif stochastic:
+            def run(x0):
+                return solve_on_grid(_ExtendedSDE(field, sigma), x0, grid, grid[[0, -1]], EULER_MARUYAMA,
+                                     x0.dtype, seed=seed, ops=ops)[-1]
+        else:
+            run = _ode_loop(field, grid, method, ops, x_like)
+        return field, run
+
+    if cuda_graph:
+        builtin = type(path) in (CondOT, VPCosine, VPLinear, EDM)  # fully described by their repr
+        path_key = repr(path) if builtin else id(path)
+        x, nfe = _sample_graphed(build, x_init, cond, uncond, seed, grid, (
+            id(model), path_key, prediction, method, int(steps), float(t_start), float(t_end), sigma, float(eta),
+            spacing, float(rho), guidance_scale, ops.name), (model,) if builtin else (model, path),
+            stochastic or bool(eta))
     else:
-        x = _ode_sample(field, x_init, grid, method, ops)
+        field, run = build(x_init, cond, uncond)
+        x = run(x_init)
+        nfe = field.nfe
     if return_stats:
-        return x, {"nfe": field.nfe, "steps": steps}
+        return x, {"nfe": nfe, "steps": steps}
     return x
+
+
+def _sample_graphed(build, x_init, cond, uncond, seed, grid, settings, refs, noisy):
+    """Run ``build``'s loop through a cached CUDA graph; returns ``(x_end, nfe)``."""
+    from . import graphs
+    from .brownian import default_seed, step_keys
+    from .kernels.philox import KEY_MASK
+
+    if x_init.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors; x_init is on {x_init.device}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    meta = lambda t: None if t is None else (tuple(t.shape), t.dtype, t.device)  # noqa: E731
+    key = settings + (meta(x_init), meta(cond), meta(uncond))
+    loop = graphs.captured(key, refs, build, x_init, cond, uncond, n_keys=len(grid) - 1)
+    keys = None
+    if noisy:
+        keys = [k & KEY_MASK for k in step_keys(default_seed() if seed is None else int(seed), len(grid) - 1)]
+    return loop(x_init, cond, uncond, keys), loop.nfe
 
 
 def velocity_affine(prediction: str, a: float, b: float, da: float, db: float, bdb: float):
@@ -238,8 +291,15 @@ def velocity_affine(prediction: str, a: float, b: float, da: float, db: float, b
 
 
 def _ode_sample(field: PathField, x0: torch.Tensor, grid, method: str, ops) -> torch.Tensor:
-    """An explicit RK method over ``grid`` on the model's velocity, each field value one fused launch:
-    ``u = cx x + sum_i w_i co out_i`` (conversion and guidance folded into host coefficients)."""
+    """An explicit RK method over ``grid`` on the model's velocity (see :func:`_ode_loop`)."""
+    return _ode_loop(field, grid, method, ops, x0)(x0)
+
+
+def _ode_loop(field: PathField, grid, method: str, ops, like: torch.Tensor):
+    """Prepare an explicit RK method over ``grid`` on the model's velocity and return ``run(x0) -> x``.
+
+    Each field value is one fused launch: ``u = cx x + sum_i w_i co out_i`` (conversion and guidance
+    folded into host coefficients, computed here, before the loop)."""
     from .solvers import fixed
     from .solvers.rk import rk_step
 
@@ -252,42 +312,57 @@ def _ode_sample(field: PathField, x0: torch.Tensor, grid, method: str, ops) -> t
                                  path.beta_dbeta(tt))]
     coef = [velocity_affine(field.prediction, *v) for v in zip(*cols)]
     s = tab.stages
-    times = fixed.StageTimes(grid, tab.c, x0.dtype, x0.device)
-    x = x0
-    for k in range(len(h)):
-        stage = iter(coef[k * s:(k + 1) * s])
+    times = fixed.StageTimes(grid, tab.c, like.dtype, like.device)
+    hs = [float(v) for v in h]
 
-        def velocity(t, y, _stage=stage):
-            cx, co = next(_stage)
-            outs = field.outputs(t, y)
-            if cx == 0.0 and len(outs) == 1 and outs[0][0] * co == 1.0:
-                return outs[0][1]  # the model already outputs the velocity
-            return ops.combine([(cx, y)] + [(w * co, o) for w, o in outs])
+    def run(x0):
+        x = x0
+        for k in range(len(hs)):
+            stage = iter(coef[k * s:(k + 1) * s])
 
-        x, _ = rk_step(velocity, times[k], x, float(h[k]), tab, ops)
-    return x
+            def velocity(t, y, _stage=stage):
+                cx, co = next(_stage)
+                outs = field.outputs(t, y)
+                if cx == 0.0 and len(outs) == 1 and outs[0][0] * co == 1.0:
+                    return outs[0][1]  # the model already outputs the velocity
+                return ops.combine([(cx, y)] + [(w * co, o) for w, o in outs])
+
+            x, _ = rk_step(velocity, times[k], x, hs[k], tab, ops)
+        return x
+    return run
 
 
 def _extension_em(field: PathField, x0: torch.Tensor, grid, sigma: float, seed, ops, stream=None) -> torch.Tensor:
-    """Euler–Maruyama on ``dX = [u + sigma^2/2 score] dt + sigma dW`` with the drift's conversion, the
-    guidance and the noise fused into one update per step: ``x' = (1 + h cx) x + sum_i w_i h co out_i +
-    sigma sqrt(h) z`` (the noise drawn in the kernel on the triton backend)."""
+    """Euler–Maruyama on the SDE extension (see :func:`_extension_em_loop`)."""
+    return _extension_em_loop(field, grid, sigma, ops, x0, seed=seed, stream=stream)(x0)
+
+
+def _extension_em_loop(field: PathField, grid, sigma: float, ops, like: torch.Tensor, seed=None, stream=None,
+                       noise=None):
+    """Prepare Euler–Maruyama on ``dX = [u + sigma^2/2 score] dt + sigma dW`` and return ``run(x0) -> x``:
+    the drift's conversion, the guidance and the noise fused into one update per step, ``x' = (1 + h cx) x
+    + sum_i w_i h co out_i + sigma sqrt(h) z`` (the noise drawn in the kernel on the triton backend).
+    ``noise``: a source with ``draw(k)`` (default: a grid Brownian motion from ``seed`` on ``stream``)."""
     from .brownian import GridBrownian
-    from .kernels import PhiloxNoise
     from .solvers import fixed
 
-    times = fixed.StageTimes(grid, (0.0,), x0.dtype, x0.device)
-    bm = GridBrownian(grid, tuple(x0.shape), seed, x0.dtype, x0.device,
-                      stream=stream or ("philox" if ops.name == "triton" else "torch"))
-    x = x0
+    times = fixed.StageTimes(grid, (0.0,), like.dtype, like.device)
+    if noise is None:
+        noise = GridBrownian(grid, tuple(like.shape), seed, like.dtype, like.device,
+                             stream=stream or ("philox" if ops.name == "triton" else "torch"))
+    steps = []
     for k in range(len(grid) - 1):
         h = float(grid[k + 1] - grid[k])
-        outs = field.outputs(times[k][0], x)
         cx, co = field.drift_coefficients(k, sigma)
-        z = PhiloxNoise(bm.philox_key(k)) if bm.stream == "philox" else bm.normal(k)
-        terms = [(1.0 + h * cx, x)] + [(w * h * co, o) for w, o in outs]
-        x = ops.combine(terms, [(sigma * h ** 0.5, None)], z)
-    return x
+        steps.append((1.0 + h * cx, h * co, sigma * h ** 0.5))
+
+    def run(x0):
+        x = x0
+        for k, (cx, co, s) in enumerate(steps):
+            outs = field.outputs(times[k][0], x)
+            x = ops.combine([(cx, x)] + [(w * co, o) for w, o in outs], [(s, None)], noise.draw(k))
+        return x
+    return run
 
 
 def _validate_conversions(path, prediction, method, stochastic, grid):

@@ -53,3 +53,15 @@ def test_backend_resolution(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.resolve_backend(None, "cpu")
     assert kernels.resolve_backend("torch", "cpu") == "torch"
+
+
+def test_auto_backend_follows_the_size_of_the_state_on_cuda():
+    """auto: Triton on CUDA for large states or captured loops (launch cost hidden), PyTorch for small ones."""
+    big, small = kernels.AUTO_TRITON_MIN_NUMEL, kernels.AUTO_TRITON_MIN_NUMEL - 1
+    want = "triton" if kernels.HAS_TRITON else "torch"
+    assert kernels.resolve_backend("auto", "cuda", numel=big) == want
+    assert kernels.resolve_backend("auto", "cuda") == want                 # size unknown: large
+    assert kernels.resolve_backend("auto", "cuda", numel=small) == "torch"
+    assert kernels.resolve_backend("auto", "cuda", numel=small, captured=True) == want
+    assert kernels.resolve_backend("auto", "cpu", numel=big) == "torch"
+    assert kernels.resolve_backend("triton", "cpu", numel=small) == "triton"  # an explicit choice wins

@@ -2,6 +2,7 @@
 in-kernel noise, and the triton backend against the torch backend end to end."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchsde
@@ -241,3 +242,51 @@ def test_preallocated_output_may_alias_an_input(backend):
     assert res.data_ptr() == buf.data_ptr() and torch.allclose(buf, expected, atol=1e-6)
     with pytest.raises(ValueError, match="out must be"):
         kernels.ops("triton", "cpu").combine([(1.0, y)], out=torch.empty(3))
+
+
+def test_keys_read_from_device_memory_draw_the_same_stream(tri):
+    """The captured-graph noise path: a 0-dim int64 key tensor read by the kernel (and by the mirror)."""
+    from flowsde.brownian import DeviceKeys, GridBrownian
+    y = rnd((33, 3), torch.float64, 0)
+    for key in (7, 2 ** 62 + 11):
+        kt = torch.tensor(key)
+        a = tri.combine([(1.0, y)], [(0.5, None)], PhiloxNoise(kt))
+        b = tri.combine([(1.0, y)], [(0.5, None)], PhiloxNoise(key))
+        c = kernels.ops("torch").combine([(1.0, y)], [(0.5, None)], PhiloxNoise(kt))
+        assert torch.equal(a, b) and float((a - c).abs().max()) < 1e-6
+        assert torch.equal(tri.normal(kt, (5, 7), torch.float32, "cpu"), tri.normal(key, (5, 7), torch.float32, "cpu"))
+    # DeviceKeys holding a GridBrownian's keys reproduces its philox draws, step by step
+    bm = GridBrownian(np.linspace(0, 1, 5), (33, 3), seed=4, dtype=torch.float64, stream="philox")
+    dk = DeviceKeys(torch.tensor(bm.philox_keys()))
+    for k in range(4):
+        assert torch.equal(tri.combine([(1.0, y)], [(1.0, None)], dk.draw(k)),
+                           tri.combine([(1.0, y)], [(1.0, None)], bm.draw(k)))
+    with pytest.raises(TypeError, match="0-dim int64"):
+        PhiloxNoise(torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("case", ["ddim-eta", "extension-em"])
+def test_graph_ready_loops_with_device_keys_equal_the_seeded_run(case):
+    """What a captured graph replays: the loop built on device-held keys gives the seeded run's numbers."""
+    from flowsde.brownian import DeviceKeys, GridBrownian
+    from flowsde.paths.grids import time_grid
+    from flowsde.sampling import PathField, _extension_em_loop
+    from flowsde.solvers.ddim import ddim_loop
+    path = flowsde.paths.VPCosine() if case == "ddim-eta" else flowsde.paths.CondOT()
+    model = lambda x, t: -x + 0.3 * t[:, None]  # noqa: E731
+    x0 = rnd((12, 2), torch.float64, 1)
+    grid = time_grid(path, 5, 0.05, 0.9)
+    keys = DeviceKeys(torch.tensor(GridBrownian(grid, (12, 2), seed=9, stream="philox").philox_keys()))
+    field = PathField(model, path, "epsilon", x0, grid=grid)
+    tri = kernels.ops("triton", "cpu")
+    if case == "ddim-eta":
+        tg = torch.as_tensor(grid)
+        a, b = (path.alpha(tg).tolist(), path.beta(tg).tolist())
+        got = ddim_loop(field, grid, a, b, 1.0, x0, tri, noise=keys)(x0)
+        want = flowsde.sample(model, x0, path=path, prediction="epsilon", method="ddim", eta=1.0, steps=5,
+                              t_start=0.05, t_end=0.9, seed=9, backend="triton")
+    else:
+        got = _extension_em_loop(field, grid, 0.7, tri, x0, noise=keys)(x0)
+        want = flowsde.sample(model, x0, path=path, prediction="epsilon", method="euler", sigma=0.7, steps=5,
+                              t_start=0.05, t_end=0.9, seed=9, backend="triton")
+    assert torch.equal(got, want)

@@ -20,7 +20,6 @@ import torch
 
 from .. import _checks, kernels
 from ..brownian import GridBrownian
-from ..kernels import PhiloxNoise
 
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device="cpu") -> torch.Tensor:
@@ -58,7 +57,7 @@ def _prepare(model, x, sigmas, extra_args, backend):
     x = _checks.check_state("x", x)
     sig = _host_sigmas(sigmas)
     table = torch.as_tensor(sig, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-    return x, sig, table, _Denoiser(model, x, extra_args), kernels.ops(backend, x.device)
+    return x, sig, table, _Denoiser(model, x, extra_args), kernels.ops(backend, x.device, x.numel())
 
 
 def _callback(callback, i, x, sig, denoised):
@@ -125,6 +124,5 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas, extra_args:
         if up == 0.0:
             x = ops.combine([(r, x), (1.0 - r, d)])
         else:
-            z = PhiloxNoise(noise.philox_key(i)) if noise.stream == "philox" else noise.normal(i)
-            x = ops.combine([(r, x), (1.0 - r, d)], [(up, None)], z)
+            x = ops.combine([(r, x), (1.0 - r, d)], [(up, None)], noise.draw(i))
     return x

@@ -3,7 +3,10 @@
 Backends: ``torch`` (the plain-PyTorch specification in :mod:`flowsde.kernels.reference`) and
 ``triton`` (the fused kernel of :mod:`flowsde.kernels.combine`). The choice comes from the per-call
 ``backend=`` option, else the environment variable ``FLOWSDE_BACKEND`` (``auto`` | ``torch`` |
-``triton``), else ``auto``: Triton for CUDA tensors when triton imports, PyTorch otherwise.
+``triton``), else ``auto``: Triton for CUDA tensors of at least :data:`AUTO_TRITON_MIN_NUMEL` elements
+(or inside a captured CUDA graph, where launches cost no host time) when triton imports, PyTorch otherwise.
+Below that size a step is bound by host time per launch, where one PyTorch op (~8-11 µs on an H100
+machine) is cheaper than a Triton launch (~30-75 µs); see benchmarks/RESULTS.md.
 ``triton`` on CPU tensors runs in Triton's interpreter and needs ``TRITON_INTERPRET=1`` (set before
 flowsde first launches a kernel). :func:`ops` returns the op set for a backend; the solvers take one per
 solve.
@@ -26,11 +29,15 @@ except Exception:  # pragma: no cover - depends on the machine
     HAS_TRITON = False
 
 
-def resolve_backend(backend=None, device=None) -> str:
+AUTO_TRITON_MIN_NUMEL = 1 << 20
+
+
+def resolve_backend(backend=None, device=None, numel=None, captured=False) -> str:
     """Return the concrete backend (``"torch"`` or ``"triton"``) for a call on ``device``.
 
     ``backend`` wins over ``FLOWSDE_BACKEND``; ``auto`` is Triton on CUDA tensors (when triton imports)
-    and PyTorch otherwise.
+    whose state has at least :data:`AUTO_TRITON_MIN_NUMEL` elements (``numel``; unknown counts as large)
+    or whose loop is ``captured`` as a CUDA graph, and PyTorch otherwise.
     """
     name = backend if backend is not None else os.environ.get("FLOWSDE_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in BACKENDS:
@@ -38,7 +45,8 @@ def resolve_backend(backend=None, device=None) -> str:
     name = name.lower()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if name == "auto":
-        return "triton" if (HAS_TRITON and dev.type == "cuda") else "torch"
+        large = numel is None or numel >= AUTO_TRITON_MIN_NUMEL or captured
+        return "triton" if (HAS_TRITON and dev.type == "cuda" and large) else "torch"
     if name == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' needs the triton package, which does not import here")
@@ -50,12 +58,21 @@ def resolve_backend(backend=None, device=None) -> str:
 
 class PhiloxNoise:
     """Deferred standard normals ``z[i] = tl.randn(key, i)``: the triton backend draws them inside the
-    kernel; the torch backend materialises them with the PyTorch mirror."""
+    kernel; the torch backend materialises them with the PyTorch mirror.
+
+    ``key`` is a host int, or a 0-dim int64 tensor on the data's device that the kernel reads from memory
+    when it runs: a captured CUDA graph then draws fresh noise when the key's memory is rewritten.
+    """
 
     __slots__ = ("key",)
 
-    def __init__(self, key: int):
-        self.key = int(key) & KEY_MASK
+    def __init__(self, key):
+        if isinstance(key, torch.Tensor):
+            if key.dim() != 0 or key.dtype != torch.int64:
+                raise TypeError(f"a tensor Philox key must be a 0-dim int64 tensor, got {key.dtype} {tuple(key.shape)}")
+            self.key = key
+        else:
+            self.key = int(key) & KEY_MASK
 
 
 class TorchOps:
@@ -123,7 +140,8 @@ class TritonOps(TorchOps):
         return self.combine([(1.0, y)] + list(terms), g, dw, rowwise=noise_type == "scalar")
 
     def normal(self, key, shape, dtype, device):
-        return self._c.randn(int(key) & KEY_MASK, tuple(shape), dtype, device)
+        key = key if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
+        return self._c.randn(key, tuple(shape), dtype, device)
 
 
 
@@ -134,9 +152,9 @@ def _noise_shape(y, noise_type):
 _OPS = {}
 
 
-def ops(backend=None, device=None) -> TorchOps:
+def ops(backend=None, device=None, numel=None, captured=False) -> TorchOps:
     """The op set of the backend resolved for ``device`` (see :func:`resolve_backend`)."""
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, numel, captured)
     if name not in _OPS:
         _OPS[name] = TritonOps() if name == "triton" else TorchOps()
     return _OPS[name]
@@ -150,4 +168,4 @@ lerp = reference.lerp
 hermite = reference.hermite
 
 __all__ = ["resolve_backend", "ops", "TorchOps", "TritonOps", "PhiloxNoise", "lincomb", "noise_prod",
-           "sde_update", "lerp", "hermite", "HAS_TRITON", "BACKENDS", "reference"]
+           "sde_update", "lerp", "hermite", "HAS_TRITON", "BACKENDS", "AUTO_TRITON_MIN_NUMEL", "reference"]

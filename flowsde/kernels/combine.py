@@ -21,6 +21,9 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
+# elements per program and warps per program of the elementwise kernels (combine, randn); tuned on an
+# H100 with benchmarks/gpu_kernels.py --tune (see benchmarks/RESULTS.md)
+CONFIG = {"block": 1024, "num_warps": 4}
 MAX_TERMS = 6
 MAX_NOISE = 2
 
@@ -85,6 +88,8 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
             gz = _term(gz, g1, offs, mask, sh1, sl1, F64)
         if NOISE == 1:
             z = tl.load(dw_ptr + nidx, mask=mask, other=0.0)
+        elif NOISE == 3:  # the key read from device memory (a captured graph's replays see new keys)
+            z = tl.randn(tl.load(key), nidx)
         else:
             z = tl.randn(key, nidx)
         if F64:
@@ -95,18 +100,58 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
 
 
 @triton.jit
-def randn_kernel(out_ptr, key, n, BLOCK_SIZE: tl.constexpr):
-    """``out[i] = tl.randn(key, i)``."""
+def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """``out[i] = tl.randn(key, i)`` (``key`` read from memory when ``KEY_IN_MEMORY``)."""
     offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
-    z = tl.randn(key, offs)
+    if KEY_IN_MEMORY:
+        z = tl.randn(tl.load(key), offs)
+    else:
+        z = tl.randn(key, offs)
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launch wrappers ---------------------------------------------------------------------------------
 
+import os  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+# Triton's own launch path (binding every argument, building a specialisation key) costs ~75 µs of host
+# time per launch on an H100 machine (benchmarks/RESULTS.md), ~7x a PyTorch op: per-step loops are host
+# bound on it. After the first launch of a specialisation, flowsde keeps the compiled kernel under its own
+# key, which has everything Triton specialises on (dtypes, 16-byte alignment of every pointer, integers'
+# divisibility by 16, ==1 and width; the constexprs; num_warps), and launches it directly.
+# FLOWSDE_FAST_LAUNCH=0 turns this off.
+FAST_LAUNCH = os.environ.get("FLOWSDE_FAST_LAUNCH", "1") != "0"
+_COMPILED = {}
+
+
+def _spec(a):
+    if type(a) is float:
+        return 0
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool):
+        return "b", a
+    if isinstance(a, int):
+        return "i", a % 16 == 0, a == 1, -2 ** 31 <= a < 2 ** 31
+    return type(a).__name__
+
+
+def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, cuda: bool):
+    """``kernel[(n_programs,)](*args, **consts, num_warps=num_warps)``, through the fast path on CUDA."""
+    grid = (n_programs, 1, 1)
+    if not (FAST_LAUNCH and cuda):
+        kernel[grid](*args, **consts, num_warps=num_warps)
+        return
+    key = (kernel, num_warps, tuple(consts.values()), torch.cuda.current_device(), tuple(_spec(a) for a in args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:  # Triton's path compiles (or finds) the kernel and launches it
+        _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps)
+        return
+    compiled[grid](*args, *consts.values())
 
 
 def _split(c: float):
@@ -126,7 +171,8 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
 
     ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes shape and dtype), ``diffusion``:
     ``[(s, g or None)]`` (0 to 2; ``None`` means ``g = 1``, allowed alone), ``noise``: a tensor (the
-    increments: ``y.shape``, or ``(batch, 1)`` with ``rowwise``) or ``None`` to draw ``tl.randn(key, i)``.
+    increments: ``y.shape``, or ``(batch, 1)`` with ``rowwise``) or ``None`` to draw ``tl.randn(key, i)``;
+    ``key`` an int, or a 0-dim int64 tensor on the data's device that the kernel reads when it runs.
     ``out``: an optional preallocated contiguous result (it may be one of the inputs: each element is
     read before it is written), so a loop need not allocate per step.
     """
@@ -150,21 +196,30 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     gs = [] if unit else [_flat(g.reshape(shape) if g.numel() == n else g, shape) for _, g in diffusion]
     gs = gs + [ts[0]] * (MAX_NOISE - len(gs))
     ss = [_split(float(s)) for s, _ in diffusion] + [(0.0, 0.0)] * (MAX_NOISE - len(diffusion))
-    mode = 0 if not diffusion else (1 if noise is not None else 2)
+    key_in_memory = isinstance(key, torch.Tensor)
+    if key_in_memory and (key.dtype != torch.int64 or key.numel() != 1 or key.device != like.device):
+        raise ValueError(f"a tensor key must be one int64 element on {like.device}")
+    mode = 0 if not diffusion else (1 if noise is not None else (3 if key_in_memory else 2))
     dw = ts[0] if noise is None else noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().reshape(-1)
     row = max(1, n // shape[0]) if rowwise and shape else 1
-    grid = (triton.cdiv(n, BLOCK),)
-    combine_kernel[grid](out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], dw,
-                         int(key), n, row, NT=len(ts), NG=len(diffusion), NOISE=mode, ROWWISE=bool(rowwise),
-                         UNIT=unit, F64=dtype == torch.float64, BLOCK_SIZE=BLOCK)
+    blk = CONFIG["block"]
+    args = [out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], dw,
+            key if key_in_memory else int(key), n, row]
+    consts = dict(NT=len(ts), NG=len(diffusion), NOISE=mode, ROWWISE=bool(rowwise), UNIT=unit,
+                  F64=dtype == torch.float64, BLOCK_SIZE=blk)
+    _launch(combine_kernel, triton.cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
     return out
 
 
-def randn(key: int, shape, dtype, device) -> torch.Tensor:
-    """Standard normals ``tl.randn(key, i)`` for ``i = 0 .. numel-1``, laid out in ``shape``."""
+def randn(key, shape, dtype, device) -> torch.Tensor:
+    """Standard normals ``tl.randn(key, i)`` for ``i = 0 .. numel-1``, laid out in ``shape`` (``key``: an
+    int, or a 0-dim int64 tensor on ``device``)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     n = out.numel()
-    randn_kernel[(triton.cdiv(n, BLOCK),)](out, int(key), n, BLOCK_SIZE=BLOCK)
+    in_memory = isinstance(key, torch.Tensor)
+    blk = CONFIG["block"]
+    randn_kernel[(triton.cdiv(n, blk),)](out, key if in_memory else int(key), n, KEY_IN_MEMORY=in_memory,
+                                         BLOCK_SIZE=blk, num_warps=CONFIG["num_warps"])
     return out
 
 
@@ -198,8 +253,8 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
     out = torch.empty(B, dtype=acc_dtype, device=y1.device)
     rh, rl = _split(rtol)
     ah, al = _split(atol)
-    error_norm_kernel[(B,)](out, y0, y1, err, row, rh, rl, ah, al, F64=acc_dtype == torch.float64,
-                            BLOCK_SIZE=min(BLOCK, triton.next_power_of_2(row)))
+    _launch(error_norm_kernel, B, [out, y0, y1, err, row, rh, rl, ah, al],
+            dict(F64=acc_dtype == torch.float64, BLOCK_SIZE=min(BLOCK, triton.next_power_of_2(row))), 4, out.is_cuda)
     return out
 
 

@@ -26,9 +26,10 @@ def _mul_hi_lo(a: int, b: torch.Tensor):
     return hi & _M32, lo & _M32
 
 
-def philox4x32(key: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
+def philox4x32(key, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
                rounds: int = 10):
-    """Philox-4x32 with a 64-bit key on counters given as int64 tensors holding uint32 values."""
+    """Philox-4x32 with a 64-bit key (an int or a 0-dim int64 tensor) on counters given as int64 tensors
+    holding uint32 values."""
     k0, k1 = key & _M32, (key >> 32) & _M32
     for _ in range(rounds):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
@@ -45,14 +46,17 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return s.to(torch.float32) * 4.6566127342e-10
 
 
-def philox_randint(key: int, n: int, device="cpu"):
-    """The four uint32 streams (as int64) of ``tl.randint4x(key, offset)`` for ``offset = 0 .. n-1``."""
+def philox_randint(key, n: int, device="cpu"):
+    """The four uint32 streams (as int64) of ``tl.randint4x(key, offset)`` for ``offset = 0 .. n-1``.
+
+    ``key``: an int, or a 0-dim int64 tensor (read on the device, never on the host)."""
     off = torch.arange(n, dtype=torch.int64, device=device)
     zero = torch.zeros_like(off)
-    return philox4x32(int(key) & KEY_MASK, off & _M32, (off >> 32) & _M32, zero, zero)
+    key = key & KEY_MASK if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
+    return philox4x32(key, off & _M32, (off >> 32) & _M32, zero, zero)
 
 
-def philox_randn(key: int, n: int, device="cpu") -> torch.Tensor:
+def philox_randn(key, n: int, device="cpu") -> torch.Tensor:
     """``tl.randn(key, offset)`` for ``offset = 0 .. n-1``: float32 standard normals (Box–Muller)."""
     i1, i2, _, _ = philox_randint(key, n, device)
     u1 = torch.clamp(_uniform(i1), min=1.0e-7)

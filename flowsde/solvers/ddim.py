@@ -17,7 +17,6 @@ import torch
 
 from .. import kernels
 from ..brownian import GridBrownian
-from ..kernels import PhiloxNoise
 from . import fixed
 
 
@@ -46,23 +45,33 @@ def ddim(field, x0: torch.Tensor, grid: np.ndarray, alpha: Sequence[float], beta
     The eta noise comes from ``stream`` (default: ``philox`` in the kernel on the triton backend,
     ``torch`` otherwise).
     """
+    return ddim_loop(field, grid, alpha, beta, eta, x0, ops, seed=seed, stream=stream)(x0)
+
+
+def ddim_loop(field, grid: np.ndarray, alpha: Sequence[float], beta: Sequence[float], eta: float, like, ops=None,
+              seed=None, stream=None, noise=None):
+    """The DDIM loop of :func:`ddim` with everything it needs prepared (time table on the device, noise
+    scales, noise source): returns ``run(x0) -> x``, whose body only launches work (capturable as a CUDA
+    graph). ``noise``: a source with ``draw(k)`` (default: a :class:`~flowsde.brownian.GridBrownian`
+    from ``seed`` on ``stream``)."""
     ops = kernels.ops("torch") if ops is None else ops
-    times = fixed.StageTimes(grid, (0.0,), x0.dtype, x0.device)
+    times = fixed.StageTimes(grid, (0.0,), like.dtype, like.device)
     scales = ddim_noise_scales(alpha, beta, eta)
-    noise = None
-    if any(scales):
+    if noise is None and any(scales):
         stream = stream or ("philox" if ops.name == "triton" else "torch")
-        noise = GridBrownian(grid, tuple(x0.shape), seed, x0.dtype, x0.device, stream=stream)
-    x = x0
+        noise = GridBrownian(grid, tuple(like.shape), seed, like.dtype, like.device, stream=stream)
+    steps = []
     for k in range(len(grid) - 1):
-        outs = field.outputs(times[k][0], x)
         p1, p2, q1, q2 = field.denoise_coefficients(k)
         s, a1, b1 = scales[k], alpha[k + 1], beta[k + 1]
         c = math.sqrt(max(b1 * b1 - s * s, 0.0))
-        terms = [(a1 * p1 + c * q1, x)] + [(w * (a1 * p2 + c * q2), o) for w, o in outs]
-        if s:
-            xi = PhiloxNoise(noise.philox_key(k)) if noise.stream == "philox" else noise.normal(k)
-            x = ops.combine(terms, [(s, None)], xi)
-        else:
-            x = ops.combine(terms)
-    return x
+        steps.append((a1 * p1 + c * q1, a1 * p2 + c * q2, s))
+
+    def run(x0):
+        x = x0
+        for k, (cx, co, s) in enumerate(steps):
+            outs = field.outputs(times[k][0], x)
+            terms = [(cx, x)] + [(w * co, o) for w, o in outs]
+            x = ops.combine(terms, [(s, None)], noise.draw(k)) if s else ops.combine(terms)
+        return x
+    return run

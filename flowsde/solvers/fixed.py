@@ -57,7 +57,10 @@ class StageTimes:
         t0, h = grid[:-1], np.diff(grid)
         cols = [grid[1:] if ci == 1.0 else t0 + ci * h for ci in c]
         table = np.stack(cols, axis=1)
-        self.table = torch.as_tensor(table, dtype=torch.float64).to(device=device, dtype=dtype)
+        host = torch.as_tensor(table, dtype=torch.float64)
+        if torch.device(device).type == "cuda":  # an asynchronous copy from pinned memory: no host sync
+            host = host.pin_memory()
+        self.table = host.to(device=device, non_blocking=True).to(dtype)
         views = self.table.reshape(-1).unbind(0)  # all views made here, none in the loop
         s = len(c)
         self._rows = [views[k * s:(k + 1) * s] for k in range(len(t0))]

@@ -77,7 +77,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     y0 = _checks.check_state("y0", y0)
     t = _checks.check_times("t", t, y0)
     t_host = _checks.host_times("t", t)
-    ops = kernels.ops(opts.get("backend"), y0.device)
+    ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
     if adaptive:
         return _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes)
 

@@ -79,10 +79,9 @@ class StepContext:
                                    stream=stream)
             self.own_grid = True
         if self.own_grid:
-            if self.bm.stream == "philox":
-                z = PhiloxNoise(self.bm.philox_key(k))
-                return z, self.sqrt_h[k]
-            z, scale = self.bm.normal(k), self.sqrt_h[k]
+            z, scale = self.bm.draw(k), self.sqrt_h[k]
+            if isinstance(z, PhiloxNoise):
+                return z, scale
         else:
             z, scale = self.bm(self.grid[k], self.grid[k + 1]), 1.0
         return _checks.check_output("bm (Brownian increment)", z, self.like, self.noise_shape()), scale
@@ -146,7 +145,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ts = _checks.check_times("ts", ts, y0)
     ts_host = _checks.host_times("ts", ts, increasing_only=True)
     step = _checks.check_step("dt", dt)
-    ops = kernels.ops(opts.get("backend"), y0.device)
+    ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if bm is not None:
