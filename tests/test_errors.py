@@ -28,9 +28,18 @@ def test_unknown_method_lists_the_known_ones():
         flowsde.sdeint(GeometricBrownianMotion(), Y0, T, method="srk")
 
 
-def test_adaptive_sdes_are_refused_clearly_for_now():
-    with pytest.raises(NotImplementedError, match="adaptive"):
-        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, adaptive=True)
+def test_adaptive_sde_bad_input():
+    from flowsde.brownian import GridBrownian
+    y0, t = torch.ones(4, 1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    grid_bm = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(4, 1), dtype=torch.float64)
+    with pytest.raises(ValueError, match="queried at any time"):
+        flowsde.sdeint(GeometricBrownianMotion(), y0, t, bm=grid_bm, adaptive=True)
+    with pytest.raises(ValueError, match="cannot both be 0"):
+        flowsde.sdeint(GeometricBrownianMotion(), y0, t, adaptive=True, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dt_min"):
+        flowsde.sdeint(GeometricBrownianMotion(), y0, t, adaptive=True, dt_min=0.0)
+    with pytest.raises(ValueError, match="unknown option"):
+        flowsde.sdeint(GeometricBrownianMotion(), y0, t, adaptive=True, options=dict(per_sample=True))
 
 
 def test_field_with_wrong_shape_or_dtype():

@@ -114,9 +114,9 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     (same seed, same result). ``options``: ``return_stats`` (returns ``(ys, stats)`` with ``nfe``,
     ``nge``, ``steps``), ``grad_free``, ``backend``.
     """
-    opts = _checks.check_options(options, SDE_OPTIONS, "sdeint")
-    if adaptive:
-        raise NotImplementedError("adaptive=True is not available in this version of flowsde: pass a fixed dt")
+    from .adaptive_sde import ADAPTIVE_SDE_OPTIONS, sdeint_adaptive
+    opts = _checks.check_options(options, ADAPTIVE_SDE_OPTIONS if adaptive else SDE_OPTIONS,
+                                 f"sdeint(adaptive={bool(adaptive)})")
     for attr, allowed in (("noise_type", NOISE_TYPES), ("sde_type", SDE_TYPES)):
         if not hasattr(sde, attr):
             raise ValueError(f"sde has no attribute {attr}: set it to one of {allowed}")
@@ -161,6 +161,8 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
                     raise ValueError(f"bm covers [{float(bm.t0)}, {float(bm.t1)}] but ts spans "
                                      f"[{ts_host[0]}, {ts_host[-1]}]")
 
+    if adaptive:
+        return sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
     return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
                          bool(opts.get("return_stats", False)), ops)
