@@ -86,8 +86,8 @@ def test_adaptive_options_and_gradients():
     t = torch.linspace(0, 1, 3, dtype=F64)
     with pytest.raises(ValueError, match="per_sample=True needs a tensor y0"):
         flowsde.odeint(lambda t, s: s, (y0, y0), t, options=dict(per_sample=True))
-    with pytest.raises(ValueError, match="unknown option.*step_t"):
-        flowsde.odeint(nonlinear, y0, t, options=dict(step_t=[0.5]))
+    with pytest.raises(ValueError, match="step_t and jump_t are supported with per_sample=False"):
+        flowsde.odeint(nonlinear, y0.detach(), t, options=dict(step_t=[0.5], per_sample=True))
     with pytest.raises(ValueError, match="rtol must be >= 0"):
         flowsde.odeint(nonlinear, y0, t, rtol=-1.0)
     ga = torch.autograd.grad(flowsde.odeint(nonlinear, y0, t).sum(), y0)[0]
@@ -159,3 +159,33 @@ def test_per_sample_checks_compaction_status_and_backends():
     assert torch.isnan(ys[-1, 3]).all() and not torch.isnan(ys[-1, 0]).any()
     with pytest.raises(RuntimeError, match="max_num_steps"):
         flowsde.odeint(f, y0, t, options=dict(per_sample=True, max_num_steps=30))
+
+
+@pytest.mark.parametrize("backwards", [False, True])
+@pytest.mark.parametrize("opt", ["jump_t", "step_t", "both"])
+def test_step_t_and_jump_t_match_torchdiffeq_step_for_step(opt, backwards):
+    """A field with a jump in time at t = 0.5: without jump_t both libraries crawl over it with hundreds of
+    evaluations; with it, each steps onto the jump, re-evaluates the field just after it and goes on.
+    flowsde gives torchdiffeq's numbers with the same number of evaluations."""
+    calls = {"n": 0}
+
+    def f(t, y):
+        calls["n"] += 1
+        return torch.where(t < 0.5, -y, 2.0 * y) + torch.sin(3 * t)
+
+    y0 = torch.tensor([[1.0], [0.5]], dtype=F64)
+    t = torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0], dtype=F64)
+    t = t.flip(0) if backwards else t
+    jump = torch.tensor([0.5], dtype=F64)
+    steps = torch.tensor([0.25, 0.7], dtype=F64)
+    o = {"jump_t": dict(jump_t=jump), "step_t": dict(step_t=torch.cat([steps, jump])),
+         "both": dict(jump_t=jump, step_t=steps)}[opt]
+    a = flowsde.odeint(f, y0, t, rtol=1e-7, atol=1e-9, options=o)
+    n_flowsde, calls["n"] = calls["n"], 0
+    b = torchdiffeq.odeint(f, y0, t, rtol=1e-7, atol=1e-9, options=o)
+    assert float((a - b).abs().max()) < 1e-12
+    assert n_flowsde == calls["n"]
+    calls["n"] = 0
+    flowsde.odeint(f, y0, t, rtol=1e-7, atol=1e-9)
+    if opt != "step_t":
+        assert calls["n"] > 3 * n_flowsde  # the jump, unannounced, costs many more evaluations

@@ -70,7 +70,7 @@ HEUN_EULER = EmbeddedTableau("heun_euler", (1.0,), ((1.0,),), (0.5, 0.5), (0.5, 
 
 ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor",
-                    "check_every", "return_stats", "backend", "per_sample")
+                    "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t")
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +78,15 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts,
-                       ops, field_check):
+                       ops, field_check, f_start=None, dt_start=None, land=False):
     """Integrate ``func`` from ``t_out[0]`` through every ``t_out`` (increasing) with the pair ``tab``.
 
-    ``field_check(out)`` validates a field value. Returns ``(ys, stats)``.
+    ``field_check(out)`` validates a field value. ``f_start`` / ``dt_start``: the derivative at the start
+    and the first step (device tensors), carried over from a previous piece (see :func:`integrate_pieces`);
+    ``land``: clip the step that would pass ``t_out[-1]`` so it ends there exactly (instead of overshooting
+    and interpolating).
+    Returns ``(ys, stats)``; ``stats["_f"]`` and ``stats["_dt"]`` hold the derivative at the end and the
+    next step size, for a following piece.
     """
     dev, ydt = y0.device, y0.dtype
     f64 = dict(dtype=torch.float64, device=dev)
@@ -108,9 +113,11 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     t0 = t_outs[0].clone()
     t_end = float(t_out[-1])
     y = y0
-    f0 = f(t0, y)
+    f0 = f(t0, y) if f_start is None else f_start
     first = opts.get("first_step")
-    if first is not None:
+    if dt_start is not None:
+        dt = dt_start
+    elif first is not None:
         dt = torch.as_tensor(_checks.check_step("first_step", first), **f64)
     else:
         with torch.no_grad():  # step sizes carry no gradient (the probe is one evaluation, as in torchdiffeq)
@@ -132,7 +139,13 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         active = t0 < t_end_t  # False only in the steps between finishing and the next host check
         dt = torch.where(torch.isfinite(dt), dt, min_step)
         dt = torch.minimum(torch.maximum(dt, min_step), max_step)
-        t1 = t0 + dt
+        if land:  # a step that would pass the end ends on it exactly; the controller sees the clipped step
+            room = t_end_t - t0
+            clip = dt >= room
+            dt = torch.where(clip & active, room, dt)
+            t1 = torch.where(clip & active, t_end_t, t0 + dt)
+        else:
+            t1 = t0 + dt
         dty = dt.to(ydt)
         ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
         ratio = _rms(err / (atol_t + rtol_t * torch.maximum(y.abs(), y1.abs())))
@@ -155,7 +168,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         y = torch.where(accept, y1, y)
         f0 = torch.where(accept, ks[-1], f0)
         t0 = torch.where(accept, t1, t0)
-        dt = dt_next
+        dt = torch.where(active, dt_next, dt)
         accepted += accept.to(torch.int64)
         rejected += (~accept & active).to(torch.int64)
         if steps % check_every == 0:
@@ -165,8 +178,52 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             first_pending = int(np.searchsorted(t_out, t_now, side="right"))
     ys = torch.stack([o if o is not None else torch.full_like(y0, float("nan")) for o in outs])
     ys = torch.where(written.reshape(-1, *([1] * y0.dim())), ys, torch.full_like(ys, float("nan")))
-    stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected), "status": status}
+    stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected), "status": status,
+             "_f": f0, "_dt": dt}
     return ys, stats
+
+
+def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts, ops,
+                     field_check, step_t=(), jump_t=()):
+    """:func:`integrate_adaptive` with steps that end exactly on ``step_t`` and ``jump_t`` (increasing time).
+
+    The interval is cut at those times (inside it) and the pieces solved one after another, the step
+    size and, across a ``step_t``, the derivative carried over (no extra evaluation: the steps are those of
+    one solve whose steps are clipped to land on the times, as torchdiffeq's). Across a ``jump_t`` the
+    field is discontinuous: the derivative is evaluated again just after it (at the next float), on the
+    side the solve continues on — torchdiffeq's convention.
+    """
+    t0, t1 = float(t_out[0]), float(t_out[-1])
+    jumps = {float(v) for v in jump_t if t0 < v < t1}
+    cuts = sorted({float(v) for v in step_t if t0 < v < t1} | jumps)
+    if not cuts:
+        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check)
+    ends = cuts + [t1]
+    outs, y, a, f_start, dt_start = [y0], y0, t0, None, None
+    total = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
+    for b in ends:
+        inner = [float(v) for v in t_out if a < v < b]
+        piece = np.array([a] + inner + [b], dtype=np.float64)
+        ys, st = integrate_adaptive(func, y, piece, tab, rtol, atol, opts, ops, field_check, f_start, dt_start,
+                                    land=b != t1)
+        for key in ("nfe", "steps", "accepted", "rejected"):
+            total[key] += st[key]
+        outs.extend(ys[1:len(inner) + 1].unbind(0))
+        if b == t1 or b in set(map(float, t_out)):
+            outs.append(ys[-1])
+        if st["status"] != "success":
+            total["status"] = st["status"]
+            break
+        y, a, dt_start = ys[-1], b, st["_dt"]
+        if b in jumps:
+            after = torch.as_tensor(np.nextafter(b, np.inf), dtype=torch.float64, device=y0.device)
+            f_start = field_check(func(after.to(y0.dtype), y))
+            total["nfe"] += 1
+        else:
+            f_start = st["_f"]
+    while len(outs) < len(t_out):
+        outs.append(torch.full_like(y0, float("nan")))
+    return torch.stack(outs), total
 
 
 def embedded_step(f, tab: EmbeddedTableau, y, f0, t0, t1, dt, dty, ops):
@@ -174,8 +231,9 @@ def embedded_step(f, tab: EmbeddedTableau, y, f0, t0, t1, dt, dty, ops):
     (a scalar, or one per row), ``dty`` the same in ``y``'s dtype laid out to broadcast against ``y``."""
     ks = [f0]
     yi = y
+    t1_prev = torch.nextafter(t1, t1 - 1)  # stages at the step's end: just before it, as torchdiffeq's
     for ci, row in zip(tab.c, tab.a):
-        ti = t1 if ci == 1.0 else t0 + ci * dt
+        ti = t1_prev if ci == 1.0 else t0 + ci * dt
         yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
         ks.append(f(ti, yi))
     y1 = yi if tab.fsal else torch.addcmul(y, dty, ops.combine(list(zip(tab.b, ks))))

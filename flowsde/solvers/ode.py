@@ -8,7 +8,7 @@ import torch
 
 from .. import _checks, kernels
 from . import fixed
-from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, integrate_adaptive, integrate_per_sample
+from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, integrate_per_sample, integrate_pieces
 from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
 
 #: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
@@ -142,9 +142,22 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
     shape = tuple(y0.shape)
     check = lambda out: _checks.check_output("func", out, y0, shape)  # noqa: E731
     check_rows = lambda out, y: _checks.check_output("func", out, y0, tuple(y.shape))  # noqa: E731
+    stops = {}
+    for name in ("step_t", "jump_t"):
+        v = opts.get(name)
+        if v is None:
+            stops[name] = np.zeros(0)
+            continue
+        v = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{name} must hold finite times, got {v}")
+        stops[name] = v
+    if per_sample and (stops["step_t"].size or stops["jump_t"].size):
+        raise ValueError("step_t and jump_t are supported with per_sample=False")
     f, th = func, t_host
     if t_host[0] > t_host[-1]:  # backwards in time: integrate s = -t (as torchdiffeq does)
         f, th = (lambda s, y: -func(-s, y)), -t_host
+        stops = {k: -v for k, v in stops.items()}
     if per_sample:
         ys, stats = integrate_per_sample(f, y0, th, tab, rtol, atol, opts, ops, check_rows)
         if opts.get("return_stats", False):
@@ -153,7 +166,8 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
             raise RuntimeError("odeint stopped at max_num_steps before every sample reached the end; pass "
                                "options=dict(return_stats=True) to get what was computed and each status")
         return ys
-    ys, stats = integrate_adaptive(f, y0, th, tab, rtol, atol, opts, ops, check)
+    ys, stats = integrate_pieces(f, y0, th, tab, rtol, atol, opts, ops, check, stops["step_t"], stops["jump_t"])
+    stats = {k: v for k, v in stats.items() if not k.startswith("_")}
     if shapes is not None:
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
     if opts.get("return_stats", False):
