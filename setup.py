@@ -21,11 +21,15 @@ setup(
         "torchdiffeq>=0.2.3",
         "torchsde>=0.2.6",
         "scipy",
+        "matplotlib",
+        "tqdm",
         'triton; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest>=7"],
-        "bench": ["pytest>=7", "pytest-benchmark>=4"],
+        # diffusers: its flow-matching schedulers are peers in `flowsde bench` (skipped when absent)
+        "diffusers": ["diffusers>=0.32"],
+        "test": ["pytest>=7", "diffusers>=0.32"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "diffusers>=0.32"],
     },
     entry_points={"console_scripts": ["flowsde = flowsde.cli:main"]},
     classifiers=[

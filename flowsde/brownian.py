@@ -87,6 +87,8 @@ class GridBrownian(BrownianMotion):
         stream: ``"torch"`` (a ``torch.Generator`` seeded per step: fast on any device) or ``"philox"``
             (Triton's counter-based stream ``tl.randn(key_k, i)``, the one the fused kernels draw in
             registers; here computed by its PyTorch mirror, slow but exact).
+        row_start: on the philox stream, this motion is rows ``row_start ..`` of a larger batch with the
+            same seed (the shards of a distributed study draw exactly the rows of a one-process run).
 
     ``bm.step(k)`` is the increment over grid step ``k``. ``bm(ta, tb)`` accepts any two grid times
     (within a relative tolerance of 1e-9 of the grid spacing) and sums the step increments in between.
@@ -94,7 +96,7 @@ class GridBrownian(BrownianMotion):
 
     def __init__(self, grid: Optional[Sequence[float]] = None, shape=(1,), seed: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device="cpu", *, t0: Optional[float] = None,
-                 t1: Optional[float] = None, steps: Optional[int] = None, stream: str = "torch"):
+                 t1: Optional[float] = None, steps: Optional[int] = None, stream: str = "torch", row_start: int = 0):
         if grid is None:
             if t0 is None or t1 is None or steps is None:
                 raise ValueError("GridBrownian needs either grid= or all of t0=, t1= and steps=")
@@ -119,13 +121,17 @@ class GridBrownian(BrownianMotion):
             raise ValueError(f"stream must be 'torch' or 'philox', got {stream!r}")
         self.stream = stream
         self._gen = torch.Generator(device=self.device) if stream == "torch" else None
+        if row_start and stream != "philox":
+            raise ValueError("row_start needs stream='philox' (a counter-based stream can be drawn in slices)")
+        per_row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        self._offset = int(row_start) * per_row
         self._tol = 1e-9 * float(np.min(np.diff(grid)))
 
     def normal(self, k: int) -> torch.Tensor:
         """The standard normal draw behind step ``k`` (shape ``self.shape``)."""
         if self.stream == "philox":
             n = int(np.prod(self.shape)) if self.shape else 1
-            return philox_randn(self.philox_key(k), n, self.device).to(self.dtype).reshape(self.shape)
+            return philox_randn(self.philox_key(k), n, self.device, self._offset).to(self.dtype).reshape(self.shape)
         self._gen.manual_seed(self._keys[k])
         return torch.randn(self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
 
@@ -149,12 +155,7 @@ class GridBrownian(BrownianMotion):
 
     def index(self, t: float) -> int:
         """The grid index of time ``t``; a ``ValueError`` if ``t`` is not a grid time."""
-        i = int(np.searchsorted(self.grid, t))
-        for j in (i - 1, i):
-            if 0 <= j < self.grid.size and abs(self.grid[j] - t) <= self._tol:
-                return j
-        raise ValueError(f"time {t} is not a point of this GridBrownian's grid "
-                         f"([{self.t0}, {self.t1}] in {self.grid.size - 1} steps): query grid times only")
+        return _grid_index(self, t)
 
     def increment(self, ta: float, tb: float) -> torch.Tensor:
         ia, ib = self.index(ta), self.index(tb)
@@ -173,6 +174,33 @@ class GridBrownian(BrownianMotion):
         return (f"GridBrownian(t0={self.t0}, t1={self.t1}, steps={self.grid.size - 1}, shape={self.shape}, "
                 f"seed={self.seed}, dtype={self.dtype}, device={self.device})")
 
+
+
+def _grid_index(bm, t: float) -> int:
+    i = int(np.searchsorted(bm.grid, t))
+    for j in (i - 1, i):
+        if 0 <= j < bm.grid.size and abs(bm.grid[j] - t) <= bm._tol:
+            return j
+    raise ValueError(f"time {t} is not a point of this {type(bm).__name__}'s grid "
+                     f"([{bm.t0}, {bm.t1}] in {bm.grid.size - 1} steps): query grid times only")
+
+
+class SampledPath(BrownianMotion):
+    """A Brownian path known at the points of a grid: ``values[i] = W(grid[i]) - W(grid[0])`` (as
+    :meth:`GridBrownian.path` returns). Increments between grid times are differences of stored values,
+    so the many solves of a convergence study share one path without drawing it again."""
+
+    def __init__(self, grid, values: torch.Tensor):
+        grid = np.asarray(grid, dtype=np.float64)
+        if values.shape[0] != grid.size:
+            raise ValueError(f"values must have one row per grid time ({grid.size}), got {values.shape[0]}")
+        self.grid, self.values = grid, values
+        self.t0, self.t1 = float(grid[0]), float(grid[-1])
+        self.shape, self.dtype, self.device = tuple(values.shape[1:]), values.dtype, values.device
+        self._tol = 1e-9 * float(np.min(np.diff(grid)))
+
+    def increment(self, ta: float, tb: float) -> torch.Tensor:
+        return self.values[_grid_index(self, tb)] - self.values[_grid_index(self, ta)]
 
 
 class DeviceKeys:

@@ -1,8 +1,16 @@
-"""The ``flowsde`` command line: ``flowsde`` (or ``python -m flowsde``) prints a convergence table of
-every method on the Ornstein–Uhlenbeck problem."""
+"""The ``flowsde`` command line (``python -m flowsde`` too).
+
+    flowsde                                   every method's convergence on the OU problem (the default)
+    flowsde converge --problem ou [--method euler] [--kind strong|weak] [--quick] [--json F] [--plot F.png]
+    flowsde bench [--quick] [--json F] [--plot F.png]
+    torchrun --nproc_per_node 2 -m flowsde converge ...     paths sharded over processes (gloo / nccl)
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sys
 import time
 from typing import List, Optional
@@ -10,80 +18,129 @@ from typing import List, Optional
 import torch
 
 from . import __version__
-from .problems import GeometricBrownianMotion, OrnsteinUhlenbeck
-from .solvers import ODE_METHODS
-from .studies import Convergence, format_table, ode_convergence, sde_convergence, shared_path
-
-ODE_STEPS = [8, 16, 32, 64, 128]
-SDE_STEPS = [8, 16, 32, 64, 128]
+from .studies import (PROBLEMS, SDE_PROBLEMS, Convergence, _dist, convergence, default_steps, format_table,
+                      methods_for, plot_convergence)
 
 
-def convergence_rows(problem: str = "ou", paths: int = 4000, seed: int = 0, theta: float = 1.0,
-                     sigma: float = 1.0, t1: float = 1.0, n_fine: int = 1024) -> List[Convergence]:
-    """Every method's convergence study on the OU problem (``problem="ou"``) or on GBM (``"gbm"``).
-
-    ODE methods integrate the noise-free drift (exact ``x0 e^{-theta t}`` for OU, ``x0 e^{mu t}`` for GBM);
-    SDE methods run strong studies along one shared Brownian path, and Euler–Maruyama a weak study too.
-    """
-    if problem not in ("ou", "gbm"):
-        raise ValueError(f"problem must be 'ou' or 'gbm', got {problem!r}")
-    y0 = torch.ones(paths, 1, dtype=torch.float64)
-    bm = shared_path(t1, n_fine, (paths, 1), seed)
-    rows: List[Convergence] = []
-    unique = {}
-    for name, tab in ODE_METHODS.items():
-        unique.setdefault(tab, name)
-    if problem == "ou":
-        ito = OrnsteinUhlenbeck(theta, sigma)
-        strat = OrnsteinUhlenbeck(theta, sigma, sde_type="stratonovich")
-        ref = ito.pathwise(y0, bm.grid, bm.path())
-        drift, exact_drift, label = ito.f, ito.mean(y0, t1), "ou"
-        sde_cases = [("euler", ito, 1.0, None), ("milstein", ito, 1.0, None), ("heun", strat, 1.0, None)]
-        ref_strat = ref
-    else:
-        ito = GeometricBrownianMotion(mu=0.5, sigma=sigma * 0.5)
-        strat = GeometricBrownianMotion(mu=0.5, sigma=sigma * 0.5, sde_type="stratonovich")
-        w = bm(0.0, t1)
-        ref, ref_strat = ito.exact(y0, t1, w), strat.exact(y0, t1, w)
-        drift, exact_drift, label = (lambda t, y: 0.5 * y), y0 * torch.exp(torch.tensor(0.5 * t1)), "gbm"
-        sde_cases = [("euler", ito, 0.5, None), ("milstein", ito, 1.0, None), ("heun", strat, 1.0, None)]
-    for tab, name in unique.items():
-        rows.append(ode_convergence(name, drift, y0[:1], t1, exact_drift[:1], ODE_STEPS, tab.order,
-                                    problem=label + " drift"))
-    for name, sde, order, opts in sde_cases:
-        r = ref_strat if sde.sde_type == "stratonovich" else ref
-        rows.append(sde_convergence(name, sde, y0, t1, bm, r, SDE_STEPS, order, problem=label, options=opts))
-    rows.append(sde_convergence("milstein", ito, y0, t1, bm, ref, SDE_STEPS, 1.0, problem=label + " grad-free",
-                                options=dict(grad_free=True)))
-    if problem == "ou":
-        rows.append(sde_convergence("euler", ito, y0, t1, bm, ref, SDE_STEPS, 1.0, kind="weak", problem=label))
+def convergence_rows(problem: str = "ou", paths: int = 4000, seed: int = 0, quick: bool = False, method=None,
+                     kind=None, device="cpu", progress: bool = False, steps=None) -> List[Convergence]:
+    """The studies ``flowsde converge`` runs: one method, or every method of the problem (with the weak
+    study of Euler–Maruyama where theory gives its weak order)."""
+    methods = [method] if method else list(methods_for(problem))
+    steps = steps or default_steps(problem, quick)
+    n_fine = 256 if quick else 1024
+    rows = []
+    if problem == "ou" and method is None:  # every method: the ODE ones on the OU drift too
+        rows += convergence_rows("ou_drift", quick=quick, device=device, progress=progress)
+    for m in methods:
+        kinds = [kind] if kind else (["strong"] + (["weak"] if problem in SDE_PROBLEMS
+                                                   and SDE_PROBLEMS[problem][m][1] is not None else []))
+        if problem not in SDE_PROBLEMS:
+            kinds = ["ode"]
+        for k in kinds:
+            rows.append(convergence(problem, m, steps, paths, seed, k, device, n_fine, progress))
     return rows
+
+
+def _machine(device) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _init_distributed(device: str):
+    """Join the process group ``torchrun`` set up (``WORLD_SIZE`` > 1); returns ``(rank, world)``."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+        if str(device).startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _dist()
+
+
+def _converge(args) -> int:
+    rank, world = _init_distributed(args.device)
+    paths = args.paths if args.paths else (1000 if args.quick else 4000)
+    start = time.perf_counter()
+    rows = convergence_rows(args.problem, paths, args.seed, args.quick, args.method, args.kind, args.device,
+                            progress=rank == 0 and sys.stderr.isatty())
+    if rank != 0:
+        return 0
+    sde = args.problem in SDE_PROBLEMS
+    print(f"flowsde {__version__}: convergence on the {args.problem} problem "
+          + (f"({paths} paths sharing one Brownian path, {world} process(es), float64)" if sde else "(float64)"))
+    if sde:
+        print("strong: mean |X_n - X_T| on the shared path (Brownian motion: RMS over the whole path); "
+              "weak: |mean (X_n - X_T)|")
+    print("order: least-squares slope of log error against log h, 95 % interval in brackets\n")
+    print(format_table(rows))
+    print("\n" + "\n".join(f"  {r.method:<12} {r.kind:<6} order {r.order:.3f} [{r.order_ci[0]:.3f}, "
+                           f"{r.order_ci[1]:.3f}]  theory {r.expected:g}" for r in rows))
+    print(f"\n{len(rows)} studies in {time.perf_counter() - start:.1f} s")
+    meta = {"flowsde": __version__, "command": "converge", "problem": args.problem, "paths": paths,
+            "seed": args.seed, "quick": args.quick, "world_size": world, "device": str(args.device),
+            "machine": _machine(args.device), "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(meta, studies=[r.to_dict() for r in rows]), fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_convergence(rows, args.plot, f"flowsde: convergence on {args.problem}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import format_bench, plot_bench, run_bench
+
+    start = time.perf_counter()
+    rows = run_bench(quick=args.quick, device=args.device, progress=sys.stderr.isatty())
+    print(f"flowsde {__version__}: accuracy against cost, flowsde and its peers in one run "
+          f"({_machine(args.device)}, {time.strftime('%Y-%m-%d')})\n")
+    print(format_bench(rows))
+    print(f"\n{len(rows)} runs in {time.perf_counter() - start:.1f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"flowsde": __version__, "command": "bench", "quick": args.quick, "device": str(args.device),
+                       "machine": _machine(args.device), "date": time.strftime("%Y-%m-%d"), "rows": rows}, fh,
+                      indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_bench(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``flowsde`` command; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="flowsde", description=__doc__)
-    parser.add_argument("command", nargs="?", default="convergence", choices=["convergence"],
-                        help="what to run (default: convergence)")
-    parser.add_argument("--problem", default="ou", choices=["ou", "gbm"], help="reference problem (default: ou)")
-    parser.add_argument("--paths", type=int, default=4000, help="Monte Carlo paths for SDE studies (default 4000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shared Brownian path (default 0)")
-    parser.add_argument("--theta", type=float, default=1.0, help="OU mean reversion (default 1)")
-    parser.add_argument("--sigma", type=float, default=1.0, help="noise scale (default 1)")
+    parser = argparse.ArgumentParser(prog="flowsde", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"flowsde {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    conv = sub.add_parser("converge", aliases=["convergence"], help="convergence study: errors and fitted orders")
+    conv.add_argument("--problem", default="ou", choices=PROBLEMS, help="reference problem (default: ou)")
+    conv.add_argument("--method", default=None, help="one method (default: every method of the problem)")
+    conv.add_argument("--kind", default=None, choices=["strong", "weak", "ode"], help="error kind")
+    conv.add_argument("--paths", type=int, default=None, help="Monte Carlo paths (default 4000; 1000 with --quick)")
+    bench = sub.add_parser("bench", help="accuracy against wall time and NFE, flowsde and its peers")
+    for p in (conv, bench):
+        p.add_argument("--quick", action="store_true", help="a smaller run (well under a minute on 2 cores)")
+        p.add_argument("--json", default=None, help="write the results to this JSON file")
+        p.add_argument("--plot", default=None, help="write a PNG figure to this file")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["converge"] + argv
     args = parser.parse_args(argv)
-    if args.paths < 10:
-        parser.error("--paths must be at least 10")
-    start = time.perf_counter()
-    rows = convergence_rows(args.problem, args.paths, args.seed, args.theta, args.sigma)
-    print(f"flowsde {__version__}: convergence on the {args.problem.upper()} problem "
-          f"(T=1, {args.paths} paths sharing one Brownian path of 1024 steps, float64)")
-    print("ODE methods on the drift (error: max |y_n - y(T)|; order: fitted slope of log error vs log h)\n")
-    print(format_table([r for r in rows if r.kind == "ode"]))
-    print("\nSDE methods (strong: E|X_n - X_T| on the shared path; weak: |E[X_n - X_T]|)\n")
-    print(format_table([r for r in rows if r.kind != "ode"]))
-    print(f"\n{len(rows)} studies in {time.perf_counter() - start:.1f} s")
-    return 0
+    if args.command in ("converge", "convergence"):
+        if args.paths is not None and args.paths < 10:
+            parser.error("--paths must be at least 10")
+        if args.method is not None and args.method not in methods_for(args.problem):
+            parser.error(f"method {args.method!r} is not studied on {args.problem!r}; "
+                         f"choose from {sorted(methods_for(args.problem))}")
+        return _converge(args)
+    return _bench(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -197,6 +197,15 @@ class LinearODE:
 
 # ---- a learned field ------------------------------------------------------------------------------
 
+def reference_mixture():
+    """A 2-D mixture of three correlated Gaussians (weights 0.3, 0.5, 0.2): smooth marginal flows, the
+    convergence studies' exact-field problem."""
+    from .paths.mixture import GaussianMixture
+
+    return GaussianMixture([0.3, 0.5, 0.2], [[-2.0, 0.0], [1.0, 1.0], [0.5, -1.5]],
+                           [[[0.3, 0.1], [0.1, 0.2]], [[0.5, 0.0], [0.0, 0.5]], [[0.2, -0.05], [-0.05, 0.1]]])
+
+
 def ring_mixture(k: int = 8, radius: float = 2.0, std: float = 0.2):
     """A 2-D mixture of ``k`` equal Gaussians on a circle: the learned-field problem's data."""
     from .paths.mixture import GaussianMixture

@@ -12,18 +12,34 @@ from typing import Callable, List, Sequence
 import numpy as np
 import torch
 
-from .brownian import GridBrownian
+from .brownian import GridBrownian, SampledPath
 from .solvers import odeint, sdeint
 
 
 def fit_order(hs: Sequence[float], errors: Sequence[float]) -> float:
     """Least-squares slope of ``log(error)`` against ``log(h)``: the empirical order of convergence."""
+    return fit_order_ci(hs, errors)[0]
+
+
+def fit_order_ci(hs: Sequence[float], errors: Sequence[float], level: float = 0.95):
+    """``(order, low, high)``: the least-squares slope of ``log(error)`` against ``log(h)`` and its
+    ``level`` confidence interval from the regression's standard error (Student t with ``n - 2`` degrees
+    of freedom; ``(order, nan, nan)`` with two points)."""
+    from scipy import stats
+
     hs, errors = np.asarray(hs, dtype=np.float64), np.asarray(errors, dtype=np.float64)
     if hs.size < 2 or hs.size != errors.size:
         raise ValueError("fit_order needs at least two (h, error) pairs of equal length")
     if np.any(errors <= 0) or np.any(hs <= 0):
         raise ValueError(f"fit_order needs positive step sizes and errors, got errors {errors.tolist()}")
-    return float(np.polyfit(np.log(hs), np.log(errors), 1)[0])
+    x, y = np.log(hs), np.log(errors)
+    slope, icpt = np.polyfit(x, y, 1)
+    if hs.size < 3:
+        return float(slope), float("nan"), float("nan")
+    resid = y - (slope * x + icpt)
+    se = np.sqrt(resid @ resid / (hs.size - 2) / np.sum((x - x.mean()) ** 2))
+    half = float(stats.t.ppf(0.5 + level / 2, hs.size - 2) * se)
+    return float(slope), float(slope - half), float(slope + half)
 
 
 @dataclass
@@ -37,9 +53,17 @@ class Convergence:
     errors: List[float]
     expected: float
     order: float = field(init=False)
+    order_ci: tuple = field(init=False)
 
     def __post_init__(self):
-        self.order = fit_order(self.hs, self.errors)
+        self.order, lo, hi = fit_order_ci(self.hs, self.errors)
+        self.order_ci = (lo, hi)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready record of the study."""
+        return {"method": self.method, "kind": self.kind, "problem": self.problem, "hs": list(self.hs),
+                "errors": list(self.errors), "order": self.order, "order_ci": list(self.order_ci),
+                "expected": self.expected}
 
 
 def ode_convergence(method: str, func: Callable, y0: torch.Tensor, t1: float, exact: torch.Tensor,
@@ -106,3 +130,209 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128,
     pa = torch.sort(a.double().cpu() @ dirs, dim=0).values
     pb = torch.sort(b.double().cpu() @ dirs, dim=0).values
     return float((pa - pb).abs().mean())
+
+
+# ---- convergence(problem, method): the command line's studies -------------------------------------------
+
+#: Problems a convergence study knows, with the methods it runs on each and the order theory predicts.
+SDE_PROBLEMS = {
+    # problem: {method: (strong order, weak order or None)}
+    "ou": {"euler": (1.0, 1.0), "milstein": (1.0, None), "heun": (1.0, None)},     # additive noise
+    "gbm": {"euler": (0.5, None), "milstein": (1.0, None), "heun": (1.0, None)},   # multiplicative noise
+    "bm": {"euler": (0.5, None), "milstein": (0.5, None), "heun": (0.5, None)},    # whole-path error
+}
+ODE_PROBLEMS = {
+    "ou_drift": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4},
+    "linear": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4},
+    "mixture": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4, "ddim": 1},
+}
+PROBLEMS = tuple(SDE_PROBLEMS) + tuple(ODE_PROBLEMS)
+
+
+def _dist():
+    """``(rank, world)`` of an initialised torch.distributed group, else ``(0, 1)``."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over the ranks (``x`` itself in one process)."""
+    import torch.distributed as dist
+    if _dist()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def shard(paths: int, rank: int, world: int):
+    """Rows ``[start, stop)`` of ``paths`` that ``rank`` of ``world`` simulates (contiguous, balanced)."""
+    start = rank * paths // world
+    return start, (rank + 1) * paths // world
+
+
+def methods_for(problem: str) -> dict:
+    """The methods a study of ``problem`` runs, with their predicted orders."""
+    if problem in SDE_PROBLEMS:
+        return SDE_PROBLEMS[problem]
+    if problem in ODE_PROBLEMS:
+        return ODE_PROBLEMS[problem]
+    raise ValueError(f"unknown problem {problem!r}; known problems: {PROBLEMS}")
+
+
+def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int] = (8, 16, 32, 64, 128),
+                paths: int = 4000, seed: int = 0, kind: str = None, device="cpu", n_fine: int = 1024,
+                progress: bool = False) -> Convergence:
+    """A convergence study of ``method`` on ``problem`` (see :data:`SDE_PROBLEMS`, :data:`ODE_PROBLEMS`).
+
+    SDE problems (``kind`` ``"strong"``, the default, or ``"weak"``): every step count is driven by one
+    Brownian path of ``n_fine`` steps (Philox stream, keyed by ``seed``), and the error is measured on that
+    path against the exact solution (OU: path-wise exact on the fine grid; GBM: ``x0 exp(...)``; Brownian
+    motion: the whole path at every fine time, since every method is exact at its own grid points — the
+    order is that of the linear interpolation between steps, 1/2). Strong error: mean over paths of
+    ``|X_n - X_T|``; weak error: ``|mean over paths of (X_n - X_T)|`` (the path-wise exact solution as a
+    control variate).
+
+    ODE problems (``kind="ode"``): the linear system (and the OU drift ``dy/dt = -y``, ``ou_drift``)
+    against its matrix exponential; the exact Gaussian-mixture flow (CondOT,
+    :func:`~flowsde.problems.reference_mixture`, 256 starting points, ``flowsde.sample``, RMS error)
+    against a 2048-step RK4 reference.
+
+    Under ``torch.distributed`` each rank simulates its share of the paths — the rows a one-process run
+    would draw — and the error sums are reduced over the ranks.
+    """
+    from tqdm.auto import tqdm
+
+    from .problems import BrownianMotionProblem, GeometricBrownianMotion, OrnsteinUhlenbeck
+
+    table = methods_for(problem)
+    if method not in table:
+        raise ValueError(f"method {method!r} is not studied on {problem!r}; methods: {sorted(table)}")
+    steps = [int(n) for n in steps]
+    if any(n < 1 for n in steps) or len(steps) < 2:
+        raise ValueError(f"steps must be at least two positive step counts, got {steps}")
+    bar = tqdm(steps, desc=f"{problem}/{method}", disable=not progress, leave=False)
+    if problem in ODE_PROBLEMS:
+        if kind not in (None, "ode"):
+            raise ValueError(f"{problem!r} is an ODE problem: kind must be 'ode'")
+        return _ode_study(problem, method, steps, table[method], device, bar)
+    kind = kind or "strong"
+    if kind not in ("strong", "weak"):
+        raise ValueError(f"kind must be 'strong' or 'weak' for an SDE problem, got {kind!r}")
+    strong, weak = table[method]
+    expected = strong if kind == "strong" else weak
+    if expected is None:
+        raise ValueError(f"no weak study of {method!r} on {problem!r}: weak studies run Euler–Maruyama")
+    if any(n_fine % n for n in steps):
+        raise ValueError(f"every step count must divide n_fine={n_fine}, got {steps}")
+    rank, world = _dist()
+    lo, hi = shard(paths, rank, world)
+    dt, t1 = torch.float64, 1.0
+    y0 = torch.ones(hi - lo, 1, dtype=dt, device=device)
+    fine = GridBrownian(t0=0.0, t1=t1, steps=n_fine, shape=(hi - lo, 1), seed=seed, dtype=dt, device=device,
+                        stream="philox", row_start=lo)
+    bm = SampledPath(fine.grid, fine.path())  # drawn once, shared by every step count
+    strat = method == "heun"
+    if problem == "ou":
+        sde = OrnsteinUhlenbeck(1.0, 1.0, sde_type="stratonovich" if strat else "ito")
+        ref = sde.pathwise(y0, bm.grid, bm.values)
+    elif problem == "gbm":
+        sde = GeometricBrownianMotion(0.5, 0.5, sde_type="stratonovich" if strat else "ito")
+        ref = sde.exact(y0, t1, bm(0.0, t1))
+    else:
+        sde = BrownianMotionProblem(1.0)
+        sde.sde_type = "stratonovich" if strat else "ito"
+        ref = y0 + bm.values
+    ts = torch.as_tensor(bm.grid if problem == "bm" else [0.0, t1], dtype=dt, device=device)
+    errs, hs = [], []
+    for n in bar:
+        ys = sdeint(sde, y0, ts, bm=bm, method=method, dt=t1 / n)
+        diff = (ys - ref) if problem == "bm" else (ys[-1] - ref)
+        if problem == "bm":  # RMS over the fine times, per path
+            per_path = diff.pow(2).mean(0).mean(-1).sqrt()
+        else:
+            per_path = diff.abs().mean(-1) if kind == "strong" else diff.mean(-1)
+        total = _all_sum(torch.stack([per_path.sum(), torch.tensor(float(per_path.numel()), dtype=dt,
+                                                                   device=device)]))
+        mean = float(total[0] / total[1])
+        errs.append(abs(mean))
+        hs.append(t1 / n)
+    return Convergence(method, kind, problem, hs, errs, expected)
+
+
+_MIXTURE_REF = {}
+
+
+def _ode_study(problem, method, steps, expected, device, bar) -> Convergence:
+    from .problems import LinearODE, reference_mixture
+
+    dt = torch.float64
+    errs, hs = [], []
+    if problem in ("linear", "ou_drift"):  # the OU drift: dy/dt = -y, y(t) = e^{-t} y0
+        lin = LinearODE() if problem == "linear" else LinearODE(torch.tensor([[-1.0]], dtype=dt))
+        y0 = torch.tensor([[1.0, 0.0], [0.3, -0.7]] if problem == "linear" else [[1.0]], dtype=dt, device=device)
+        t1 = 2.0
+        exact = lin.exact(y0, t1).to(device)
+        t = torch.tensor([0.0, t1], dtype=dt, device=device)
+        for n in bar:
+            ys = odeint(lin, y0, t, method=method, options=dict(step_size=t1 / n))
+            errs.append(float((ys[-1] - exact).abs().max()))
+            hs.append(t1 / n)
+        return Convergence(method, "ode", problem, hs, errs, expected)
+    from .paths import CondOT
+    from .sampling import sample
+
+    mix, path = reference_mixture().to(device), CondOT()
+    model = lambda x, t: mix.velocity(x, t, path)  # noqa: E731
+    x0 = torch.randn(256, 2, dtype=dt, generator=torch.Generator().manual_seed(5)).to(device)
+    key = str(device)
+    if key not in _MIXTURE_REF:
+        _MIXTURE_REF[key] = sample(model, x0, path=path, method="rk4", steps=2048)
+    ref = _MIXTURE_REF[key]
+    for n in bar:
+        errs.append(float((sample(model, x0, path=path, method=method, steps=n) - ref).pow(2).mean().sqrt()))
+        hs.append(1.0 / n)
+    return Convergence(method, "ode", problem, hs, errs, expected)
+
+
+def default_steps(problem: str, quick: bool = False) -> List[int]:
+    """The step counts a study of ``problem`` uses by default (asymptotic regime of every method)."""
+    if problem == "mixture":
+        return [32, 64, 128, 256] if quick else [16, 32, 64, 128, 256]
+    if problem in ODE_PROBLEMS:
+        return [16, 32, 64, 128] if quick else [16, 32, 64, 128, 256]
+    return [8, 16, 32, 64] if quick else [8, 16, 32, 64, 128]
+
+
+def plot_convergence(rows: Sequence[Convergence], filename: str, title: str = "") -> None:
+    """A log-log plot of error against step size, one curve per study, with its fitted slope (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    for r in rows:
+        hs, errs = np.asarray(r.hs), np.asarray(r.errors)
+        line, = ax.loglog(hs, errs, "o-", label=f"{r.method} ({r.kind}): slope {r.order:.2f}, theory {r.expected:g}")
+        fit = np.exp(np.polyval(np.polyfit(np.log(hs), np.log(errs), 1), np.log(hs)))
+        ax.loglog(hs, fit, "--", color=line.get_color(), alpha=0.5)
+    style_axes(ax, "step size h", title, 8)
+    save_figure(fig, filename)
+
+
+def style_axes(ax, xlabel: str, title: str, legend_size: int) -> None:
+    """Labels, a log grid and the legend of one work-precision or convergence panel."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("error")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig, filename: str) -> None:
+    """Write ``fig`` to ``filename`` (PNG) and free it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(filename)
+    plt.close(fig)

@@ -1,28 +1,110 @@
-"""The default job: a convergence table of every method on the OU problem."""
+"""The command line and the studies behind it: `flowsde` / `flowsde converge` report the theoretical
+orders on every problem and write JSON and a PNG; `flowsde bench` puts flowsde beside its peers; a study
+sharded over two gloo processes gives the one-process table."""
+import json
+import os
 import re
 import subprocess
 import sys
 
-from flowsde import ODE_METHODS, SDE_METHODS
-from flowsde.cli import convergence_rows, main
+import numpy as np
+import pytest
+
+from flowsde import SDE_METHODS
+from flowsde.cli import main
+from flowsde.studies import PROBLEMS, convergence, fit_order_ci, methods_for
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_prints_every_method_with_orders_near_theory(capsys):
-    assert main(["--paths", "1000"]) == 0
+def test_default_command_prints_every_method_with_orders_near_theory(capsys, tmp_path):
+    assert main(["--quick"]) == 0
     out = capsys.readouterr().out
     for name in ["euler", "midpoint", "heun", "heun3", "rk4", "rk4_classic", "milstein"]:
         assert re.search(rf"^\s*{name}\s", out, re.M), name
-    rows = convergence_rows("ou", paths=1000)
-    assert {r.method for r in rows if r.kind == "ode"} == {"euler", "midpoint", "heun", "heun3", "rk4",
-                                                          "rk4_classic"}
-    assert {r.method for r in rows if r.kind != "ode"} == set(SDE_METHODS) - {"euler_maruyama"}
-    assert set(ODE_METHODS) >= {r.method for r in rows if r.kind == "ode"}
-    for r in rows:
-        assert abs(r.order - r.expected) <= 0.15, r
+    for m in set(SDE_METHODS) - {"euler_maruyama"}:
+        assert re.search(rf"^\s*{m}\s+strong\s+ou", out, re.M), m
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_converge_reports_the_theoretical_orders_with_json_and_png(problem, tmp_path, capsys):
+    js, png = tmp_path / "c.json", tmp_path / "c.png"
+    assert main(["converge", "--problem", problem, "--quick", "--json", str(js), "--plot", str(png)]) == 0
+    data = json.loads(js.read_text())
+    assert data["problem"] == problem and data["world_size"] == 1
+    studied = {(s["method"], s["kind"]) for s in data["studies"]}
+    assert {m for m, _ in studied} >= set(methods_for(problem))
+    for s in data["studies"]:
+        assert abs(s["order"] - s["expected"]) <= 0.12, s
+        lo, hi = s["order_ci"]
+        assert lo <= s["order"] <= hi
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+
+
+def test_one_method_and_errors(capsys):
+    assert main(["converge", "--problem", "gbm", "--method", "milstein", "--quick"]) == 0
+    assert "milstein" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["converge", "--problem", "gbm", "--method", "rk4"])
+    with pytest.raises(ValueError, match="divide n_fine"):
+        convergence("ou", "euler", steps=[3, 6], paths=50)
+    with pytest.raises(ValueError, match="unknown problem"):
+        convergence("vdp", "euler")
+    with pytest.raises(ValueError, match="weak studies run Euler"):
+        convergence("ou", "milstein", kind="weak", paths=50)
+
+
+def test_fit_order_confidence_interval():
+    hs = np.array([0.1, 0.05, 0.025, 0.0125])
+    rng = np.random.default_rng(0)
+    errs = 3.0 * hs ** 2 * np.exp(0.02 * rng.standard_normal(4))
+    order, lo, hi = fit_order_ci(hs, errs)
+    assert lo < 2.0 < hi and hi - lo < 0.2 and abs(order - 2) < 0.05
+    assert np.isnan(fit_order_ci(hs[:2], errs[:2])[1])
+
+
+def test_bench_quick_puts_flowsde_beside_its_peers(tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", "--quick", "--json", str(js), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    libs = {r["library"] for r in rows}
+    assert {"flowsde", "torchdiffeq", "torchsde", "hand loop"} <= libs
+    pytest.importorskip("diffusers")
+    assert "diffusers" in libs
+    assert {r["method"] for r in rows if r["library"] == "diffusers"} >= {"FlowMatchEuler", "DPM-Solver++ 2M",
+                                                                           "UniPC"}
+    for nfe in (10, 20, 50):
+        assert f"Most accurate on the sampling problem at NFE {nfe}" in out
+    # same numbers: flowsde's and torchdiffeq's RK4 agree; flowsde's and torchsde's EM agree (same path)
+    by = {(r["problem"], r["library"], r["method"], r["setting"]): r["error"] for r in rows}
+    for (p, lib, m, st), e in by.items():
+        if lib == "flowsde" and (p, "torchdiffeq", m, st) in by:
+            assert e == pytest.approx(by[(p, "torchdiffeq", m, st)], rel=1e-6)
+        if lib == "flowsde" and (p, "torchsde", m, st) in by:
+            assert e == pytest.approx(by[(p, "torchsde", m, st)], rel=1e-6)
+    assert png.read_bytes()[:8] == PNG
+
+
+def test_two_gloo_processes_give_the_one_process_table(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    args = ["-m", "flowsde", "converge", "--problem", "gbm", "--quick", "--paths", "600"]
+    r1 = subprocess.run([sys.executable] + args + ["--json", str(one)], capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--master_port", "29533"] + args + ["--json", str(two)],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for sa, sb in zip(a["studies"], b["studies"]):
+        assert sa["method"] == sb["method"]
+        np.testing.assert_allclose(sa["errors"], sb["errors"], rtol=1e-12)
+    assert r2.stdout.count("studies in") == 1  # rank 0 alone prints
 
 
 def test_python_dash_m_entry_point():
-    res = subprocess.run([sys.executable, "-m", "flowsde", "--problem", "gbm", "--paths", "500"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "gbm" in res.stdout and "order" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "flowsde", "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "flowsde" in res.stdout

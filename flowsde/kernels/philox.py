@@ -46,19 +46,21 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return s.to(torch.float32) * 4.6566127342e-10
 
 
-def philox_randint(key, n: int, device="cpu"):
-    """The four uint32 streams (as int64) of ``tl.randint4x(key, offset)`` for ``offset = 0 .. n-1``.
+def philox_randint(key, n: int, device="cpu", start: int = 0):
+    """The four uint32 streams (as int64) of ``tl.randint4x(key, offset)`` for ``offset = start ..
+    start + n - 1``.
 
     ``key``: an int, or a 0-dim int64 tensor (read on the device, never on the host)."""
-    off = torch.arange(n, dtype=torch.int64, device=device)
+    off = torch.arange(start, start + n, dtype=torch.int64, device=device)
     zero = torch.zeros_like(off)
     key = key & KEY_MASK if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
     return philox4x32(key, off & _M32, (off >> 32) & _M32, zero, zero)
 
 
-def philox_randn(key, n: int, device="cpu") -> torch.Tensor:
-    """``tl.randn(key, offset)`` for ``offset = 0 .. n-1``: float32 standard normals (Box–Muller)."""
-    i1, i2, _, _ = philox_randint(key, n, device)
+def philox_randn(key, n: int, device="cpu", start: int = 0) -> torch.Tensor:
+    """``tl.randn(key, offset)`` for ``offset = start .. start + n - 1``: float32 standard normals
+    (Box–Muller). Any slice of the stream can be drawn alone: how sharded studies share one path."""
+    i1, i2, _, _ = philox_randint(key, n, device, start)
     u1 = torch.clamp(_uniform(i1), min=1.0e-7)
     th = 6.283185307179586 * _uniform(i2)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)

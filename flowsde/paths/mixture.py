@@ -45,6 +45,13 @@ class GaussianMixture:
         self.weights, self.means, self.covs = w / w.sum(), mu, S
         self.K, self.d = K, d
 
+    def to(self, device) -> "GaussianMixture":
+        """The same mixture with its parameters on ``device`` (its fields then take tensors there)."""
+        import copy
+        out = copy.copy(self)
+        out.weights, out.means, out.covs = (v.to(device) for v in (self.weights, self.means, self.covs))
+        return out
+
     def mean(self) -> torch.Tensor:
         """The mixture's mean ``sum_k pi_k mu_k``."""
         return (self.weights[:, None] * self.means).sum(0)
@@ -110,7 +117,7 @@ class GaussianMixture:
         t, a, b = self._coeffs(x, t, path)
         da, bdb = path.dalpha(t), path.beta_dbeta(t)
         _, r, _, sol = self._marginal_log_prob(x, a, b)
-        eye = torch.eye(self.d, dtype=self.means.dtype)
+        eye = torch.eye(self.d, dtype=self.means.dtype, device=self.means.device)
         M = (da * a).reshape(-1, 1, 1, 1) * self.covs[None] + bdb.reshape(-1, 1, 1, 1) * eye  # (B, K, d, d)
         per = da.reshape(-1, 1, 1) * self.means[None] + (M @ sol.unsqueeze(-1)).squeeze(-1)
         return (r[..., None] * per).sum(1).to(x.dtype)
