@@ -146,6 +146,9 @@ ODE_PROBLEMS = {
     "linear": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4},
     "mixture": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4, "ddim": 1},
 }
+# the exact mixture flow under the other paths, and the learned MLP field (CondOT)
+for _name in ("mixture_vp", "mixture_edm", "mlp"):
+    ODE_PROBLEMS[_name] = dict(ODE_PROBLEMS["mixture"])
 PROBLEMS = tuple(SDE_PROBLEMS) + tuple(ODE_PROBLEMS)
 
 
@@ -195,9 +198,10 @@ def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int]
     control variate).
 
     ODE problems (``kind="ode"``): the linear system (and the OU drift ``dy/dt = -y``, ``ou_drift``)
-    against its matrix exponential; the exact Gaussian-mixture flow (CondOT,
-    :func:`~flowsde.problems.reference_mixture`, 256 starting points, ``flowsde.sample``, RMS error)
-    against a 2048-step RK4 reference.
+    against its matrix exponential; the exact Gaussian-mixture flow (:func:`~flowsde.problems.
+    reference_mixture`) under CondOT (``mixture``), VPCosine (``mixture_vp``) and EDM (``mixture_edm``),
+    and the learned MLP field (``mlp``): 256 starting points, ``flowsde.sample``, RMS error against a
+    2048-step RK4 reference.
 
     Under ``torch.distributed`` each rank simulates its share of the paths — the rows a one-process run
     would draw — and the error sums are reduced over the ranks.
@@ -280,13 +284,22 @@ def _ode_study(problem, method, steps, expected, device, bar) -> Convergence:
             errs.append(float((ys[-1] - exact).abs().max()))
             hs.append(t1 / n)
         return Convergence(method, "ode", problem, hs, errs, expected)
-    from .paths import CondOT
+    from .paths import EDM, CondOT, VPCosine
     from .sampling import sample
 
-    mix, path = reference_mixture().to(device), CondOT()
-    model = lambda x, t: mix.velocity(x, t, path)  # noqa: E731
-    x0 = torch.randn(256, 2, dtype=dt, generator=torch.Generator().manual_seed(5)).to(device)
-    key = str(device)
+    path = {"mixture_vp": VPCosine(), "mixture_edm": EDM()}.get(problem, CondOT())
+    if problem == "mlp":
+        import copy
+
+        from .problems import learned_field
+        net = copy.deepcopy(learned_field()[0]).double().to(device)
+        model = lambda x, t: net(x, t)  # noqa: E731
+    else:
+        mix = reference_mixture().to(device)
+        model = lambda x, t: mix.velocity(x, t, path)  # noqa: E731
+    scale = float(path.beta(torch.zeros((), dtype=dt)))  # x(0) = beta_0 * noise
+    x0 = scale * torch.randn(256, 2, dtype=dt, generator=torch.Generator().manual_seed(5)).to(device)
+    key = (problem, str(device))
     if key not in _MIXTURE_REF:
         _MIXTURE_REF[key] = sample(model, x0, path=path, method="rk4", steps=2048)
     ref = _MIXTURE_REF[key]
@@ -298,7 +311,7 @@ def _ode_study(problem, method, steps, expected, device, bar) -> Convergence:
 
 def default_steps(problem: str, quick: bool = False) -> List[int]:
     """The step counts a study of ``problem`` uses by default (asymptotic regime of every method)."""
-    if problem == "mixture":
+    if problem.startswith("mixture") or problem == "mlp":
         return [32, 64, 128, 256] if quick else [16, 32, 64, 128, 256]
     if problem in ODE_PROBLEMS:
         return [16, 32, 64, 128] if quick else [16, 32, 64, 128, 256]
