@@ -1,0 +1,357 @@
+"""``FlowSDEScheduler``: flowsde's steps as a diffusers scheduler.
+
+Swap it into a pipeline in one line, for both families of models::
+
+    pipe.scheduler = FlowSDEScheduler.from_config(pipe.scheduler.config, method="ddim")
+
+* **diffusion** configs (DDPM-trained: ``beta_schedule`` linear / scaled_linear / squaredcos_cap_v2,
+  ``prediction_type`` epsilon / v_prediction / sample): the discrete VP path ``x = sqrt(abar) z +
+  sqrt(1 - abar) eps`` of the model's training schedule; timesteps with ``timestep_spacing`` leading /
+  trailing / linspace and ``steps_offset``; ``set_alpha_to_one``; ``clip_sample``.
+* **flow** configs (``FlowMatchEulerDiscreteScheduler``'s: ``sigma`` from 1 to 0, ``shift``, dynamic
+  shifting with ``mu``): the CondOT path ``x = (1 - sigma) z + sigma eps``, the model predicting
+  ``eps - z`` (diffusers' flow prediction).
+
+Methods: ``ddim`` (diffusion; ``eta`` for its stochastic form), ``euler`` (flow: the flow-match Euler
+step; diffusion: DDIM with eta = 0, the exact Euler step of the probability-flow ODE in its natural
+coordinates) and ``euler_maruyama`` (flow: the SDE with the flow's marginals, ``dX = [u + s^2/2 score] dt
++ s dW``, noise level ``sde_sigma``, noise from the ``generator``). Every update is one fused flowsde
+combine (the Triton kernel on CUDA tensors of 2^20 elements or more); ``step`` reads nothing back from the
+device: the step index is a host counter, never the value of the ``timestep`` tensor (no ``.item()``, no
+``nonzero()``).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+try:
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+except Exception as exc:  # pragma: no cover - diffusers is an optional extra
+    raise ImportError("flowsde.integrations.diffusers needs diffusers: pip install 'flowsde[diffusers]'") from exc
+
+from .. import kernels
+
+METHODS = ("ddim", "euler", "heun", "euler_maruyama")
+FAMILIES = ("diffusion", "flow")
+
+
+def training_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                            trained_betas=None) -> torch.Tensor:
+    """``abar_t`` of a DDPM training schedule (float32, as the models were trained with)."""
+    T = num_train_timesteps
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule, beta capped at 0.999
+        abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)],
+                             dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {beta_schedule!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler running flowsde's fused steps (see the module docstring)."""
+
+    _compatibles = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: Optional[list] = None,
+                 prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
+                 set_alpha_to_one: bool = True, clip_sample: bool = True, clip_sample_range: float = 1.0,
+                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
+                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 family: str = "diffusion", method: str = "ddim", eta: float = 0.0, sde_sigma: float = 0.5,
+                 backend: Optional[str] = None):
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if family == "flow" and method == "ddim" and eta:
+            raise ValueError("eta applies to method='ddim' on diffusion models; use method='euler_maruyama'")
+        if family == "diffusion" and method == "euler_maruyama":
+            raise ValueError("method='euler_maruyama' is for flow models; on diffusion models use ddim with eta")
+        if family == "diffusion":
+            if prediction_type not in ("epsilon", "v_prediction", "sample"):
+                raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+            if timestep_spacing not in ("leading", "trailing", "linspace"):
+                raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+            self.alphas_cumprod = training_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                          trained_betas)
+            self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.init_noise_sigma = 1.0
+        self.order = 2 if method == "heun" else 1
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
+        self.sigmas = None
+        self._host_sigmas: List[float] = []
+        self._coefs: List[tuple] = []
+        self._step_index = None
+        self._begin_index = None
+
+    # ---- diffusers' scheduler protocol --------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As diffusers' ``from_config``; a ``FlowMatch*`` scheduler's config selects the flow family."""
+        import inspect
+
+        cfg = dict(config or {})
+        # the replaced scheduler's defaults are its behaviour: carry them over instead of ours
+        params = inspect.signature(cls.__init__).parameters
+        for key in cfg.get("_use_default_values", []) or []:
+            if key in params and key in cfg and key not in kwargs:
+                kwargs[key] = cfg[key]
+        if "family" not in kwargs and "family" not in cfg:
+            flow = str(cfg.get("_class_name", "")).startswith("FlowMatch") or (
+                "shift" in cfg and "beta_schedule" not in cfg)
+            kwargs["family"] = "flow" if flow else "diffusion"
+        return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start at this index of the timesteps (img2img pipelines)."""
+        self._begin_index = int(begin_index)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The model's input: ``sample`` itself, or ``sample / sqrt(sigma^2 + 1)`` for Euler / Heun on a
+        diffusion model (variance-exploding coordinates)."""
+        if self.config.family == "flow" or self.config.method == "ddim":
+            return sample
+        if self._step_index is None:
+            self._init_step_index()
+        return sample / (self._host_sigmas[self._step_index] ** 2 + 1) ** 0.5
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, sigmas=None, timesteps=None,
+                      mu: Optional[float] = None):
+        """Choose the inference timesteps (and the host tables every step reads)."""
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        if cfg.family == "flow":
+            self._set_flow(num_inference_steps, sigmas, timesteps, mu)
+        else:
+            if timesteps is not None:
+                ts = np.asarray(timesteps, dtype=np.int64)
+                if np.any(np.diff(ts) >= 0):
+                    raise ValueError("custom timesteps must be strictly decreasing")
+                num_inference_steps = len(ts)
+            else:
+                if not isinstance(num_inference_steps, int) or not 0 < num_inference_steps <= T:
+                    raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {num_inference_steps!r}")
+                ts = self._diffusion_timesteps(num_inference_steps)
+            self.num_inference_steps = num_inference_steps
+            if cfg.method == "ddim":
+                self._set_diffusion(ts)
+                self.timesteps = torch.from_numpy(ts).to(device)
+            else:
+                self._set_karras_style(num_inference_steps)
+        if cfg.method == "heun":  # every step but the last evaluates twice (diffusers' Heun layout)
+            t, sg = self.timesteps, self._host_sigmas
+            self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
+            self._host_sigmas = sg[:1] + [v for v in sg[1:-1] for _ in (0, 1)] + sg[-1:]
+            self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
+        self.timesteps = self.timesteps.to(device)
+        self._calls = len(self.timesteps)
+        self._first = None  # Heun's first-stage state: (sample, output, its coefficients, dt)
+        self._step_index = None
+        self._begin_index = None
+
+    def _set_karras_style(self, n: int):
+        """Euler / Heun on a diffusion model, in the variance-exploding coordinates ``x / sqrt(abar)`` with
+        ``sigma = sqrt((1 - abar) / abar)`` interpolated at (fractional) timesteps, as diffusers' Euler and
+        Heun schedulers do: the model sees ``x / sqrt(sigma^2 + 1)`` (``scale_model_input``)."""
+        cfg, T = self.config, self.config.num_train_timesteps
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + cfg.steps_offset
+        else:
+            ts = np.arange(T, 0, -T / n).round().copy().astype(np.float32) - 1
+        train = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        sig = np.interp(ts, np.arange(0, len(train)), train)
+        self._host_sigmas = [float(v) for v in sig] + [0.0]
+        self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
+        self.timesteps = torch.from_numpy(ts)
+        top = float(np.float32(sig.max()))
+        self.init_noise_sigma = top if cfg.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+
+    def _diffusion_timesteps(self, n: int) -> np.ndarray:
+        cfg, T = self.config, self.config.num_train_timesteps
+        if cfg.timestep_spacing == "leading":
+            ts = (np.arange(n) * (T // n)).round()[::-1].astype(np.int64) + cfg.steps_offset
+        elif cfg.timestep_spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        else:
+            ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        return ts.copy()
+
+    def _set_diffusion(self, ts: np.ndarray):
+        """Per step: ``(a, b, a', b')`` of the VP path at the step's two timesteps (host floats)."""
+        cfg, T = self.config, self.config.num_train_timesteps
+        ac = self.alphas_cumprod.double().tolist()
+        stride = T // len(ts) if cfg.timestep_spacing != "custom" else None
+        self._coefs = []
+        for i, t in enumerate(ts.tolist()):
+            prev = t - stride
+            a2 = ac[t]
+            a2p = ac[prev] if prev >= 0 else self.final_alpha_cumprod
+            self._coefs.append((a2, a2p))
+        self.sigmas = torch.tensor([((1 - a) / a) ** 0.5 for a, _ in self._coefs] + [0.0], dtype=torch.float32)
+
+    def _set_flow(self, n, sigmas, timesteps, mu):
+        cfg, T = self.config, self.config.num_train_timesteps
+        if sigmas is not None:
+            s = np.asarray(sigmas, dtype=np.float64)
+            n = len(s)
+        elif timesteps is not None:
+            s = np.asarray(timesteps, dtype=np.float64) / T
+            n = len(s)
+        else:
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
+            s_min = 1.0 / T if cfg.use_dynamic_shifting else cfg.shift / T / (1 + (cfg.shift - 1) / T)
+            s = np.linspace(1.0, s_min, n)
+        if sigmas is None and timesteps is None or sigmas is not None:
+            if cfg.use_dynamic_shifting:
+                if mu is None:
+                    raise ValueError("use_dynamic_shifting needs mu in set_timesteps")
+                s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+            else:
+                s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+        self.num_inference_steps = n
+        self._host_sigmas = [float(v) for v in s] + [0.0]
+        self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
+        self.timesteps = torch.tensor(s * T, dtype=torch.float32)
+
+    def _init_step_index(self):
+        self._step_index = self._begin_index if self._begin_index is not None else 0
+
+    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
+             eta: Optional[float] = None, generator: Optional[torch.Generator] = None, return_dict: bool = True,
+             **kwargs) -> Union[SchedulerOutput, Tuple]:
+        """Advance ``sample`` by one step: one fused update (two with ``clip_sample``)."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._init_step_index()
+        k = self._step_index
+        if k >= self._calls:
+            raise IndexError(f"step called {k + 1} times for {self._calls} model evaluations")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
+        ops = kernels.ops(self.config.backend, sample.device, sample.numel())
+        if self.config.method == "euler_maruyama":
+            out = self._flow_step(ops, k, model_output, sample, generator)
+        elif self.config.method != "ddim" or self.config.family == "flow":  # (DDIM on CondOT is Euler)
+            out = self._sigma_step(ops, k, model_output, sample)
+        else:
+            out = self._ddim_step(ops, k, model_output, sample, self.config.eta if eta is None else eta, generator,
+                                  kwargs.get("variance_noise"))
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+
+    def _ddim_step(self, ops, k, out, x, eta, generator, variance_noise):
+        cfg = self.config
+        a2, a2p = self._coefs[k]
+        a, b, ap = a2 ** 0.5, (1 - a2) ** 0.5, a2p ** 0.5
+        # z_hat = p1 x + p2 out, eps_hat = q1 x + q2 out for the prediction type
+        if cfg.prediction_type == "epsilon":
+            p1, p2, q1, q2 = 1 / a, -b / a, 0.0, 1.0
+        elif cfg.prediction_type == "sample":
+            p1, p2, q1, q2 = 0.0, 1.0, 1 / b, -a / b
+        else:  # v = a eps - b z
+            p1, p2, q1, q2 = a, -b, b, a
+        var = (1 - a2p) / (1 - a2) * (1 - a2 / a2p) if eta else 0.0
+        std = eta * max(var, 0.0) ** 0.5
+        c = max(1 - a2p - std * std, 0.0) ** 0.5
+        x = x.to(out.dtype) if x.dtype != out.dtype else x
+        if cfg.clip_sample:  # the data estimate is clamped; the noise estimate is the unclamped one
+            z = ops.combine([(p1, x), (p2, out)]).clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
+            terms = [(ap, z), (c * q1, x), (c * q2, out)]
+        else:
+            terms = [(ap * p1 + c * q1, x), (ap * p2 + c * q2, out)]
+        if std > 0:
+            noise = variance_noise if variance_noise is not None else torch.randn(
+                x.shape, generator=generator, device=generator.device if generator is not None else x.device,
+                dtype=x.dtype).to(x.device)
+            return ops.combine(terms, [(std, None)], noise)
+        return ops.combine(terms)
+
+    def _derivative(self, sigma: float):
+        """``(cx, co)`` with ``dx/dsigma = cx x + co out`` at ``sigma``: the flow prediction itself, or a
+        diffusion model's output in variance-exploding coordinates."""
+        if self.config.family == "flow":
+            return 0.0, 1.0
+        pt = self.config.prediction_type
+        if pt == "epsilon":
+            return 0.0, 1.0
+        if pt == "sample":
+            return 1.0 / sigma, -1.0 / sigma
+        n = sigma * sigma + 1.0  # v-prediction: x0 = x / n - sigma out / sqrt(n)
+        return sigma / n, 1.0 / n ** 0.5
+
+    def _sigma_step(self, ops, k, out, x):
+        """Euler, or Heun's two stages, in sigma: each a single fused update."""
+        sg = self._host_sigmas
+        if self.config.method == "euler" or self._first is None:
+            s, s1 = sg[k], sg[k + 1]
+            cx, co = self._derivative(s)
+            dt = s1 - s
+            x1 = ops.combine([(1.0 + dt * cx, x), (dt * co, out)])
+            if self.config.method == "heun" and s1 != 0.0:
+                self._first = (x, out, cx, co, dt)
+            return x1
+        x0, out0, cx0, co0, dt = self._first  # second stage at the first stage's end point
+        cx1, co1 = self._derivative(sg[k])
+        self._first = None
+        h = 0.5 * dt
+        return ops.combine([(1.0 + h * cx0, x0), (h * co0, out0), (h * cx1, x), (h * co1, out)])
+
+    def _flow_step(self, ops, k, out, x, generator):
+        s, s1 = self._host_sigmas[k], self._host_sigmas[k + 1]
+        if self.config.method != "euler_maruyama" or s1 == 0.0:
+            return ops.combine([(1.0, x), (s1 - s, out)])
+        # t = 1 - sigma, x = t z + (1 - t) eps, out = eps - z: u = -out, score = -eps_hat / (1 - t)
+        # eps_hat = x + t out... from x = t z + (1-t) eps and out = eps - z: eps_hat = x + t * out
+        t, h, g = 1.0 - s, s - s1, float(self.config.sde_sigma)
+        half = 0.5 * g * g / s  # sigma^2 / 2 * score = -(g^2 / 2) eps_hat / (1 - t)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None
+                            else x.device, dtype=x.dtype).to(x.device)
+        return ops.combine([(1.0 - h * half, x), (-h - h * half * t, out)], [(g * h ** 0.5, None)], noise)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (diffusion family)."""
+        ac = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)[timesteps]
+        shape = (-1,) + (1,) * (original_samples.dim() - 1)
+        return ac.sqrt().reshape(shape) * original_samples + (1 - ac).sqrt().reshape(shape) * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """``sigma noise + (1 - sigma) sample`` at the current step (flow family, img2img)."""
+        k = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        s = self._host_sigmas[k]
+        return s * noise + (1.0 - s) * sample
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+
+__all__ = ["FlowSDEScheduler", "training_alphas_cumprod", "METHODS", "FAMILIES"]

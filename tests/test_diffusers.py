@@ -1,0 +1,147 @@
+"""FlowSDEScheduler inside diffusers: real pipelines with tiny random models (no downloads), step-by-step
+parity with the schedulers it replaces, save/load, no host sync in step, and the flow SDE sampler's law."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from flowsde.integrations.diffusers import FlowSDEScheduler  # noqa: E402
+from flowsde.paths import CondOT  # noqa: E402
+from flowsde.problems import reference_mixture  # noqa: E402
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+DDIM_CONFIGS = [
+    dict(),                                                                   # DDIMScheduler's defaults
+    dict(prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False),
+    dict(prediction_type="sample", timestep_spacing="linspace"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+         steps_offset=1, clip_sample=False),
+    dict(beta_schedule="squaredcos_cap_v2"),
+]
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("cfg", range(len(DDIM_CONFIGS)))
+def test_ddim_pipeline_images_match_ddim_scheduler(cfg, eta):
+    pipe = diffusers.DDIMPipeline(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(**DDIM_CONFIGS[cfg]))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=2, num_inference_steps=10, eta=eta, output_type="np")
+    want = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    pipe.scheduler = FlowSDEScheduler.from_config(pipe.scheduler.config, method="ddim")
+    got = pipe(generator=torch.Generator().manual_seed(1), **kw).images
+    assert abs(got - want).max() <= 1e-4
+
+
+def _run(s, x, f, scale=True):
+    for t in s.timesteps:
+        x = s.step(f(s.scale_model_input(x, t) if scale else x, t), t, x).prev_sample
+    return x
+
+
+def _fake_model(x, t):
+    return torch.tanh(0.5 * x + t / 1000.0)
+
+
+@pytest.mark.parametrize("cls,method", [("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun"),
+                                        ("FlowMatchEulerDiscreteScheduler", "euler"),
+                                        ("FlowMatchHeunDiscreteScheduler", "heun")])
+@pytest.mark.parametrize("cfg", [0, 1, 2])
+def test_step_by_step_parity(cls, method, cfg):
+    flow = cls.startswith("FlowMatch")
+    kw = ([dict(), dict(shift=3.0), dict(shift=1.5, num_train_timesteps=500)] if flow else
+          [dict(), dict(prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1),
+           dict(timestep_spacing="trailing", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)])[cfg]
+    ref = getattr(diffusers, cls)(**kw)
+    ours = FlowSDEScheduler.from_config(ref.config, method=method)
+    for s in (ref, ours):
+        s.set_timesteps(8)
+    assert torch.allclose(ref.timesteps.double(), ours.timesteps.double(), atol=1e-3)
+    assert ours.order == ref.order
+    assert float(ours.init_noise_sigma) == pytest.approx(float(getattr(ref, "init_noise_sigma", 1.0)))
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(cfg)) * float(ours.init_noise_sigma)
+    a, b = _run(ref, x0, _fake_model, not flow), _run(ours, x0, _fake_model, not flow)
+    assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
+
+
+def test_flow_dynamic_shifting_and_custom_sigmas():
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    ours = FlowSDEScheduler.from_config(ref.config, method="euler")
+    for s in (ref, ours):
+        s.set_timesteps(6, mu=0.8)
+    assert torch.allclose(ref.sigmas, ours.sigmas, atol=1e-6)
+    x0 = torch.randn(2, 3, 4, 4)
+    assert torch.allclose(_run(ref, x0, _fake_model, False), _run(ours, x0, _fake_model, False), atol=1e-5)
+    with pytest.raises(ValueError, match="needs mu"):
+        ours.set_timesteps(6)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    s = FlowSDEScheduler.from_config(diffusers.DDIMScheduler(prediction_type="v_prediction").config,
+                                     method="ddim", eta=0.3)
+    s.save_pretrained(tmp_path)
+    t = FlowSDEScheduler.from_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    assert public(t.config) == public(s.config) and t.config.eta == 0.3 and t.config.prediction_type == "v_prediction"
+    for sch in (s, t):
+        sch.set_timesteps(5)
+    x0 = torch.randn(1, 3, 4, 4)
+    gs = [torch.Generator().manual_seed(0) for _ in range(2)]
+    outs = []
+    for sch, g in zip((s, t), gs):
+        x = x0
+        for ts in sch.timesteps:
+            x = sch.step(_fake_model(x, ts), ts, x, generator=g).prev_sample
+        outs.append(x)
+    assert torch.equal(*outs)
+
+
+def test_step_reads_nothing_back_from_the_device(sync_counter):
+    s = FlowSDEScheduler.from_config(diffusers.DDIMScheduler().config, method="ddim")
+    s.set_timesteps(10)
+    x = torch.randn(2, 3, 4, 4)
+    with sync_counter() as counter:
+        for t in s.timesteps:  # tensor timesteps, as pipelines pass them
+            x = s.step(_fake_model(x, t), t, x, eta=1.0, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert counter.calls == []
+
+
+def test_flow_euler_maruyama_has_the_flows_marginals():
+    """The SDE sampler (sde_sigma > 0) on the exact CondOT field of a Gaussian mixture ends with the mixture's
+    mean and covariance (within Monte Carlo error), like the ODE."""
+    mix, path = reference_mixture(), CondOT()
+    s = FlowSDEScheduler(family="flow", method="euler_maruyama", sde_sigma=0.8)
+    s.set_timesteps(200)
+    x = torch.randn(20000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    for ts in s.timesteps:
+        t = torch.full((x.shape[0],), 1.0 - float(ts) / 1000.0, dtype=torch.float64)
+        x = s.step(-mix.velocity(x, t, path), ts, x, generator=g).prev_sample
+    n = x.shape[0]
+    se = (torch.diagonal(mix.covariance()) / n).sqrt()
+    assert bool(((x.mean(0) - mix.mean()).abs() < 5 * se).all()), (x.mean(0), mix.mean())
+    assert torch.allclose(x.T.cov(), mix.covariance(), atol=0.08)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="method must be one of"):
+        FlowSDEScheduler(method="lms")
+    with pytest.raises(ValueError, match="for flow models"):
+        FlowSDEScheduler(method="euler_maruyama")
+    s = FlowSDEScheduler()
+    x = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x, 0, x)
+    s.set_timesteps(2)
+    with pytest.raises(ValueError, match="shape"):
+        s.step(torch.zeros(1, 4), 0, x)
+    s.step(x, s.timesteps[0], x)
+    s.step(x, s.timesteps[1], x)
+    with pytest.raises(IndexError, match="step called 3 times"):
+        s.step(x, 0, x)
