@@ -145,3 +145,44 @@ def test_bad_input():
     s.step(x, s.timesteps[1], x)
     with pytest.raises(IndexError, match="step called 3 times"):
         s.step(x, 0, x)
+
+
+def test_adaptive_pipeline_sampler_converges_to_the_fixed_step_answer():
+    """A diffusers UNet under flowsde's adaptive driver lands on the answer diffusers' Heun scheduler
+    converges to (many steps), closer as the tolerance shrinks."""
+    from flowsde.integrations.diffusers import AdaptivePipelineSampler
+    unet = tiny_unet()
+    heun = diffusers.HeunDiscreteScheduler(prediction_type="v_prediction", beta_schedule="linear",
+                                           beta_start=0.0001, beta_end=0.02)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        heun.set_timesteps(400)
+        x = noise * heun.init_noise_sigma
+        for t in heun.timesteps:
+            x = heun.step(unet(heun.scale_model_input(x, t), t).sample, t, x).prev_sample
+    sampler = AdaptivePipelineSampler(unet, heun.config)
+    errs, nfes = [], []
+    for rtol in (1e-3, 1e-6):
+        y, st = sampler(noise, rtol=rtol, atol=rtol, return_stats=True)
+        errs.append(float((y - x).abs().max()))
+        nfes.append(st["nfe"])
+    assert errs[1] < 0.1 * errs[0] and errs[1] < 1e-3 * float(x.abs().max()), errs
+    assert nfes[1] > nfes[0]
+
+
+def test_adaptive_pipeline_sampler_on_a_flow_model():
+    """A flow-matching 'transformer' (the exact CondOT field of a mixture, as diffusers' flow prediction)
+    under the adaptive driver equals flowsde.sample's converged solution."""
+    import flowsde
+    from flowsde.integrations.diffusers import AdaptivePipelineSampler
+    mix, path = reference_mixture(), CondOT()
+
+    def transformer(x, timestep):  # diffusers' convention: flow prediction eps - z at sigma = timestep / 1000
+        t = 1.0 - timestep / 1000.0
+        return -mix.velocity(x, t, path)
+
+    cfg = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    noise = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = AdaptivePipelineSampler(transformer, cfg)(noise, rtol=1e-8, atol=1e-8)
+    ref = flowsde.sample(lambda x, t: mix.velocity(x, t, path), noise, path=path, method="rk4", steps=1000)
+    assert float((y - ref).abs().max()) < 1e-5

@@ -89,3 +89,23 @@ def test_backends_agree_and_bad_sigmas():
         K.sample_euler(denoiser, x0, torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="model \\(denoiser\\) returned shape"):
         K.sample_euler(lambda x, s: x[:, :1], x0, sig)
+
+
+def test_sample_dpm_adaptive_converges_and_reports_its_work():
+    from flowsde.problems import reference_mixture
+    mix = reference_mixture()
+    den = lambda x, s: mix.denoise(x, s)  # noqa: E731
+    x = 80.0 * torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = K.sample_dpm_adaptive(den, x, 0.002, 80.0, order=5, rtol=1e-10, atol=1e-10)
+    errs, nfes = [], []
+    for rtol in (1e-2, 1e-3, 1e-4):
+        y, info = K.sample_dpm_adaptive(den, x, 0.002, 80.0, rtol=rtol, atol=rtol / 5, return_info=True)
+        errs.append(float((y - ref).pow(2).mean().sqrt()))
+        nfes.append(info["nfe"])
+        assert info["steps"] == info["accepted"] + info["rejected"]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-3, errs
+    assert nfes[0] < nfes[1] < nfes[2]
+    with pytest.raises(ValueError, match="order must be one of"):
+        K.sample_dpm_adaptive(den, x, 0.002, 80.0, order=4)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        K.sample_dpm_adaptive(den, x, 0.002, 80.0, eta=1.0)

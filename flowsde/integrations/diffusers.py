@@ -101,6 +101,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         self._coefs: List[tuple] = []
         self._step_index = None
         self._begin_index = None
+        self._ops = {}
 
     # ---- diffusers' scheduler protocol --------------------------------------------------------------
     @classmethod
@@ -258,7 +259,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError(f"step called {k + 1} times for {self._calls} model evaluations")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
-        ops = kernels.ops(self.config.backend, sample.device, sample.numel())
+        key = (sample.device, sample.numel())
+        ops = self._ops.get(key)
+        if ops is None:
+            ops = self._ops[key] = kernels.ops(self.config.backend, sample.device, sample.numel())
         if self.config.method == "euler_maruyama":
             out = self._flow_step(ops, k, model_output, sample, generator)
         elif self.config.method != "ddim" or self.config.family == "flow":  # (DDIM on CondOT is Euler)
@@ -354,4 +358,98 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-__all__ = ["FlowSDEScheduler", "training_alphas_cumprod", "METHODS", "FAMILIES"]
+class AdaptivePipelineSampler:
+    """A diffusers model and its scheduler config as an ODE for flowsde's adaptive driver.
+
+    A scheduler owns a fixed timestep list; this instead integrates the model's probability-flow ODE with
+    an embedded Runge–Kutta pair and error control (``flowsde.odeint``: ``dopri5``, ``bosh3``,
+    ``heun_euler``), choosing its own steps::
+
+        sampler = AdaptivePipelineSampler(pipe.unet, pipe.scheduler.config)
+        images, stats = sampler(torch.randn(2, 3, 32, 32), rtol=1e-3, atol=1e-3, return_stats=True)
+
+    * diffusion configs: in the variance-exploding coordinates of the training schedule, ``sigma =
+      sqrt((1 - abar) / abar)``, integrated in ``log sigma`` from the largest training sigma to the smallest
+      (``dx/d log sigma = x - D(x, sigma)``, ``D`` the data estimate from the model output of type
+      ``prediction_type``), then one last denoising to sigma = 0, as Euler/Heun-type schedulers end. The
+      model sees ``x / sqrt(sigma^2 + 1)`` and the fractional training timestep of ``sigma`` (sigma linear
+      between the training steps, as diffusers' Euler and Heun schedulers interpolate), on the device;
+    * flow configs: ``dx/dsigma`` = the model's flow prediction, from sigma = 1 to 0, timestep ``sigma *
+      num_train_timesteps`` (the shift only reparametrises time, which an adaptive solver does not need).
+
+    ``model(x, timestep, **model_kwargs)`` may return a tensor or an object with ``.sample`` (diffusers'
+    ``UNet2DModel`` output). The result is the data sample (``(x, stats)`` with ``return_stats``).
+    """
+
+    def __init__(self, model, scheduler_config, model_kwargs: Optional[dict] = None):
+        cfg = dict(scheduler_config)
+        self.model, self.kwargs = model, dict(model_kwargs or {})
+        self.flow = str(cfg.get("_class_name", "")).startswith("FlowMatch") or (
+            "shift" in cfg and "beta_schedule" not in cfg)
+        self.T = int(cfg.get("num_train_timesteps", 1000))
+        self.prediction = cfg.get("prediction_type", "epsilon") or "epsilon"
+        if not self.flow:
+            ac = training_alphas_cumprod(self.T, cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02),
+                                         cfg.get("beta_schedule", "linear"), cfg.get("trained_betas"))
+            self.sigmas = ((1 - ac) / ac).double().sqrt()
+            self.log_sigmas = self.sigmas.log()
+        self.nfe = 0
+
+    def _call(self, x, t):
+        self.nfe += 1
+        out = self.model(x, t, **self.kwargs)
+        return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+
+    def _timestep(self, log_sigma):
+        """The fractional training timestep of ``sigma`` (a device tensor; no host read): the inverse of the
+        sigma-linear interpolation between training steps that diffusers' Euler and Heun schedulers use."""
+        sg = self.sigmas.to(log_sigma.device)
+        sig = torch.exp(log_sigma).reshape(1)
+        i = torch.searchsorted(sg, sig).clamp(1, sg.numel() - 1)
+        lo, hi = sg[i - 1], sg[i]
+        w = ((sig - lo) / (hi - lo)).clamp(0, 1)
+        return (i - 1 + w).reshape(())
+
+    def denoised(self, x, log_sigma):
+        """``D(x, sigma)``: the model's data estimate in variance-exploding coordinates."""
+        sig = torch.exp(log_sigma).to(x.dtype)
+        n = sig * sig + 1
+        t = self._timestep(log_sigma).to(x.dtype).expand(x.shape[0])
+        out = self._call(x / n.sqrt(), t)
+        if self.prediction == "epsilon":
+            return x - sig * out
+        if self.prediction == "sample":
+            return out
+        return x / n - sig * out / n.sqrt()
+
+    def __call__(self, noise: torch.Tensor, rtol: float = 1e-3, atol: float = 1e-3, method: str = "dopri5",
+                 return_stats: bool = False):
+        from ..solvers import odeint
+
+        self.nfe = 0
+        dev = noise.device
+        with torch.no_grad():
+            if self.flow:
+                def field(s, x):
+                    return self._call(x, (s * self.T).to(x.dtype).expand(x.shape[0]))
+                span = torch.tensor([1.0, 0.0], dtype=torch.float64, device=dev)
+                ys, st = odeint(field, noise, span, method=method, rtol=rtol, atol=atol,
+                                options=dict(return_stats=True))
+                x = ys[-1]
+            else:
+                lo, hi = float(self.log_sigmas[0]), float(self.log_sigmas[-1])
+                x0 = noise * (math.exp(2 * hi) + 1) ** 0.5
+
+                def field(s, x):
+                    return x - self.denoised(x, s.to(torch.float64))
+                span = torch.tensor([hi, lo], dtype=torch.float64, device=dev)
+                ys, st = odeint(field, x0, span, method=method, rtol=rtol, atol=atol,
+                                options=dict(return_stats=True))
+                x = self.denoised(ys[-1], span[-1])
+        if st["status"] != "success":
+            raise RuntimeError(f"adaptive sampling stopped with status {st['status']}")
+        stats = {"nfe": self.nfe, "steps": st["steps"], "accepted": st["accepted"], "rejected": st["rejected"]}
+        return (x, stats) if return_stats else x
+
+
+__all__ = ["FlowSDEScheduler", "AdaptivePipelineSampler", "training_alphas_cumprod", "METHODS", "FAMILIES"]
