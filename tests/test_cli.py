@@ -72,10 +72,11 @@ def test_bench_quick_puts_flowsde_beside_its_peers(tmp_path, capsys):
     assert {"flowsde", "torchdiffeq", "torchsde", "hand loop"} <= libs
     pytest.importorskip("diffusers")
     assert "diffusers" in libs
-    assert {r["method"] for r in rows if r["library"] == "diffusers"} >= {"FlowMatchEuler", "DPM-Solver++ 2M",
-                                                                           "UniPC"}
-    for nfe in (10, 20, 50):
-        assert f"Most accurate on the sampling problem at NFE {nfe}" in out
+    assert {r["method"] for r in rows if r["library"] == "diffusers"} >= {
+        "FlowMatchEuler", "FlowMatchHeun", "DDIM", "Euler", "Heun", "DPM-Solver++ 2M", "UniPC"}
+    for prob in ("mixture (sampling)", "mixture VP (sampling)"):
+        for nfe in (10, 20, 50):
+            assert f"Most accurate on {prob} at NFE {nfe}: " in out
     # same numbers: flowsde's and torchdiffeq's RK4 agree; flowsde's and torchsde's EM agree (same path)
     by = {(r["problem"], r["library"], r["method"], r["setting"]): r["error"] for r in rows}
     for (p, lib, m, st), e in by.items():
