@@ -186,3 +186,22 @@ def test_adaptive_pipeline_sampler_on_a_flow_model():
     y = AdaptivePipelineSampler(transformer, cfg)(noise, rtol=1e-8, atol=1e-8)
     ref = flowsde.sample(lambda x, t: mix.velocity(x, t, path), noise, path=path, method="rk4", steps=1000)
     assert float((y - ref).abs().max()) < 1e-5
+
+
+def test_custom_timesteps_on_diffusion_configs():
+    ours = FlowSDEScheduler.from_config(diffusers.DDIMScheduler(clip_sample=False).config, method="ddim")
+    ours.set_timesteps(timesteps=[900, 500, 100, 0])
+    assert ours.timesteps.tolist() == [900, 500, 100, 0]
+    ac = ours.alphas_cumprod.double()
+    x, out = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    got = ours.step(out, 900, x).prev_sample
+    a, ap = ac[900], ac[500]  # DDIM from 900 to the next custom timestep, 500
+    z = (x - (1 - a).sqrt() * out) / a.sqrt()
+    assert torch.allclose(got.double(), (ap.sqrt() * z + (1 - ap).sqrt() * out).double(), atol=1e-5)
+    eul = FlowSDEScheduler.from_config(diffusers.EulerDiscreteScheduler().config, method="euler")
+    eul.set_timesteps(timesteps=[999, 600, 0])
+    assert eul.timesteps.tolist() == [999.0, 600.0, 0.0] and len(eul.sigmas) == 4
+    with pytest.raises(ValueError, match="custom sigmas are for flow-matching"):
+        ours.set_timesteps(sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ours.set_timesteps(timesteps=[0, 500])

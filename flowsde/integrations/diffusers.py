@@ -150,10 +150,15 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         if cfg.family == "flow":
             self._set_flow(num_inference_steps, sigmas, timesteps, mu)
         else:
-            if timesteps is not None:
-                ts = np.asarray(timesteps, dtype=np.int64)
-                if np.any(np.diff(ts) >= 0):
-                    raise ValueError("custom timesteps must be strictly decreasing")
+            if sigmas is not None:
+                raise ValueError("custom sigmas are for flow-matching configs; for a diffusion config pass "
+                                 "timesteps= (training timesteps, strictly decreasing)")
+            custom = timesteps is not None
+            if custom:
+                ts = np.asarray(timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
+                                dtype=np.int64).reshape(-1)
+                if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() >= T:
+                    raise ValueError(f"custom timesteps must be strictly decreasing integers in [0, {T}), got {ts}")
                 num_inference_steps = len(ts)
             else:
                 if not isinstance(num_inference_steps, int) or not 0 < num_inference_steps <= T:
@@ -161,10 +166,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                 ts = self._diffusion_timesteps(num_inference_steps)
             self.num_inference_steps = num_inference_steps
             if cfg.method == "ddim":
-                self._set_diffusion(ts)
+                self._set_diffusion(ts, custom)
                 self.timesteps = torch.from_numpy(ts).to(device)
             else:
-                self._set_karras_style(num_inference_steps)
+                self._set_karras_style(num_inference_steps, ts.astype(np.float32) if custom else None)
         if cfg.method == "heun":  # every step but the last evaluates twice (diffusers' Heun layout)
             t, sg = self.timesteps, self._host_sigmas
             self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
@@ -176,12 +181,14 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
-    def _set_karras_style(self, n: int):
+    def _set_karras_style(self, n: int, custom=None):
         """Euler / Heun on a diffusion model, in the variance-exploding coordinates ``x / sqrt(abar)`` with
         ``sigma = sqrt((1 - abar) / abar)`` interpolated at (fractional) timesteps, as diffusers' Euler and
         Heun schedulers do: the model sees ``x / sqrt(sigma^2 + 1)`` (``scale_model_input``)."""
         cfg, T = self.config, self.config.num_train_timesteps
-        if cfg.timestep_spacing == "linspace":
+        if custom is not None:
+            ts = custom
+        elif cfg.timestep_spacing == "linspace":
             ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
         elif cfg.timestep_spacing == "leading":
             ts = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.float32) + cfg.steps_offset
@@ -205,14 +212,16 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
         return ts.copy()
 
-    def _set_diffusion(self, ts: np.ndarray):
-        """Per step: ``(a, b, a', b')`` of the VP path at the step's two timesteps (host floats)."""
-        cfg, T = self.config, self.config.num_train_timesteps
+    def _set_diffusion(self, ts: np.ndarray, custom: bool = False):
+        """Per step: ``(abar, abar')`` at the step's two timesteps (host floats). The next timestep is
+        ``t - T // n`` (DDIMScheduler's rule), or the next one of a custom list."""
+        T = self.config.num_train_timesteps
         ac = self.alphas_cumprod.double().tolist()
-        stride = T // len(ts) if cfg.timestep_spacing != "custom" else None
+        stride = T // len(ts)
         self._coefs = []
-        for i, t in enumerate(ts.tolist()):
-            prev = t - stride
+        tl = ts.tolist()
+        for i, t in enumerate(tl):
+            prev = (tl[i + 1] if i + 1 < len(tl) else -1) if custom else t - stride
             a2 = ac[t]
             a2p = ac[prev] if prev >= 0 else self.final_alpha_cumprod
             self._coefs.append((a2, a2p))
