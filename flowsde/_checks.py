@@ -23,14 +23,16 @@ def check_state(name: str, y0) -> torch.Tensor:
 def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False) -> torch.Tensor:
     """Validate a time grid against the state ``y0`` and return it as a tensor.
 
-    ``t`` must be 1-D with at least two finite, strictly monotone points, on ``y0``'s device, with a
+    ``t`` must be 1-D with at least two finite, strictly monotone points, on ``y0``'s device or the CPU
+    (host times are read without a device round trip: the way to call a solver inside a captured CUDA
+    graph), with a
     floating dtype at least as precise as ``y0``'s (float64 times with a float32 state are fine; float32
     times with a float64 state would silently lose precision, so they are refused).
     """
     if isinstance(t, (list, tuple)):
         if not all(isinstance(v, (int, float)) for v in t):
             raise TypeError(f"{name} must be a 1-D tensor or a list of floats")
-        t = torch.tensor(t, dtype=y0.dtype, device=y0.device)
+        t = torch.tensor(t, dtype=y0.dtype)  # on the host: read there without a device round trip
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor of times, got {type(t).__name__}")
     if t.dtype not in _FLOAT_RANK:
@@ -39,8 +41,9 @@ def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
     if t.numel() < 2:
         raise ValueError(f"{name} must hold at least two time points (start and end), got {t.numel()}")
-    if t.device != y0.device:
-        raise ValueError(f"{name} is on {t.device} but y0 is on {y0.device}: put both on the same device")
+    if t.device != y0.device and t.device.type != "cpu":  # host times are fine for any state (never a sync)
+        raise ValueError(f"{name} is on {t.device} but y0 is on {y0.device}: put both on the same device, "
+                         f"or pass the times on the CPU")
     if _FLOAT_RANK[t.dtype] < _FLOAT_RANK[y0.dtype]:
         raise TypeError(f"{name} has dtype {t.dtype}, less precise than y0's {y0.dtype}: "
                         f"pass {name}.to({y0.dtype}) (times may be more precise than the state, not less)")

@@ -189,3 +189,22 @@ def test_step_t_and_jump_t_match_torchdiffeq_step_for_step(opt, backwards):
     flowsde.odeint(f, y0, t, rtol=1e-7, atol=1e-9)
     if opt != "step_t":
         assert calls["n"] > 3 * n_flowsde  # the jump, unannounced, costs many more evaluations
+
+
+def test_capturable_fixed_budget_reads_nothing_back_and_matches(sync_counter):
+    """options=dict(capturable=True, max_num_steps=N): the whole budget runs with no host read (the loop is
+    safe under CUDA-graph capture; tests/test_gpu.py captures it), outputs equal the ordinary solve when the
+    budget suffices, NaN where it does not; the counts stay on the device."""
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.3]], dtype=F64)
+    t = torch.linspace(0, 2, 5, dtype=F64)
+    want, st = flowsde.odeint(nonlinear, y0, t, rtol=1e-6, atol=1e-8, options=dict(return_stats=True))
+    with sync_counter() as counter:
+        got, cst = flowsde.odeint(nonlinear, y0, t, rtol=1e-6, atol=1e-8,
+                                  options=dict(capturable=True, max_num_steps=st["steps"] + 5, return_stats=True))
+    assert counter.calls in ([], ["numpy"])  # at most the read of the (host) time grid, once
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert cst["status"] == "budget" and bool(cst["finished"]) and int(cst["accepted"]) == st["accepted"]
+    short = flowsde.odeint(nonlinear, y0, t, rtol=1e-6, atol=1e-8, options=dict(capturable=True, max_num_steps=3))
+    assert torch.isnan(short[-1]).all() and torch.equal(short[0], y0)
+    with pytest.raises(ValueError, match="pass max_num_steps"):
+        flowsde.odeint(nonlinear, y0, t, options=dict(capturable=True))

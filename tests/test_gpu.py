@@ -1,7 +1,9 @@
 """On a CUDA machine: the compiled Triton kernels (not the interpreter) against the reference, backend
 parity end to end, CUDA-graph capture of the sampling loop, and no host-device synchronisation in the step
 loops (checked by CUDA's own sync detector). Skipped where there is no GPU; CI has none, so these run on a
-lent GPU (see benchmarks/RESULTS.md). The CPU-side parts of the graph feature are tested everywhere."""
+lent GPU (see benchmarks/RESULTS.md). The CPU-side parts of the graph feature are tested everywhere.
+On a GPU machine run the rest of the suite with ``TRITON_INTERPRET=1`` (its Triton tests use CPU tensors
+in the interpreter) and this file without it (compiled kernels)."""
 import os
 import sys
 
@@ -218,3 +220,29 @@ def test_whole_trajectory_kernel_on_cuda_matches_the_reference():
     m, v = ou.em_mean(1.0, 1 / 64, 64), ou.em_variance(1 / 64, 64)
     assert abs(float(a[-1].mean()) - m) < 5 * (v / 1e4) ** 0.5
     assert reference is not None and PhiloxNoise is not None
+
+
+@gpu
+def test_adaptive_odeint_with_a_fixed_budget_is_captured_as_a_cuda_graph():
+    """dopri5 with options=dict(capturable=True, max_num_steps=N) and host times: captured once, replayed on
+    a new state, it equals the uncaptured solve."""
+    model = MLPVelocity(width=32, generator=_g(0)).to(DEV).double()
+    f = model.ode_field()
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)  # on the host
+    opts = dict(capturable=True, max_num_steps=60)
+    x_static = torch.randn(512, 2, dtype=torch.float64, device=DEV)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            flowsde.odeint(f, x_static, t, rtol=1e-6, atol=1e-6, options=opts)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = flowsde.odeint(f, x_static, t, rtol=1e-6, atol=1e-6, options=opts)
+        x_new = torch.randn(512, 2, dtype=torch.float64, device=DEV)
+        x_static.copy_(x_new)
+        graph.replay()
+        want = flowsde.odeint(f, x_new, t, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(out).all()
+    assert float((out - want).abs().max()) < 1e-10

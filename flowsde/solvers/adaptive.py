@@ -70,7 +70,7 @@ HEUN_EULER = EmbeddedTableau("heun_euler", (1.0,), ((1.0,),), (0.5, 0.5), (0.5, 
 
 ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor",
-                    "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t")
+                    "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t", "capturable")
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -90,16 +90,21 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     """
     dev, ydt = y0.device, y0.dtype
     f64 = dict(dtype=torch.float64, device=dev)
-    rtol_t, atol_t = torch.as_tensor(rtol, **f64), torch.as_tensor(atol, **f64)
-    min_step = torch.as_tensor(float(opts.get("min_step", 0.0)), **f64)
-    max_step = torch.as_tensor(float(opts.get("max_step", float("inf"))), **f64)
-    safety = torch.as_tensor(float(opts.get("safety", 0.9)), **f64)
-    ifactor = torch.as_tensor(float(opts.get("ifactor", 10.0)), **f64)
-    dfactor = torch.as_tensor(float(opts.get("dfactor", 0.2)), **f64)
+
+    def const(v):  # device scalars by a fill, never a host-to-device copy (legal under graph capture)
+        return v.to(**f64) if isinstance(v, torch.Tensor) else torch.full((), float(v), **f64)
+    rtol_t, atol_t = const(rtol), const(atol)
+    min_step = const(opts.get("min_step", 0.0))
+    max_step = const(opts.get("max_step", float("inf")))
+    safety, ifactor, dfactor = (const(opts.get(k, d)) for k, d in (("safety", 0.9), ("ifactor", 10.0),
+                                                                    ("dfactor", 0.2)))
+    capturable = bool(opts.get("capturable", False))
+    if capturable and "max_num_steps" not in opts:
+        raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
     max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
     if max_steps < 1:
         raise ValueError(f"max_num_steps must be >= 1, got {max_steps}")
-    check_every = int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
+    check_every = max_steps + 1 if capturable else int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     nfe = 0
@@ -109,7 +114,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         nfe += 1
         return field_check(func(t.to(ydt), y))
 
-    t_outs = torch.as_tensor(t_out, **f64)
+    t_outs = torch.stack([const(v) for v in t_out])
     t0 = t_outs[0].clone()
     t_end = float(t_out[-1])
     y = y0
@@ -118,19 +123,19 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     if dt_start is not None:
         dt = dt_start
     elif first is not None:
-        dt = torch.as_tensor(_checks.check_step("first_step", first), **f64)
+        dt = const(_checks.check_step("first_step", first))
     else:
         with torch.no_grad():  # step sizes carry no gradient (the probe is one evaluation, as in torchdiffeq)
             dt = _initial_step(f, t0, y, f0, tab.order - 1, rtol_t, atol_t)
     outs = [y0] + [None] * (len(t_out) - 1)
     written = torch.zeros(len(t_out), dtype=torch.bool, device=dev)
-    written[0] = True
+    written[0].fill_(True)  # a fill, not a host-to-device copy (legal under graph capture)
     accepted = torch.zeros((), dtype=torch.int64, device=dev)
     rejected = torch.zeros((), dtype=torch.int64, device=dev)
     expo = 1.0 / tab.order
     first_pending = 1
     status, steps = "success", 0
-    t_end_t = torch.as_tensor(t_end, **f64)
+    t_end_t = const(t_end)
     while True:
         if steps >= max_steps:
             status = "max_num_steps"
@@ -178,8 +183,12 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             first_pending = int(np.searchsorted(t_out, t_now, side="right"))
     ys = torch.stack([o if o is not None else torch.full_like(y0, float("nan")) for o in outs])
     ys = torch.where(written.reshape(-1, *([1] * y0.dim())), ys, torch.full_like(ys, float("nan")))
-    stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected), "status": status,
-             "_f": f0, "_dt": dt}
+    if capturable:  # no host read at all: counts stay on the device, the budget is always spent
+        stats = {"nfe": nfe, "steps": steps, "accepted": accepted, "rejected": rejected, "status": "budget",
+                 "finished": t0 >= t_end_t, "_f": f0, "_dt": dt}
+    else:
+        stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected),
+                 "status": status, "_f": f0, "_dt": dt}
     return ys, stats
 
 

@@ -154,6 +154,8 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         stops[name] = v
     if per_sample and (stops["step_t"].size or stops["jump_t"].size):
         raise ValueError("step_t and jump_t are supported with per_sample=False")
+    if opts.get("capturable") and (per_sample or stops["step_t"].size or stops["jump_t"].size):
+        raise ValueError("capturable=True is supported without per_sample, step_t and jump_t")
     f, th = func, t_host
     if t_host[0] > t_host[-1]:  # backwards in time: integrate s = -t (as torchdiffeq does)
         f, th = (lambda s, y: -func(-s, y)), -t_host
@@ -170,8 +172,8 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}
     if shapes is not None:
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
-    if opts.get("return_stats", False):
-        return ys, stats
+    if opts.get("return_stats", False) or opts.get("capturable"):
+        return (ys, stats) if opts.get("return_stats", False) else ys
     if stats["status"] != "success":
         raise RuntimeError(f"odeint stopped after max_num_steps={stats['steps']} steps before reaching "
                            f"t={t_host[-1]}; pass options=dict(return_stats=True) to get what was computed "
