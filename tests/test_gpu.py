@@ -246,3 +246,17 @@ def test_adaptive_odeint_with_a_fixed_budget_is_captured_as_a_cuda_graph():
         want = flowsde.odeint(f, x_new, t, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(out).all()
     assert float((out - want).abs().max()) < 1e-10
+
+
+@gpu
+def test_compiled_matrix_noise_kernel_matches_the_reference():
+    tri = kernels.ops("triton", DEV)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        y, f = rnd((1000, 7), dtype, 0), rnd((1000, 7), dtype, 1)
+        g, dw = rnd((1000, 7, 3), dtype, 2), rnd((1000, 3), dtype, 3)
+        got = tri.sde_update(y, [(0.1, f)], [(0.5, g)], dw, "general")
+        want = reference.sde_update(y, [(0.1, f)], [(0.5, g)], dw, "general")
+        assert float((got - want).abs().max()) < tol * max(1.0, float(want.abs().max()))
+        got = tri.sde_update(y, [(0.1, f)], [(0.5, g)], PhiloxNoise(5), "additive")
+        want = kernels.ops("torch").sde_update(y, [(0.1, f)], [(0.5, g)], PhiloxNoise(5), "additive")
+        assert float((got - want).abs().max()) < 1e-5

@@ -121,7 +121,7 @@ def test_odeint_backends_agree(method):
 
 
 @pytest.mark.parametrize("method,noise_type,sde_type", [
-    ("euler", "diagonal", "ito"), ("euler", "scalar", "ito"), ("euler", "additive", "ito"),
+    ("euler", "diagonal", "ito"), ("euler", "scalar", "ito"), ("euler", "additive", "ito"), ("euler", "general", "ito"),
     ("heun", "diagonal", "stratonovich"), ("milstein", "diagonal", "ito"), ("milstein", "scalar", "ito")])
 def test_sdeint_backends_agree_on_a_given_bm(method, noise_type, sde_type):
     from test_sde_parity import Nonlinear, noise_size
@@ -290,3 +290,36 @@ def test_graph_ready_loops_with_device_keys_equal_the_seeded_run(case):
         want = flowsde.sample(model, x0, path=path, prediction="epsilon", method="euler", sigma=0.7, steps=5,
                               t_start=0.05, t_end=0.9, seed=9, backend="triton")
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("nterms,nnoise", [(0, 1), (1, 1), (2, 2)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_matrix_noise_kernel_matches_the_reference(tri, dtype, nterms, nnoise, m):
+    """Additive / general noise in one pass: y + sum c f + sum s (G dW), dW given or drawn in the kernel."""
+    B, d = 37, 5
+    y = rnd((B, d), dtype, 0)
+    terms = [(0.01 * (k + 1), rnd((B, d), dtype, k + 1)) for k in range(nterms)]
+    noise = [(0.5 / (k + 1), rnd((B, d, m), dtype, 10 + k)) for k in range(nnoise)]
+    dw = rnd((B, m), dtype, 20)
+    got = tri.sde_update(y, terms, noise, dw, "general")
+    want = reference.sde_update(y, terms, noise, dw, "general") if terms else \
+        y + sum(s * torch.bmm(g, dw.unsqueeze(-1)).squeeze(-1) for s, g in noise)
+    assert close(got, want.double(), dtype)
+    got = tri.sde_update(y, terms, noise, PhiloxNoise(77), "additive")
+    want = kernels.ops("torch").sde_update(y, terms, noise, PhiloxNoise(77), "additive") if terms else None
+    if want is not None:
+        assert float((got.double() - want.double()).abs().max()) < (1e-6 if dtype == torch.float64 else 2e-5)
+
+
+def test_sdeint_additive_noise_drawn_in_the_kernel_equals_the_mirrored_path():
+    from flowsde.brownian import GridBrownian
+    from flowsde.problems import OrnsteinUhlenbeck
+    sde = OrnsteinUhlenbeck(1.0, 0.5, noise_type="additive")
+    y0 = torch.ones(64, 2, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    a = flowsde.sdeint(sde, y0, ts, dt=0.05, seed=3, options=dict(backend="triton"))
+    m = sde.g(ts[0], y0).shape[-1]
+    bm = GridBrownian(t0=0, t1=1, steps=20, shape=(64, m), seed=3, dtype=torch.float64, stream="philox")
+    b = flowsde.sdeint(sde, y0, ts, bm=bm, dt=0.05, options=dict(backend="torch"))
+    assert float((a - b).abs().max()) < 1e-6

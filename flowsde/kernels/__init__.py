@@ -94,7 +94,7 @@ class TorchOps:
     def sde_update(self, y, terms, noise, dw, noise_type):
         """``y + sum c k + sum s (g dW)`` for any noise type (``dw`` a tensor or :class:`PhiloxNoise`)."""
         if isinstance(dw, PhiloxNoise):
-            dw = self.normal(dw.key, _noise_shape(y, noise_type), y.dtype, y.device)
+            dw = self.normal(dw.key, _noise_shape(y, noise_type, noise), y.dtype, y.device)
         return reference.sde_update(y, terms, noise, dw, noise_type)
 
     def normal(self, key, shape, dtype, device):
@@ -106,8 +106,9 @@ class TorchOps:
 
 
 class TritonOps(TorchOps):
-    """The Triton backend: every elementwise step is one launch of the fused kernel. Additive and
-    general noise (a batched matrix-vector product) and Hermite output interpolation use the PyTorch ops."""
+    """The Triton backend: every elementwise step is one launch of the fused kernel; additive and general
+    noise (a batched matrix-vector product with the drift folded in) one launch of the matrix-noise kernel.
+    Hermite output interpolation uses the PyTorch ops."""
 
     name = "triton"
 
@@ -134,7 +135,12 @@ class TritonOps(TorchOps):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
     def sde_update(self, y, terms, noise, dw, noise_type):
-        if noise_type not in ("diagonal", "scalar"):
+        if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
+            host_key = not (isinstance(dw, PhiloxNoise) and isinstance(dw.key, torch.Tensor))
+            if y.dim() == 2 and len(terms) <= 2 and 1 <= len(noise) <= 2 and host_key:
+                key = dw.key if isinstance(dw, PhiloxNoise) else 0
+                tensor = None if isinstance(dw, PhiloxNoise) else dw
+                return self._c.matrix_noise_update(y, terms, noise, tensor, key)
             return super().sde_update(y, terms, noise, dw, noise_type)
         g = [(s, gg.squeeze(-1) if noise_type == "scalar" else gg) for s, gg in noise]
         return self.combine([(1.0, y)] + list(terms), g, dw, rowwise=noise_type == "scalar")
@@ -145,8 +151,13 @@ class TritonOps(TorchOps):
 
 
 
-def _noise_shape(y, noise_type):
-    return tuple(y.shape) if noise_type == "diagonal" else (y.shape[0], 1)
+def _noise_shape(y, noise_type, noise=()):
+    """The shape of the increments: ``y.shape`` (diagonal), ``(batch, 1)`` (scalar) or ``(batch, m)`` with
+    ``m`` the last dimension of the ``(batch, d, m)`` diffusion (additive / general)."""
+    if noise_type == "diagonal":
+        return tuple(y.shape)
+    m = noise[0][1].shape[-1] if noise_type in ("additive", "general") and noise else 1
+    return (y.shape[0], m)
 
 
 _OPS = {}
