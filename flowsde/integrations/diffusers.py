@@ -59,6 +59,13 @@ def training_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_en
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def _randn(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normals shaped like ``x`` from ``generator`` (drawn on the generator's device, as diffusers'
+    ``randn_tensor`` does, then moved to ``x``'s)."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
 class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running flowsde's fused steps (see the module docstring)."""
 
@@ -303,9 +310,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         else:
             terms = [(ap * p1 + c * q1, x), (ap * p2 + c * q2, out)]
         if std > 0:
-            noise = variance_noise if variance_noise is not None else torch.randn(
-                x.shape, generator=generator, device=generator.device if generator is not None else x.device,
-                dtype=x.dtype).to(x.device)
+            noise = variance_noise if variance_noise is not None else _randn(x, generator)
             return ops.combine(terms, [(std, None)], noise)
         return ops.combine(terms)
 
@@ -340,15 +345,16 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         return ops.combine([(1.0 + h * cx0, x0), (h * co0, out0), (h * cx1, x), (h * co1, out)])
 
     def _flow_step(self, ops, k, out, x, generator):
+        """Euler–Maruyama on the flow's SDE (the last step, to sigma = 0, is the ODE's Euler step).
+
+        With ``t = 1 - sigma``, ``x = t z + (1 - t) eps`` and ``out = eps - z``: ``u = -out``,
+        ``eps_hat = x + t out`` and ``score = -eps_hat / (1 - t)``, all affine in ``x`` and ``out``."""
         s, s1 = self._host_sigmas[k], self._host_sigmas[k + 1]
-        if self.config.method != "euler_maruyama" or s1 == 0.0:
+        if s1 == 0.0:
             return ops.combine([(1.0, x), (s1 - s, out)])
-        # t = 1 - sigma, x = t z + (1 - t) eps, out = eps - z: u = -out, score = -eps_hat / (1 - t)
-        # eps_hat = x + t out... from x = t z + (1-t) eps and out = eps - z: eps_hat = x + t * out
         t, h, g = 1.0 - s, s - s1, float(self.config.sde_sigma)
-        half = 0.5 * g * g / s  # sigma^2 / 2 * score = -(g^2 / 2) eps_hat / (1 - t)
-        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None
-                            else x.device, dtype=x.dtype).to(x.device)
+        half = 0.5 * g * g / s  # g^2/2 * score = -half * eps_hat
+        noise = _randn(x, generator)
         return ops.combine([(1.0 - h * half, x), (-h - h * half * t, out)], [(g * h ** 0.5, None)], noise)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

@@ -118,6 +118,8 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .philox import KEY_MASK  # noqa: E402
+
 # Triton's own launch path (binding every argument, building a specialisation key) costs ~75 µs of host
 # time per launch on an H100 machine (benchmarks/RESULTS.md), ~7x a PyTorch op: per-step loops are host
 # bound on it. After the first launch of a specialisation, flowsde keeps the compiled kernel under its own
@@ -346,7 +348,7 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
     n = out.numel()
     blk = CONFIG["block"]
     _launch(matrix_noise_kernel, triton.cdiv(n, blk),
-            [out, ys, fs[0], fs[1], gs[0], gs[1], noise, int(key) & ((1 << 63) - 1), *_split(1.0), *cs[0], *cs[1],
+            [out, ys, fs[0], fs[1], gs[0], gs[1], noise, int(key) & KEY_MASK, *_split(1.0), *cs[0], *cs[1],
              *ss[0], *ss[1], n, d, m],
             dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=y.dtype == torch.float64,
                  BLOCK_SIZE=blk), CONFIG["num_warps"], out.is_cuda)
