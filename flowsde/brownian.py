@@ -17,8 +17,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import kernels
 from .kernels import PhiloxNoise
-from .kernels.philox import KEY_MASK, philox_randn
+from .kernels.philox import KEY_MASK, philox_randn, philox_randn_at
+from .kernels.reference import tree_leaf, tree_std
 
 _MASK = (1 << 64) - 1
 
@@ -221,79 +223,116 @@ class DeviceKeys:
 class VirtualBrownianTree(BrownianMotion):
     """Brownian motion on ``[t0, t1]`` queried at any time, reproducibly, from a seed and no stored path.
 
-    ``W(t1)`` is drawn from the key of the root; the value at the midpoint of a dyadic interval is the
-    Brownian bridge between its ends plus ``sqrt(length / 4)`` times a normal drawn from the key of that
-    tree node (``(seed, node)``). A query descends the tree until its interval is shorter than ``tol`` and
-    interpolates linearly inside it (an error of order ``sqrt(tol)``, far below any step an adaptive solver
-    takes). So ``W(t)`` does not depend on which times were asked for before, or in which order: a
-    rejected step re-queries the same path. Node values are cached (bounded) for speed.
+    ``W(t1)`` is drawn from the root's normal; the value at the midpoint of a dyadic interval is the
+    Brownian bridge between its ends plus ``sqrt(length) / 2`` times the normal of that tree node. A query
+    descends ``depth`` levels, to an interval shorter than ``tol``, and interpolates linearly inside it (an
+    error of order ``sqrt(tol)``, far below any step an adaptive solver takes). Every normal is a pure
+    function of ``(seed, node, element)`` (counter-based Philox, ``tl.randn(key, node * 2**32 + element)``),
+    so ``W(t)`` does not depend on which times were asked for before, or in which order: a rejected step
+    re-queries the same path, and each batch row has its own path whatever the batch size.
+
+    Two ways to ask: ``bm(ta, tb)`` / :meth:`value` with host times (the interface torchsde's solvers use),
+    and :meth:`at` with device times, one per row if need be (what flowsde's adaptive SDE driver uses: no
+    host read, and per-sample times). Both compute the same values. The descent runs as one Triton kernel
+    on the triton backend, or as the PyTorch specification
+    (:func:`flowsde.kernels.reference.brownian_tree`), drawing every level at once.
 
     Args:
-        t0, t1: the interval; shape: of ``W(t)``; seed: int or ``None`` (from torch's generator);
-        tol: the finest interval length (default ``(t1 - t0) * 2**-20``); dtype, device: of the values.
+        t0, t1: the interval; shape: of ``W(t)``, ``(batch, ...)``; seed: int or ``None`` (from torch's
+        generator); tol: the finest interval length (default ``(t1 - t0) * 2**-20``; at least
+        ``(t1 - t0) * 2**-30``); dtype, device: of the values; backend: of the host-time queries
+        (``None``: as :func:`flowsde.kernels.resolve_backend` decides).
+
+    :meth:`dyadic_path` gives the values at all ``2**level + 1`` dyadic times of a level at once (one draw
+    per tree node, no descent per time): the fine reference path of a convergence study on the same
+    Brownian motion an adaptive solve used.
     """
 
     def __init__(self, t0: float, t1: float, shape=(1,), seed: Optional[int] = None, tol: Optional[float] = None,
-                 dtype: torch.dtype = torch.float32, device="cpu", cache_size: int = 4096):
+                 dtype: torch.dtype = torch.float32, device="cpu", backend: Optional[str] = None):
         t0, t1 = float(t0), float(t1)
         if not (np.isfinite(t0) and np.isfinite(t1) and t1 > t0):
             raise ValueError(f"VirtualBrownianTree needs finite t0 < t1, got {t0}, {t1}")
-        tol = (t1 - t0) * 2.0 ** -20 if tol is None else float(tol)
-        if not (0 < tol < t1 - t0):
-            raise ValueError(f"tol must be in (0, t1 - t0), got {tol}")
+        span = t1 - t0
+        tol = span * 2.0 ** -20 if tol is None else float(tol)
+        if not (span * 2.0 ** -30 <= tol < span):
+            raise ValueError(f"tol must be in [(t1 - t0) * 2**-30, t1 - t0), got {tol}")
         if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, np.integer))):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         self.t0, self.t1, self.tol = t0, t1, tol
         self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) < 1 or self.shape[0] < 1 or int(np.prod(self.shape)) >= 2 ** 32:
+            raise ValueError(f"shape must be (batch, ...) with fewer than 2**32 elements, got {self.shape}")
         self.dtype, self.device = dtype, torch.device(device)
         self.seed = default_seed() if seed is None else int(seed)
-        self.depth = int(np.ceil(np.log2((t1 - t0) / tol)))
-        self._gen = torch.Generator(device=self.device)
-        self._cache = {}
-        self._cache_size = int(cache_size)
-        zero = torch.zeros(self.shape, dtype=dtype, device=self.device)
-        self._w0, self._w1 = zero, self._normal(0).mul_((t1 - t0) ** 0.5)  # node 0: W(t1); 1, 2, ...: midpoints
+        self.key = step_key(self.seed, -2) & KEY_MASK  # a stream of its own (grid steps use k >= 0)
+        self.depth = int(np.ceil(np.log2(span / tol) - 1e-9))
+        self.per_row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        self._std = tree_std(span, self.depth, self.device)
+        self._ops = kernels.ops(backend, self.device, int(np.prod(self.shape)))
+        self._recent = {}  # the last few host-time values: consecutive increments share an end
 
-    def _normal(self, node: int) -> torch.Tensor:
-        self._gen.manual_seed(step_key(self.seed, node))
-        return torch.randn(self.shape, generator=self._gen, dtype=self.dtype, device=self.device)
+    def at(self, t: torch.Tensor, rows: Optional[torch.Tensor] = None, ops=None) -> torch.Tensor:
+        """``W(t) - W(t0)`` at device times, with no host read.
 
-    def _mid(self, node, a, b, wa, wb):
-        w = self._cache.get(node)
-        if w is None:
-            w = (wa + wb).mul_(0.5).add_(self._normal(node), alpha=0.5 * (b - a) ** 0.5)
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[node] = w
-        return w
+        ``t``: a 0-dim tensor (one time for the rows asked) or ``(R,)`` (one time per row); times outside
+        ``[t0, t1]`` are clamped to it. ``rows``: ``None`` for every row, or an int64 ``(R,)`` tensor of
+        the rows wanted. Returns ``(R, *shape[1:])`` in the tree's dtype. ``ops``: the backend's op set
+        (default: the tree's own).
+        """
+        if t.dim() > 1:
+            raise ValueError(f"query times must be 0-dim or (rows,), got shape {tuple(t.shape)}")
+        n_rows = self.shape[0] if rows is None else rows.shape[0]
+        if t.dim() == 1 and t.shape[0] != n_rows:
+            raise ValueError(f"{t.shape[0]} query times for {n_rows} rows")
+        leaf, frac = tree_leaf(t.reshape(-1, 1), self.t0, self.t1 - self.t0, self.depth)
+        out = (ops or self._ops).brownian_tree(self.key, leaf, frac, rows, n_rows, self.per_row, self._std,
+                                               self.depth)
+        return out.to(self.dtype).reshape((n_rows,) + self.shape[1:])
 
     def value(self, t: float) -> torch.Tensor:
-        """``W(t) - W(t0)``."""
+        """``W(t) - W(t0)`` at a host time."""
+        return self._value(t).clone()
+
+    def _value(self, t) -> torch.Tensor:
         t = float(t)
-        if not (self.t0 - 1e-12 <= t <= self.t1 + 1e-12):
-            raise ValueError(f"time {t} is outside the tree's interval [{self.t0}, {self.t1}]")
-        a, b, wa, wb, node = self.t0, self.t1, self._w0, self._w1, 1
-        if t <= a:
-            return wa.clone()
-        if t >= b:
-            return wb.clone()
-        for _ in range(self.depth):
-            m = 0.5 * (a + b)
-            wm = self._mid(node, a, b, wa, wb)
-            if t == m:
-                return wm.clone()
-            if t < m:
-                b, wb, node = m, wm, 2 * node
-            else:
-                a, wa, node = m, wm, 2 * node + 1
-        return torch.lerp(wa, wb, (t - a) / (b - a))
+        w = self._recent.get(t)
+        if w is None:
+            if not (self.t0 - 1e-12 <= t <= self.t1 + 1e-12):
+                raise ValueError(f"time {t} is outside the tree's interval [{self.t0}, {self.t1}]")
+            w = self.at(torch.full((), t, dtype=torch.float64, device=self.device))
+            if len(self._recent) >= 4:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[t] = w
+        return w
 
     def increment(self, ta: float, tb: float) -> torch.Tensor:
-        return self.value(tb) - self.value(ta)
+        return self._value(tb) - self._value(ta)
+
+    def dyadic_path(self, level: int) -> torch.Tensor:
+        """``W(t0 + (t1 - t0) k / 2**level) - W(t0)`` for ``k = 0 .. 2**level``: shape ``(2**level + 1,
+        *shape)``, the values :meth:`value` gives at those times (to rounding), built level by level from
+        the tree's node draws (``0 <= level <= depth``). With :class:`SampledPath` it drives a fixed-step
+        solve on this tree's path."""
+        if not (isinstance(level, int) and 0 <= level <= self.depth):
+            raise ValueError(f"level must be an int in [0, {self.depth}], got {level!r}")
+        n = int(np.prod(self.shape))
+        elem = torch.arange(n, dtype=torch.int64, device=self.device).reshape(1, n)
+        std = self._std.tolist()
+        vals = torch.stack([torch.zeros(n, dtype=torch.float64, device=self.device),
+                            philox_randn_at(self.key, elem[0]).to(torch.float64) * std[0]])
+        for lev in range(level):
+            nodes = torch.arange(1 << lev, 2 << lev, dtype=torch.int64, device=self.device).reshape(-1, 1)
+            z = philox_randn_at(self.key, (nodes << 32) + elem).to(torch.float64)
+            mid = (vals[:-1] + vals[1:]).mul_(0.5).add_(z, alpha=std[1 + lev])
+            out = torch.empty((2 * vals.shape[0] - 1, n), dtype=torch.float64, device=self.device)
+            out[0::2], out[1::2] = vals, mid
+            vals = out
+        return vals.to(self.dtype).reshape((vals.shape[0],) + self.shape)
 
     def __repr__(self):
         return (f"VirtualBrownianTree(t0={self.t0}, t1={self.t1}, shape={self.shape}, seed={self.seed}, "
-                f"tol={self.tol:g})")
+                f"tol={self.tol:g}, depth={self.depth})")
 
 
 def _as_time(t) -> float:

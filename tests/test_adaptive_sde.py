@@ -1,11 +1,12 @@
 """Adaptive SDE solves (step doubling on a virtual Brownian tree): convergence to the exact solution on
 the same Brownian path as the tolerance shrinks, against torchsde's adaptive mode, outputs, stats."""
+import numpy as np
 import pytest
 import torch
 import torchsde
 
 import flowsde
-from flowsde.brownian import VirtualBrownianTree
+from flowsde.brownian import SampledPath, VirtualBrownianTree
 from flowsde.problems import GeometricBrownianMotion, OrnsteinUhlenbeck
 
 B = 128
@@ -90,7 +91,9 @@ def test_additive_noise_adaptive_matches_a_fine_fixed_step_solve_on_the_same_tre
     m = sde.g(ts[0], y0).shape[-1]
     bm = tree(11, (64, m))
     a = flowsde.sdeint(sde, y0, ts, bm=bm, dt=0.1, adaptive=True, rtol=1e-5, atol=1e-5)
-    b = flowsde.sdeint(sde, y0, ts, bm=bm, dt=1e-4)
+    level = 13  # the tree's own path at 2**13 + 1 dyadic times, drawn at once: a fine fixed-step solve on it
+    fine = SampledPath(np.linspace(0.0, 1.0, 2 ** level + 1), bm.dyadic_path(level))
+    b = flowsde.sdeint(sde, y0, ts, bm=fine, dt=2.0 ** -level)
     assert float((a - b).abs().max()) < 2e-3
 
 

@@ -74,7 +74,7 @@ def test_default_brownian_equals_an_explicit_one_on_the_same_grid():
 def test_virtual_tree_is_consistent_whatever_the_query_order():
     from flowsde.brownian import VirtualBrownianTree
     times = [0.3, 0.71, 0.05, 0.5, 0.999, 0.3, 0.123456]
-    a = VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=2, dtype=torch.float64, cache_size=3)
+    a = VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=2, dtype=torch.float64)
     first = {t: a.value(t) for t in times}
     b = VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=2, dtype=torch.float64)
     for t in reversed(times):

@@ -84,6 +84,7 @@ class TorchOps:
     lerp = staticmethod(reference.lerp)
     hermite = staticmethod(reference.hermite)
     error_norm = staticmethod(reference.error_norm)
+    brownian_tree = staticmethod(reference.brownian_tree)
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
         """``sum c_i t_i + (sum s_j g_j) z`` (see :func:`flowsde.kernels.reference.combine`)."""
@@ -126,6 +127,8 @@ class TritonOps(TorchOps):
         return self._c.combine(terms, diffusion, tensor, rowwise, key, out)
 
     def lincomb(self, y, terms):
+        if _device_coefficients(terms):
+            return reference.lincomb(y, terms)
         return self.combine([(1.0, y)] + list(terms))
 
     def error_norm(self, y0, y1, err, rtol, atol):
@@ -135,6 +138,8 @@ class TritonOps(TorchOps):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
     def sde_update(self, y, terms, noise, dw, noise_type):
+        if _device_coefficients(terms, noise):  # step sizes held on the device: the PyTorch ops take them
+            return super().sde_update(y, terms, noise, dw, noise_type)
         if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
             host_key = not (isinstance(dw, PhiloxNoise) and isinstance(dw.key, torch.Tensor))
             if y.dim() == 2 and len(terms) <= 2 and 1 <= len(noise) <= 2 and host_key:
@@ -149,6 +154,14 @@ class TritonOps(TorchOps):
         key = key if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
         return self._c.randn(key, tuple(shape), dtype, device)
 
+    def brownian_tree(self, key, leaf, frac, rows, n_rows, per_row, std, depth):
+        from .tree import brownian_tree
+        return brownian_tree(key, leaf, frac, rows, n_rows, per_row, std, depth)
+
+
+def _device_coefficients(*term_lists) -> bool:
+    """Whether any coefficient is a device tensor (the fused kernels take host coefficients only)."""
+    return any(isinstance(c, torch.Tensor) for terms in term_lists for c, _ in terms)
 
 
 def _noise_shape(y, noise_type, noise=()):

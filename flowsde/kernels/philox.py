@@ -3,8 +3,8 @@ so the noise the kernels draw in registers can be reproduced and tested on any m
 
 ``philox_randn(key, n)`` equals, element by element, what ``tl.randn(key, offset)`` returns for
 ``offset = 0 .. n-1`` inside a kernel (the integer stream exactly; the floats to rounding of log / cos).
-uint32 arithmetic is emulated in int64 tensors; ``umulhi`` splits one factor into 16-bit halves so no
-product overflows.
+uint32 arithmetic is emulated in int64 tensors: the product of two uint32 values is formed in int64,
+where it wraps modulo 2**64 (two's complement), so its low and high 32-bit halves are exact.
 """
 from __future__ import annotations
 
@@ -17,13 +17,10 @@ KEY_MASK = (1 << 63) - 1  # kernel keys are passed as int64 scalars
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor):
-    """High and low 32 bits of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` (int64)."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo, p_hi = a * b_lo, a * b_hi                 # each < 2^48
-    mid = p_hi + (p_lo >> 16)                       # < 2^49
-    hi = mid >> 16
-    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
-    return hi & _M32, lo & _M32
+    """High and low 32 bits of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` (int64): the
+    64-bit product wraps in int64 but keeps its bits, and an arithmetic shift then a mask reads the top half."""
+    p = b * a
+    return (p >> 32) & _M32, p & _M32
 
 
 def philox4x32(key, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor,
@@ -51,16 +48,26 @@ def philox_randint(key, n: int, device="cpu", start: int = 0):
     start + n - 1``.
 
     ``key``: an int, or a 0-dim int64 tensor (read on the device, never on the host)."""
-    off = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(off)
+    return philox_randint_at(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
+
+
+def philox_randint_at(key, offsets: torch.Tensor):
+    """``tl.randint4x(key, offsets)`` for any int64 ``offsets`` (non-negative): the low 32 bits of an
+    offset are Philox's first counter word and the high bits its second, as in Triton."""
+    zero = torch.zeros_like(offsets)
     key = key & KEY_MASK if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
-    return philox4x32(key, off & _M32, (off >> 32) & _M32, zero, zero)
+    return philox4x32(key, offsets & _M32, (offsets >> 32) & _M32, zero, zero)
 
 
 def philox_randn(key, n: int, device="cpu", start: int = 0) -> torch.Tensor:
     """``tl.randn(key, offset)`` for ``offset = start .. start + n - 1``: float32 standard normals
     (Box–Muller). Any slice of the stream can be drawn alone: how sharded studies share one path."""
-    i1, i2, _, _ = philox_randint(key, n, device, start)
+    return philox_randn_at(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
+
+
+def philox_randn_at(key, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randn(key, offsets)`` for any int64 ``offsets`` (shape kept): float32 standard normals."""
+    i1, i2, _, _ = philox_randint_at(key, offsets)
     u1 = torch.clamp(_uniform(i1), min=1.0e-7)
     th = 6.283185307179586 * _uniform(i2)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)

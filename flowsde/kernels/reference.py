@@ -14,16 +14,31 @@ import torch
 Term = Tuple[float, torch.Tensor]
 
 
+def is_zero(c) -> bool:
+    """``c == 0`` for a host coefficient; a device coefficient (a tensor) is never taken for zero (reading
+    it would synchronise)."""
+    return not isinstance(c, torch.Tensor) and c == 0.0
+
+
+def axpy_(out: torch.Tensor, k: torch.Tensor, c) -> torch.Tensor:
+    """``out += c * k`` in place, for a host coefficient (a float) or a device one (a tensor that
+    broadcasts against ``k``: a 0-dim step size, or one per batch row)."""
+    return out.addcmul_(k, c) if isinstance(c, torch.Tensor) else out.add_(k, alpha=c)
+
+
 def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
-    """Return ``y + sum(c * k for c, k in terms)`` as a new tensor (zero coefficients are skipped)."""
+    """Return ``y + sum(c * k for c, k in terms)`` as a new tensor (zero host coefficients are skipped).
+
+    A coefficient is a Python float, or a tensor on the device that broadcasts against ``k`` (the adaptive
+    SDE driver's step sizes, one per row); neither is ever read back."""
     out = None
     for c, k in terms:
-        if c == 0.0:
+        if is_zero(c):
             continue
         if out is None:
-            out = torch.add(y, k, alpha=c)
+            out = torch.addcmul(y, k, c) if isinstance(c, torch.Tensor) else torch.add(y, k, alpha=c)
         else:
-            out.add_(k, alpha=c)
+            axpy_(out, k, c)
     return y.clone() if out is None else out
 
 
@@ -45,15 +60,15 @@ def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[flo
     """Return ``y + sum(c * k) + sum(s * g dW)``: the combination of every explicit SDE step.
 
     ``terms`` are drift terms ``(c, k)`` (``c`` already holds the step ``dt``), ``noise`` are pairs
-    ``(s, g)`` of a scale and a diffusion value all applied to the same increment ``dw``.
+    ``(s, g)`` of a scale and a diffusion value all applied to the same increment ``dw``. Coefficients
+    are floats or device tensors, as in :func:`lincomb`.
     """
-    out = torch.add(y, terms[0][1], alpha=terms[0][0]) if len(terms) == 1 else lincomb(y, terms)
-    if noise_type == "diagonal":
-        for s, g in noise:
-            out.addcmul_(g, dw, value=s)
-        return out
+    out = lincomb(y, terms)
     for s, g in noise:
-        out.add_(noise_prod(g, dw, noise_type), alpha=s)
+        if noise_type == "diagonal" and not isinstance(s, torch.Tensor):
+            out.addcmul_(g, dw, value=s)
+        else:
+            axpy_(out, noise_prod(g, dw, noise_type), s)
     return out
 
 
@@ -126,3 +141,59 @@ def linear_trajectory(x0: torch.Tensor, coef: torch.Tensor, keys: torch.Tensor, 
         if sl[k] >= 0:
             out[sl[k]] = x.to(x0.dtype)
     return out
+
+
+def tree_leaf(t: torch.Tensor, t0: float, span: float, depth: int):
+    """The leaf of the tree of ``depth`` levels on ``[t0, t0 + span]`` that holds each time ``t`` (float64,
+    any shape): its index ``0 .. 2**depth - 1`` (int64) and the fraction of the leaf before ``t``."""
+    scaled = ((t.to(torch.float64) - t0) / span).clamp(0.0, 1.0) * float(2 ** depth)
+    leaf = scaled.floor().clamp(max=float(2 ** depth - 1)).to(torch.int64)
+    return leaf, scaled - leaf.to(torch.float64)
+
+
+def tree_std(span: float, depth: int, device=None) -> torch.Tensor:
+    """The standard deviations of the tree's draws (float64, ``(depth + 1,)``): ``sqrt(span)`` for the root
+    (``W(t1)``), then the bridge midpoint's ``sqrt(span / 2**l) / 2`` for each level ``l < depth``."""
+    vals = [span ** 0.5] + [0.5 * (span / 2 ** lev) ** 0.5 for lev in range(depth)]
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows: int, per_row: int,
+                  std: torch.Tensor, depth: int) -> torch.Tensor:
+    """Specification of the virtual Brownian tree query: ``W(t) - W(t0)`` on ``[t0, t0 + span]``.
+
+    The tree: ``W(t0 + span) = sqrt(span) z_0``; the value at the midpoint of a dyadic interval of level
+    ``l`` (heap node ``2**l + j``, length ``span / 2**l``) is the mean of its ends plus
+    ``sqrt(span / 2**l) / 2`` times ``z_node``; inside a leaf (level ``depth``) the value is linear in
+    ``t``. That is the Lévy–Ciesielski sum, evaluated here in one pass over the levels:
+
+        W(t) = u sqrt(span) z_0 + sum_l sqrt(span / 2**l) / 2 * hat(p_l) z_{node_l(t)},
+
+    with ``u = (t - t0) / span``, ``p_l`` the position of ``t`` in its level-``l`` interval and
+    ``hat(p) = 1 - |2p - 1|``. ``z_node`` of Brownian element ``e`` is ``philox_randn(key, node * 2**32 +
+    e)``: a pure function of (key, node, element), so a value does not depend on what was asked before.
+
+    ``leaf``, ``frac``: from :func:`tree_leaf`, shape ``(n_rows, 1)`` or ``(1, 1)``; ``rows``: the int64
+    ``(n_rows,)`` rows queried (``None``: rows ``0 .. n_rows - 1``), each of ``per_row`` elements (element
+    ``e = row * per_row + j``); ``std``: :func:`tree_std`. Returns ``(n_rows, per_row)`` float64. The
+    levels are drawn a few at a time (bounded memory).
+    """
+    from .philox import philox_randn_at
+
+    dev = leaf.device
+    rows = torch.arange(n_rows, dtype=torch.int64, device=dev) if rows is None else rows.to(torch.int64)
+    elem = rows.reshape(-1, 1) * per_row + torch.arange(per_row, dtype=torch.int64, device=dev)
+    std, frac = std.to(torch.float64), frac.to(torch.float64)
+    w = torch.zeros(elem.shape, dtype=torch.float64, device=dev)
+    chunk = max(1, (1 << 22) // max(1, elem.numel()))
+    for lo in range(0, depth + 1, chunk):  # k = 0: the root (W(t1), weight u); k = l + 1: level l
+        k = torch.arange(lo, min(depth + 1, lo + chunk), dtype=torch.int64, device=dev).reshape(-1, 1, 1)
+        lev = (k - 1).clamp_min(0)
+        below = depth - lev                                                                       # (K, 1, 1)
+        node = torch.where(k == 0, 0, (leaf >> below) + (1 << lev))                               # (K, R|1, 1)
+        pos = ((leaf & ((1 << below) - 1)).to(torch.float64) + frac) / (1 << below).to(torch.float64)
+        u = (leaf.to(torch.float64) + frac) / float(2 ** depth)
+        coef = torch.where(k == 0, u, 1.0 - (2.0 * pos - 1.0).abs()) * std[k]                     # (K, R|1, 1)
+        z = philox_randn_at(key, (node << 32) + elem).to(torch.float64)                           # (K, R, n)
+        w.add_((z * coef).sum(0))
+    return w

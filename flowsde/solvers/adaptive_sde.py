@@ -1,20 +1,28 @@
-"""Adaptive step sizes for SDEs: ``sdeint(..., adaptive=True, rtol, atol, dt_min)``.
+"""Adaptive step sizes for SDEs: ``sdeint(..., adaptive=True, rtol, atol, dt_min)``, shared or per sample.
 
 The error estimate is step doubling on one Brownian path: a step of size ``h`` with the increment
-``W(t + h) - W(t)`` against two steps of ``h/2`` with the two half increments, both read from a Brownian
-motion that can be queried at any time (flowsde's :class:`~flowsde.brownian.VirtualBrownianTree` by
-default, or a torchsde ``BrownianInterval`` / ``BrownianTree``). A rejected step asks the tree for the
-same path again, so the accepted solution is a solution on that one path whatever steps were tried.
+``W(t + h) - W(t)`` against two steps of ``h/2`` with the two half increments. The path is flowsde's
+:class:`~flowsde.brownian.VirtualBrownianTree` (by default, or passed as ``bm``), queried at device times,
+so a rejected step asks the tree for the same path again and the accepted solution is a solution on that
+one path whatever steps were tried. The full step and the first half step start from the same point:
+the drift and diffusion there are evaluated once.
 
-Error ratio: RMS over all elements of ``(y_two_halves - y_full) / (atol + rtol max(|y|, |y_two_halves|))``;
-a step is accepted when the ratio is <= 1 (or the step is already ``dt_min``) and the state advances to the
-two-half-steps value. The next step is ``h * clip(safety * ratio^(-1/(q + 1/2)), dfactor, ifactor)`` with
+Error ratio: RMS of ``(y_two_halves - y_full) / (atol + rtol max(|y|, |y_two_halves|))`` over all elements
+(shared step) or over each sample's elements (``per_sample=True``); a step is accepted when the ratio is
+<= 1 (or the step is already ``dt_min``) and the state advances to the two-half-steps value. The next step
+is ``h * clip(safety * ratio^(-1/(q + 1/2)), dfactor, ifactor)`` (at most ``h`` after a rejection) with
 ``q`` the method's strong order for the noise type (the local error of a strong-order-q method in the
 mean-square sense is O(h^(q+1/2))). Steps end exactly on the output times ``ts`` (as torchsde's adaptive
 mode does), so outputs are never interpolated.
 
-Host reads: each attempted step reads one number back (the error ratio) and queries the tree at host
-times. This is the price of a Brownian tree queried on the host; the fixed-step driver reads nothing.
+Every decision is taken on the device (accept/reject and output writes under masks, the step sizes in
+device tensors): the host reads whether the solve has finished only every ``check_every`` steps (default 1
+on CPU tensors, where a read costs nothing, 8 on CUDA), and with ``capturable=True`` never (a fixed budget
+of ``max_num_steps`` attempts, safe to capture as a CUDA graph). With ``per_sample=True`` every sample has
+its own time, step size and acceptance (the drift and diffusion are called with ``t`` of shape
+``(rows,)``), and at each check the finished samples leave the batch: the work follows the sum of the
+samples' efforts. A torchsde Brownian object as ``bm`` is queried at host times instead (one read per
+query; shared steps only).
 """
 from __future__ import annotations
 
@@ -25,25 +33,48 @@ from .. import _checks
 from ..brownian import GridBrownian, VirtualBrownianTree
 from .sde import StepContext
 
-ADAPTIVE_SDE_OPTIONS = ("return_stats", "grad_free", "backend", "max_num_steps", "safety", "ifactor", "dfactor")
+ADAPTIVE_SDE_OPTIONS = ("return_stats", "grad_free", "backend", "max_num_steps", "safety", "ifactor", "dfactor",
+                        "per_sample", "check_every", "capturable")
 
 
 class _AdaptiveContext(StepContext):
-    """A :class:`StepContext` whose single step slot is set per attempt: start time, size, increment."""
+    """A :class:`StepContext` whose single step slot is set per attempt: rows, start and end times (device
+    tensors), step size and increment. The drift and diffusion at the attempt's start are memoised, so the
+    full step and the first half step share them."""
 
     def __init__(self, sde, y0, t_dtype, bm, grad_free, stage_c, ops):
         super().__init__(sde, y0, np.array([0.0, 1.0]), t_dtype, bm, None, grad_free, stage_c, ops)
         self.t_dtype = t_dtype
         self.stage_c = stage_c
         self._dw = None
-        self.attempts = 0
+        self._memo = {}
 
-    def set_step(self, t0: float, h: float, dw: torch.Tensor):
-        self.h, self.sqrt_h = [h], [h ** 0.5]
-        dev = self.like.device
-        self.times = [tuple(torch.full((), t0 + h if c == 1.0 else t0 + c * h, dtype=self.t_dtype, device=dev)
-                            for c in self.stage_c)]
+    def set_rows(self, rows: int):
+        """The number of rows the next attempts run on (per-sample mode compacts the batch)."""
+        self.shape = (rows,) + self.shape[1:]
+        self.batch = rows
+        if self.g_shape is not None:
+            self.g_shape = (rows,) + self.g_shape[1:]
+        self._memo = {}
+
+    def set_step(self, ta: torch.Tensor, tb: torch.Tensor, h: torch.Tensor, dw: torch.Tensor):
+        self.h = [h]
+        self.times = [tuple(tb if c == 1.0 else ta + c * (tb - ta) if c else ta for c in self.stage_c)]
         self._dw = dw
+
+    def _memoised(self, name, fn, t, y):
+        hit = self._memo.get(name)
+        if hit is not None and hit[0] is t and hit[1] is y:
+            return hit[2]
+        out = fn(t, y)
+        self._memo[name] = (t, y, out)
+        return out
+
+    def f(self, t, y):
+        return self._memoised("f", super().f, t, y)
+
+    def g(self, t, y):
+        return self._memoised("g", super().g, t, y)
 
     def noise(self, k, g):
         return self._dw, 1.0
@@ -65,73 +96,170 @@ def noise_shape(sde, y0, t0_tensor):
     return (y0.shape[0], g.shape[-1])
 
 
-def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, seed, opts, ops):
-    """The adaptive driver behind ``sdeint(..., adaptive=True)`` (see the module docstring)."""
+def _brownian_query(bm, shape, t_first: float, ops, per_sample: bool):
+    """``query(t, rows) -> W(t) - W(t_first)`` for the rows asked (``None``: all).
+
+    flowsde's tree answers at device times (no host read); any other Brownian object (torchsde's) is asked
+    ``bm(t_first, t)`` at host times, one read per query, shared steps only."""
+    if isinstance(bm, VirtualBrownianTree):
+        if tuple(bm.shape) != tuple(shape):
+            raise ValueError(f"bm has shape {tuple(bm.shape)}, but this SDE's Brownian motion has shape "
+                             f"{tuple(shape)}")
+        w_first = bm.value(t_first)
+        return lambda t, rows: bm.at(t, rows, ops) - (w_first if rows is None else w_first[rows])
+    if per_sample:
+        raise ValueError("per_sample=True needs flowsde's VirtualBrownianTree as bm (bm=None makes one): it is "
+                         "queried at a time per sample on the device; a torchsde Brownian object is not")
+
+    def host_query(t, rows):
+        th = float(t)  # a host read: the price of a Brownian object queried at host times
+        if th <= t_first:
+            return torch.zeros(shape, dtype=bm.dtype if hasattr(bm, "dtype") else torch.float32,
+                               device=t.device)
+        return bm(t_first, th)
+    return host_query
+
+
+def _controls(rtol, atol, dt_min, opts, dev_type):
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and np.isfinite(v)):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be 0")
     dt_min = _checks.check_step("dt_min", dt_min)
+    capturable = bool(opts.get("capturable", False))
+    if capturable and "max_num_steps" not in opts:
+        raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
     max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
     safety, ifactor, dfactor = (float(opts.get(k, d)) for k, d in (("safety", 0.9), ("ifactor", 10.0),
                                                                     ("dfactor", 0.2)))
     if max_steps < 1 or not (0 < safety <= 1) or not (ifactor >= 1) or not (0 < dfactor <= 1):
         raise ValueError("need max_num_steps >= 1, 0 < safety <= 1, ifactor >= 1 and 0 < dfactor <= 1")
+    check_every = max_steps + 1 if capturable else int(opts.get("check_every", 1 if dev_type == "cpu" else 8))
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    return dt_min, max_steps, safety, ifactor, dfactor, check_every, capturable
+
+
+def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, seed, opts, ops):
+    """The adaptive driver behind ``sdeint(..., adaptive=True)`` (see the module docstring)."""
+    dev = y0.device
+    dt_min, max_steps, safety, ifactor, dfactor, check_every, capturable = _controls(rtol, atol, dt_min, opts,
+                                                                                    dev.type)
+    per_sample = bool(opts.get("per_sample", False))
     if isinstance(bm, GridBrownian):
         raise ValueError("adaptive=True needs a Brownian motion that can be queried at any time (bm=None for "
                          "flowsde's VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree); a "
                          "GridBrownian only knows its grid")
-    t0, t_end = float(ts_host[0]), float(ts_host[-1])
+    t_first, t_end = float(ts_host[0]), float(ts_host[-1])
+    shape = noise_shape(sde, y0, ts[0])
     if bm is None:
-        shape = noise_shape(sde, y0, ts[0])
-        bm = VirtualBrownianTree(t0, t_end, shape, seed=seed, dtype=y0.dtype, device=y0.device)
+        bm = VirtualBrownianTree(t_first, t_end, shape, seed=seed, dtype=y0.dtype, device=dev)
+    query = _brownian_query(bm, shape, t_first, ops, per_sample)
+    if capturable and not isinstance(bm, VirtualBrownianTree):
+        raise ValueError("capturable=True needs flowsde's VirtualBrownianTree as bm (queried on the device)")
     ctx = _AdaptiveContext(sde, y0, ts.dtype, bm, bool(opts.get("grad_free", False)), method.stage_c, ops)
     expo = 1.0 / (method.strong_order(sde.noise_type) + 0.5)
     step = method.step
+    f64 = dict(dtype=torch.float64, device=dev)
+    B, n_out = y0.shape[0], len(ts_host)
+    t_outs = torch.as_tensor(np.asarray(ts_host, dtype=np.float64)).to(dev)
+    lay = (lambda x, like: x.reshape(x.shape[0], *([1] * (like.dim() - 1)))) if per_sample else \
+        (lambda x, like: x)
 
-    def one_step(y_start, ta, tb, dw):
-        ctx.set_step(ta, tb - ta, dw)
-        return step(ctx, 0, y_start)
-
-    outs = [y0]
-    y, t, h = y0, t0, min(float(dt), t_end - t0)
-    accepted = rejected = attempts = 0
+    # the state of every sample (shared mode: times, steps and counters are 0-dim)
+    rows_shape = (B,) if per_sample else ()
+    T = torch.full(rows_shape, t_first, **f64)
+    H = torch.full(rows_shape, min(float(dt), t_end - t_first), **f64)
+    J = torch.ones(rows_shape, dtype=torch.int64, device=dev)  # the next output to write
+    WT = torch.zeros(shape, dtype=y0.dtype, device=dev)         # W(T) - W(t_first)
+    Y = y0
+    OUT = y0.unsqueeze(0).repeat(n_out, *([1] * y0.dim()))
+    ACC = torch.zeros(rows_shape, dtype=torch.int64, device=dev)
+    REJ = torch.zeros(rows_shape, dtype=torch.int64, device=dev)
+    NFE = torch.zeros(rows_shape, dtype=torch.int64, device=dev)
+    all_rows = torch.arange(B, device=dev)
+    idx = all_rows if per_sample else None  # the rows still running (per-sample mode)
+    steps, rows_total = 0, 0
     status = "success"
-    for target in ts_host[1:]:
-        target = float(target)
-        while t < target:
-            if attempts >= max_steps:
-                status = "max_num_steps"
-                break
-            attempts += 1
-            hit = h >= (target - t) * (1.0 - 1e-12)
-            tn = target if hit else t + h
-            tm = 0.5 * (t + tn)
-            w_a, w_b = bm(t, tm), bm(tm, tn)
-            y_full = one_step(y, t, tn, w_a + w_b)
-            y_two = one_step(one_step(y, t, tm, w_a), tm, tn, w_b)
-            per_row = ops.error_norm(y, y_two, y_two - y_full, rtol, atol)
-            ratio = float(per_row.pow(2).mean().sqrt())  # the one host read of the step
-            h_used = tn - t
-            if ratio <= 1.0 or h_used <= dt_min:
-                y, t = y_two, tn
-                accepted += 1
-            else:
-                rejected += 1
-            factor = ifactor if ratio == 0 else min(ifactor, max(dfactor, safety * ratio ** -expo))
-            if ratio > 1.0:
-                factor = min(factor, 1.0)
-            h_next = max(h_used * factor, dt_min)
-            h = max(h_next, h) if (hit and ratio <= 1.0 and h_used < h) else h_next
-        if status != "success":
-            break
-        outs.append(y)
-    while len(outs) < len(ts_host):
-        outs.append(torch.full_like(y0, float("nan")))
-    ys = torch.stack(outs)
-    if opts.get("return_stats", False):
-        return ys, {"nfe": ctx.nfe, "nge": ctx.nge, "steps": attempts, "accepted": accepted,
-                    "rejected": rejected, "status": status}
-    return ys
 
+    def attempt(y, t, tn, w):  # t, tn: (float64 time, the same in ts's dtype for the SDE's functions)
+        ctx.set_step(t[1], tn[1], lay((tn[0] - t[0]).to(y0.dtype), y), w)
+        return step(ctx, 0, y)
+
+    while True:
+        if steps >= max_steps:
+            status = "max_num_steps"
+            break
+        steps += 1
+        if per_sample:
+            y, t, h, j, wt = Y[idx], T[idx], H[idx], J[idx], WT[idx]
+            ctx.set_rows(idx.shape[0])
+        else:
+            y, t, h, j, wt = Y, T, H, J, WT
+        rows_total += y.shape[0]
+        nfe_before = ctx.nfe
+        active = j < n_out
+        target = t_outs[j.clamp(max=n_out - 1)]
+        hit = h >= (target - t) * (1.0 - 1e-12)
+        tn = torch.where(hit, target, t + h)
+        tm = 0.5 * (t + tn)
+        w_m, w_n = query(tm, idx), query(tn, idx)
+        ta_, tm_, tn_ = ((v, v.to(ts.dtype)) for v in (t, tm, tn))
+        y_full = attempt(y, ta_, tn_, w_n - wt)
+        y_two = attempt(attempt(y, ta_, tm_, w_m - wt), tm_, tn_, w_n - w_m)
+        per_row = ops.error_norm(y, y_two, y_two - y_full, rtol, atol).to(torch.float64)
+        ratio = per_row if per_sample else per_row.pow(2).mean().sqrt()
+        ratio = ratio.detach()
+        h_used = tn - t
+        accept = ((ratio <= 1) | (h_used <= dt_min)) & active
+        factor = (safety * ratio.clamp_min(1e-300) ** -expo).clamp(dfactor, ifactor)
+        factor = torch.where(ratio == 0, torch.full_like(factor, ifactor), factor)
+        factor = torch.where(ratio > 1, factor.clamp(max=1.0), factor)
+        factor = torch.where(torch.isfinite(ratio), factor, torch.full_like(factor, dfactor))
+        h_next = (h_used * factor).clamp_min(dt_min)
+        keep = hit & (ratio <= 1) & (h_used < h)  # a step clipped onto an output time: resume the proposal
+        h_new = torch.where(active, torch.where(keep, torch.maximum(h_next, h), h_next), h)
+        # the outputs this step reaches (rows of every sample, under masks: no host read)
+        out_rows = idx if per_sample else all_rows
+        written = accept & hit
+        jc = j.clamp(max=n_out - 1).expand(out_rows.shape)
+        mask = written.expand(out_rows.shape).reshape(-1, *([1] * (y0.dim() - 1)))
+        OUT[jc, out_rows] = torch.where(mask, y_two, OUT[jc, out_rows])
+        acc_y = lay(accept, y)
+        y_new, t_new = torch.where(acc_y, y_two, y), torch.where(accept, tn, t)
+        w_new = torch.where(lay(accept, wt), w_n, wt)
+        j_new = j + written.to(torch.int64)
+        calls = (ctx.nfe - nfe_before) * active.to(torch.int64)
+        if per_sample:
+            Y, T, WT = Y.index_copy(0, idx, y_new), T.index_copy(0, idx, t_new), WT.index_copy(0, idx, w_new)
+            H, J = H.index_copy(0, idx, h_new), J.index_copy(0, idx, j_new)
+            ACC = ACC.index_add(0, idx, accept.to(torch.int64))
+            REJ = REJ.index_add(0, idx, (~accept & active).to(torch.int64))
+            NFE = NFE.index_add(0, idx, calls)
+        else:
+            Y, T, WT, H, J = y_new, t_new, w_new, h_new, j_new
+            ACC, REJ, NFE = ACC + accept, REJ + (~accept & active), NFE + calls
+        if steps % check_every == 0:  # the one host read, every check_every steps
+            if per_sample:
+                running = (J < n_out).nonzero().flatten()
+                if running.numel() == 0:
+                    break
+                idx = running
+            elif int(J) >= n_out:
+                break
+    nan = torch.full_like(OUT, float("nan"))
+    done_out = torch.arange(n_out, device=dev).reshape(n_out, *([1] * J.dim())) < J  # (n_out, rows...)
+    ys = torch.where(done_out.reshape(*done_out.shape, *([1] * (y0.dim() - J.dim()))), OUT, nan)
+    if not opts.get("return_stats", False):
+        return ys
+    stats = {"nfe": NFE, "nge": ctx.nge, "steps": steps, "accepted": ACC, "rejected": REJ}
+    if capturable:  # counts stay on the device; the budget is always spent
+        stats.update(status="budget", finished=J >= n_out)
+    elif per_sample:
+        stats.update(status=["success" if d else "max_num_steps" for d in (J >= n_out).tolist()],
+                     rows=rows_total)
+    else:
+        stats.update(nfe=ctx.nfe, accepted=int(ACC), rejected=int(REJ),
+                     status="success" if int(J) >= n_out else status)
+    return ys, stats

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
+from ..kernels.reference import axpy_
 
 NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
 SDE_TYPES = ("ito", "stratonovich")
@@ -69,17 +70,26 @@ def _milstein_step(ctx, k, y):
     if ctx.grad_free:
         g = ctx.g(t0, y)
         dw = ctx.dw(k, g)
-        v = dw * dw - dt if ito else dw * dw
+        v = dw * dw - _rows_like(dt, dw) if ito else dw * dw
         sq = dt ** 0.5
         gv = g if nt == "diagonal" else g.squeeze(-1)
         y_sup = ctx.ops.lincomb(y, [(dt if ito else 0.0, f), (sq, gv)])
         g_sup = ctx.g(t0, y_sup)
         out = ctx.ops.sde_update(y, [(dt, f)], [(1.0, g)], dw, nt)
-        return out.add_(ctx.ops.noise_prod(g_sup - g, v, nt), alpha=0.5 / sq)
+        return axpy_(out, ctx.ops.noise_prod(g_sup - g, v, nt), 0.5 / sq)
     g, gdg_fn = _diffusion_with_derivative(ctx, t0, y)
     dw = ctx.dw(k, g)
-    v = dw * dw - dt if ito else dw * dw
+    v = dw * dw - _rows_like(dt, dw) if ito else dw * dw
     return ctx.ops.sde_update(y, [(dt, f), (0.5, gdg_fn(v))], [(1.0, g)], dw, nt)
+
+
+def _rows_like(dt, x: torch.Tensor):
+    """A step size laid out to broadcast against ``x``: a float or 0-dim tensor as it is, a per-row tensor
+    ``(rows, 1, ...)`` reshaped to ``(rows, 1, ..)`` of ``x``'s rank (Brownian increments may have another
+    rank than the state)."""
+    if isinstance(dt, torch.Tensor) and dt.dim() > 0:
+        return dt.reshape(dt.shape[0], *([1] * (x.dim() - 1)))
+    return dt
 
 
 def _diffusion_with_derivative(ctx, t0, y):
