@@ -171,6 +171,38 @@ class GeometricBrownianMotion:
         return x0 * math.exp(rate * t)
 
 
+class PerSampleGBM:
+    """Geometric Brownian motion with a volatility of its own per sample: ``dX = mu X dt + s X dW`` where
+    ``s`` rides along in the state (``y = (X, s)``, ``ds = 0``), so a solver that runs only some rows still
+    knows each row's volatility. Itô, scalar noise (``g`` is ``(batch, 2, 1)``: the Milstein term
+    ``(dg/dy) g = (s^2 X, 0)`` is then exact). The per-sample adaptive benchmark: a few volatile samples
+    need many more steps than the calm ones.
+
+    Exact: ``X_t = X_0 exp((mu - s^2/2) t + s W_t)``.
+    """
+
+    noise_type, sde_type = "scalar", "ito"
+
+    def __init__(self, mu: float = 0.5):
+        self.mu = float(mu)
+
+    @staticmethod
+    def initial(x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The state ``(x0, sigma)`` from ``(batch,)`` tensors."""
+        return torch.stack([x0, sigma], 1)
+
+    def f(self, t, y):
+        return torch.stack([self.mu * y[:, 0], torch.zeros_like(y[:, 1])], 1)
+
+    def g(self, t, y):
+        return torch.stack([y[:, 1] * y[:, 0], torch.zeros_like(y[:, 1])], 1).unsqueeze(-1)
+
+    def exact(self, y0, t: float, w):
+        """``X_t`` (shape ``(batch,)``) given ``w = W_t - W_0`` of shape ``(batch, 1)``."""
+        s = y0[:, 1]
+        return y0[:, 0] * torch.exp((self.mu - 0.5 * s * s) * t + s * w[:, 0])
+
+
 class LinearODE:
     """``dy/dt = A y`` with exact solution ``y(t) = expm(A (t - t0)) y0``; states are ``(batch, d)``.
 

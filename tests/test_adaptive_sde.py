@@ -7,7 +7,7 @@ import torchsde
 
 import flowsde
 from flowsde.brownian import SampledPath, VirtualBrownianTree
-from flowsde.problems import GeometricBrownianMotion, OrnsteinUhlenbeck
+from flowsde.problems import GeometricBrownianMotion, OrnsteinUhlenbeck, PerSampleGBM
 
 B = 128
 Y0 = torch.ones(B, 1, dtype=torch.float64)
@@ -116,3 +116,103 @@ def test_max_num_steps_returns_the_work_done_with_its_status():
                             options=dict(return_stats=True, max_num_steps=5))
     assert st["status"] == "max_num_steps" and st["steps"] == 5
     assert torch.equal(ys[0], Y0) and torch.isnan(ys[-1]).all()
+
+
+def per_sample_problem(B=64, seed=3):
+    """One sample in eight ten times as volatile as the rest (sigma 2 against 0.2)."""
+    sig = torch.full((B,), 0.2, dtype=torch.float64)
+    sig[::8] = 2.0
+    y0 = PerSampleGBM.initial(torch.ones(B, dtype=torch.float64), sig)
+    return PerSampleGBM(), y0, VirtualBrownianTree(0.0, 1.0, (B, 1), seed=seed, dtype=torch.float64)
+
+
+def solve_per_sample(sde, y0, bm, per_sample, rtol=1e-3, **opts):
+    return flowsde.sdeint(sde, y0, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), bm=bm, method="milstein",
+                          dt=0.05, adaptive=True, rtol=rtol, atol=rtol, dt_min=1e-6,
+                          options=dict(return_stats=True, per_sample=per_sample, **opts))
+
+
+def test_per_sample_steps_spend_the_work_on_the_volatile_samples():
+    """Milstein on one Brownian tree, 256 samples, one in eight ten times as volatile. At the same
+    tolerance (1e-3) a step size per sample costs under half the evaluations per sample of the shared
+    step (which every sample pays at the volatile samples' rate) and under a quarter of the rows (the calm
+    samples are then less over-resolved, so less accurate: the tolerance is per sample); at a tighter
+    tolerance (3e-4) it is more accurate than the shared step over all samples, and still cheaper.
+    (Figures: README, benchmarks/adaptive_sde.py.)"""
+    sde, y0, bm = per_sample_problem(256, seed=0)
+    exact = sde.exact(y0, 1.0, bm.value(1.0))
+
+    def rms_rel(ys):
+        return float(((ys[-1, :, 0] - exact) / exact).pow(2).mean().sqrt())
+    ys_s, st_s = solve_per_sample(sde, y0, bm, False, rtol=1e-3)
+    ys_p, st_p = solve_per_sample(sde, y0, bm, True, rtol=1e-3)
+    ys_t, st_t = solve_per_sample(sde, y0, bm, True, rtol=3e-4)
+    rows_s = st_s["nfe"] * 256
+    nfe_p = st_p["nfe"].double()
+    assert st_p["nfe"].shape == st_p["accepted"].shape == (256,) and st_p["status"] == ["success"] * 256
+    assert float(nfe_p.mean()) < st_s["nfe"] / 2 and st_p["rows"] < rows_s / 4, (nfe_p.mean(), st_s, st_p["rows"])
+    assert rms_rel(ys_t) < 0.75 * rms_rel(ys_s), (rms_rel(ys_t), rms_rel(ys_s))
+    assert float(st_t["nfe"].double().mean()) < st_s["nfe"]
+    assert st_t["rows"] < rows_s / 2
+    calm, wild = nfe_p[1::8].mean(), nfe_p[::8].mean()  # the volatile samples did the extra work
+    assert float(wild) > 3 * float(calm)
+    assert torch.equal(ys_p[1:, :, 1], y0[:, 1].expand(2, -1))  # s rides along unchanged
+
+
+def test_per_sample_results_do_not_depend_on_the_rest_of_the_batch_or_the_checks():
+    sde, y0, bm = per_sample_problem(16)
+    full, st = solve_per_sample(sde, y0, bm, True, rtol=1e-2)
+    again, _ = solve_per_sample(sde, y0, bm, True, rtol=1e-2, check_every=5)
+    assert torch.equal(full, again)  # bitwise: a rough path turns any rounding into other steps
+    _, y0_half, bm_half = per_sample_problem(8)
+    half, st_half = solve_per_sample(sde, y0_half, bm_half, True, rtol=1e-2)
+    assert torch.equal(half, full[:, :8]) and torch.equal(st_half["nfe"], st["nfe"][:8])
+
+
+def test_per_sample_max_num_steps_keeps_the_finished_samples():
+    sde, y0, bm = per_sample_problem(16)
+    _, st = solve_per_sample(sde, y0, bm, True, rtol=1e-3)
+    budget = int((st["accepted"] + st["rejected"]).median())  # some samples finish within it, some not
+    ys, st = solve_per_sample(sde, y0, bm, True, rtol=1e-3, max_num_steps=budget)
+    stopped = [s == "max_num_steps" for s in st["status"]]
+    assert any(stopped) and not all(stopped)
+    for r, s in enumerate(stopped):
+        assert bool(torch.isnan(ys[-1, r]).all()) == s
+    assert torch.isfinite(ys[:, ~torch.tensor(stopped)]).all()
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_the_loop_reads_the_host_only_at_its_checks(sync_counter, per_sample):
+    """capturable=True: a fixed budget and no host read at all in the loop (the reads there are stay the
+    same for any budget), with the results of the checked loop; check_every=k: one read per k steps."""
+    sde, y0, bm = per_sample_problem(8)
+
+    def run(**opts):
+        with sync_counter() as c:
+            out = solve_per_sample(sde, y0, bm, per_sample, rtol=1e-2, **opts)
+        return out, c.calls
+    (ys, st), reads = run()
+    steps = st["steps"]
+    (ys_a, st_a), reads_a = run(capturable=True, max_num_steps=steps + 5)
+    (ys_b, _), reads_b = run(capturable=True, max_num_steps=steps + 50)
+    assert reads_a == reads_b and len(reads_a) <= 3, (reads_a, reads_b)
+    assert torch.equal(ys_a, ys) and torch.equal(ys_b, ys)
+    assert st_a["status"] == "budget" and bool(st_a["finished"].all())
+    assert torch.equal(st_a["accepted"], torch.as_tensor(st["accepted"]))
+    (_, st_c), reads_c = run(check_every=4)
+    assert len(reads_c) - len(reads_a) <= st_c["steps"] // 4 + 4, (reads_c, st_c["steps"])
+
+
+def test_adaptive_sde_errors_name_the_problem():
+    sde, y0, bm = per_sample_problem(8)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    bi = torchsde.BrownianInterval(t0=0.0, t1=1.0, size=(8, 1), dtype=torch.float64, entropy=1)
+    with pytest.raises(ValueError, match="per_sample=True needs flowsde's VirtualBrownianTree"):
+        flowsde.sdeint(sde, y0, ts, bm=bi, method="milstein", adaptive=True, options=dict(per_sample=True))
+    wrong = VirtualBrownianTree(0.0, 1.0, (8, 2), seed=1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="shape"):
+        flowsde.sdeint(sde, y0, ts, bm=wrong, method="milstein", adaptive=True)
+    with pytest.raises(ValueError, match="max_num_steps"):
+        flowsde.sdeint(sde, y0, ts, bm=bm, method="milstein", adaptive=True, options=dict(capturable=True))
+    with pytest.raises(ValueError, match="check_every"):
+        flowsde.sdeint(sde, y0, ts, bm=bm, method="milstein", adaptive=True, options=dict(check_every=0))

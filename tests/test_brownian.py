@@ -121,3 +121,59 @@ def test_virtual_tree_as_sdeint_brownian_motion():
     b = torchsde.sdeint(sde, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=bm, method="milstein",
                         dt=1 / 512)
     assert float((ys[-1] - b[-1].detach()).abs().max()) < 1e-10
+
+
+def test_virtual_tree_device_queries_equal_host_queries_per_row():
+    """``at`` (device times, one per row, any subset of rows) gives the values ``value`` gives at host times;
+    a row's path does not depend on the batch size; ``dyadic_path`` equals the queries at dyadic times."""
+    from flowsde.brownian import VirtualBrownianTree
+    bm = VirtualBrownianTree(0.5, 2.5, shape=(6, 2, 3), seed=4, dtype=torch.float64)
+    times = torch.tensor([0.5, 0.61, 1.5, 2.4999, 2.5, 0.9], dtype=torch.float64)
+    got = bm.at(times)
+    assert got.shape == (6, 2, 3)
+    for r, t in enumerate(times.tolist()):
+        assert torch.allclose(got[r], bm.value(t)[r], rtol=0, atol=1e-14)
+    assert float(got[0].abs().max()) == 0.0 and torch.equal(got[4], bm.value(2.5)[4])
+    rows = torch.tensor([5, 1, 3])
+    assert torch.allclose(bm.at(times[rows], rows), got[rows], rtol=0, atol=1e-14)
+    assert torch.equal(bm.at(torch.tensor(1.7, dtype=torch.float64)), bm.value(1.7))
+    small = VirtualBrownianTree(0.5, 2.5, shape=(2, 2, 3), seed=4, dtype=torch.float64)
+    assert torch.allclose(small.value(1.3), bm.value(1.3)[:2], rtol=0, atol=1e-14)
+    path = bm.dyadic_path(5)
+    grid = np.linspace(0.5, 2.5, 33)
+    assert path.shape == (33, 6, 2, 3)
+    assert float((path - torch.stack([bm.value(t) for t in grid])).abs().max()) < 1e-14
+    with pytest.raises(ValueError, match="level"):
+        bm.dyadic_path(bm.depth + 1)
+    with pytest.raises(ValueError, match="query times"):
+        bm.at(times[:4])
+
+
+def test_virtual_tree_per_row_times_have_the_brownian_law():
+    """Each row asked at its own time: W(t_r) / sqrt(t_r) is standard normal, and the bridge inside a
+    leaf-scale interval is right (increments over short spans have variance of their length)."""
+    from scipy import stats
+
+    from flowsde.brownian import VirtualBrownianTree
+    B = 20000
+    bm = VirtualBrownianTree(0.0, 1.0, shape=(B,), seed=8, dtype=torch.float64)
+    t = torch.rand(B, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.98 + 0.01
+    z = bm.at(t) / t.sqrt()
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    h = 1e-4  # a short increment per row, at a random place: N(0, h)
+    inc = (bm.at(t + h) - bm.at(t)) / math.sqrt(h)
+    assert stats.kstest(inc.numpy(), "norm").pvalue > 1e-3
+    assert abs(float(torch.corrcoef(torch.stack([z, inc]))[0, 1])) < 5 / math.sqrt(B)
+
+
+def test_sampled_dyadic_path_drives_a_fixed_step_solve_as_the_tree_does():
+    from flowsde.brownian import SampledPath, VirtualBrownianTree
+    from flowsde.problems import GeometricBrownianMotion
+    sde = GeometricBrownianMotion()
+    y0 = torch.ones(16, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    bm = VirtualBrownianTree(0.0, 1.0, shape=(16, 1), seed=1, dtype=torch.float64)
+    fine = SampledPath(np.linspace(0.0, 1.0, 2 ** 6 + 1), bm.dyadic_path(6))
+    a = flowsde.sdeint(sde, y0, ts, bm=bm, dt=2.0 ** -6, method="milstein")
+    b = flowsde.sdeint(sde, y0, ts, bm=fine, dt=2.0 ** -6, method="milstein")
+    assert float((a - b).abs().max()) < 1e-12

@@ -39,7 +39,7 @@ def test_adaptive_sde_bad_input():
     with pytest.raises(ValueError, match="dt_min"):
         flowsde.sdeint(GeometricBrownianMotion(), y0, t, adaptive=True, dt_min=0.0)
     with pytest.raises(ValueError, match="unknown option"):
-        flowsde.sdeint(GeometricBrownianMotion(), y0, t, adaptive=True, options=dict(per_sample=True))
+        flowsde.sdeint(GeometricBrownianMotion(), y0, t, adaptive=True, options=dict(step_size=0.1))
 
 
 def test_field_with_wrong_shape_or_dtype():

@@ -323,3 +323,43 @@ def test_sdeint_additive_noise_drawn_in_the_kernel_equals_the_mirrored_path():
     bm = GridBrownian(t0=0, t1=1, steps=20, shape=(64, m), seed=3, dtype=torch.float64, stream="philox")
     b = flowsde.sdeint(sde, y0, ts, bm=bm, dt=0.05, options=dict(backend="torch"))
     assert float((a - b).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(5,), (37, 3), (9, 2, 65)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_brownian_tree_kernel_matches_the_reference(tri, shape, per_row):
+    """The tree query kernel against its PyTorch specification: one time for all rows or one per row, all
+    rows or a subset, the ends of the interval, a shape not a multiple of the block. The normals are the
+    same Philox stream through the same float64 Box–Muller, rounded once: equal to rounding."""
+    bm = flowsde.VirtualBrownianTree(-1.0, 3.0, shape, seed=12, dtype=torch.float64)
+    B = shape[0]
+    g = torch.Generator().manual_seed(1)
+    t = (torch.rand(B, generator=g, dtype=torch.float64) * 4 - 1) if per_row else torch.tensor(0.83, dtype=torch.float64)
+    if per_row:
+        t[0], t[-1] = -1.0, 3.0
+    ref = bm.at(t, ops=kernels.ops("torch"))
+    got = bm.at(t, ops=tri)
+    assert got.shape == ref.shape == shape and float((got - ref).abs().max()) < 1e-12
+    rows = torch.arange(B - 1, -1, -2)
+    tr = t[rows] if per_row else t
+    assert float((bm.at(tr, rows, ops=tri) - ref[rows]).abs().max()) < 1e-12
+    if per_row:
+        assert float(got[0].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("per_sample,method,sde_type", [(False, "milstein", "ito"), (True, "heun", "stratonovich")])
+def test_adaptive_sdeint_backends_take_the_same_steps(per_sample, method, sde_type):
+    """The tree kernel draws the specification's normals bit for bit and step ends sit on the tree's leaf
+    grid, so the triton backend takes the torch backend's steps on a rough path (not only close values)."""
+    from flowsde.problems import GeometricBrownianMotion
+    sde = GeometricBrownianMotion(mu=0.5, sigma=0.5, sde_type=sde_type)
+    y0 = torch.ones(12, 2, dtype=torch.float64)
+    ts = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    out = {}
+    for be in ("torch", "triton"):
+        bm = flowsde.VirtualBrownianTree(0.0, 1.0, (12, 2), seed=2, tol=2.0 ** -12, dtype=torch.float64)
+        out[be] = flowsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=0.1, adaptive=True, rtol=1e-2, atol=1e-2,
+                                 options=dict(backend=be, per_sample=per_sample, return_stats=True))
+    (a, sa), (b, sb) = out["torch"], out["triton"]
+    assert float((a - b).abs().max()) < 1e-12
+    assert torch.equal(torch.as_tensor(sa["accepted"]), torch.as_tensor(sb["accepted"]))

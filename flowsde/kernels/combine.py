@@ -142,16 +142,18 @@ def _spec(a):
     return type(a).__name__
 
 
-def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, cuda: bool):
-    """``kernel[(n_programs,)](*args, **consts, num_warps=num_warps)``, through the fast path on CUDA."""
+def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, cuda: bool, **options):
+    """``kernel[(n_programs,)](*args, **consts, num_warps=num_warps, **options)``, through the fast path on
+    CUDA (``options``: compile options such as ``enable_fp_fusion``)."""
     grid = (n_programs, 1, 1)
     if not (FAST_LAUNCH and cuda):
-        kernel[grid](*args, **consts, num_warps=num_warps)
+        kernel[grid](*args, **consts, num_warps=num_warps, **options)
         return
-    key = (kernel, num_warps, tuple(consts.values()), torch.cuda.current_device(), tuple(_spec(a) for a in args))
+    key = (kernel, num_warps, tuple(consts.values()), tuple(options.items()), torch.cuda.current_device(),
+           tuple(_spec(a) for a in args))
     compiled = _COMPILED.get(key)
     if compiled is None:  # Triton's path compiles (or finds) the kernel and launches it
-        _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps)
+        _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps, **options)
         return
     compiled[grid](*args, *consts.values())
 

@@ -8,6 +8,7 @@ where it wraps modulo 2**64 (two's complement), so its low and high 32-bit halve
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -66,8 +67,12 @@ def philox_randn(key, n: int, device="cpu", start: int = 0) -> torch.Tensor:
 
 
 def philox_randn_at(key, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randn(key, offsets)`` for any int64 ``offsets`` (shape kept): float32 standard normals."""
+    """``tl.randn(key, offsets)`` for any int64 ``offsets`` (shape kept): float32 standard normals.
+
+    The uniforms are Triton's float32 values exactly; log, cos and sqrt run in float64 and the result is
+    rounded once to float32, so a value does not depend on how many others are drawn with it (PyTorch's
+    vectorised and scalar float32 log / cos differ in the last bit)."""
     i1, i2, _, _ = philox_randint_at(key, offsets)
-    u1 = torch.clamp(_uniform(i1), min=1.0e-7)
-    th = 6.283185307179586 * _uniform(i2)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(th)
+    u1 = torch.clamp(_uniform(i1), min=1.0e-7).to(torch.float64)
+    th = _uniform(i2).to(torch.float64).mul_(float(np.float32(6.283185307179586)))
+    return torch.log(u1).mul_(-2.0).sqrt_().mul_(torch.cos(th)).to(torch.float32)

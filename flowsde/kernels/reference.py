@@ -195,5 +195,6 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
         u = (leaf.to(torch.float64) + frac) / float(2 ** depth)
         coef = torch.where(k == 0, u, 1.0 - (2.0 * pos - 1.0).abs()) * std[k]                     # (K, R|1, 1)
         z = philox_randn_at(key, (node << 32) + elem).to(torch.float64)                           # (K, R, n)
-        w.add_((z * coef).sum(0))
+        for zk in z.mul_(coef).unbind(0):
+            w.add_(zk)  # level by level, elementwise: a value is bitwise the same whatever else is asked
     return w

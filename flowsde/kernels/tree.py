@@ -13,6 +13,17 @@ from .combine import CONFIG, _launch
 
 
 @triton.jit
+def _normal(key, offset):
+    """The tree's normal: ``tl.randn``'s Box–Muller on the same Philox uniforms, with log / cos / sqrt in
+    float64 and one rounding to float32 (as :func:`flowsde.kernels.philox.philox_randn_at`), so the
+    values match the PyTorch specification bit for bit, not only to float32 rounding."""
+    i1, i2, _, _ = tl.randint4x(key, offset)
+    u1 = tl.maximum(1.0e-7, tl.random.uint_to_uniform_float(i1)).to(tl.float64)
+    th = tl.random.uint_to_uniform_float(i2).to(tl.float64) * 6.2831854820251465  # float32(2 pi), exact
+    return (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(th)).to(tl.float32).to(tl.float64)
+
+
+@triton.jit
 def tree_kernel(out_ptr, leaf_ptr, frac_ptr, rows_ptr, std_ptr, key, n, per_row, depth,
                 PER_ROW_TIME: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """``out[r, j] = W(t_r)`` of Brownian element ``rows[r] * per_row + j`` (``rows[r] = r`` without
@@ -33,13 +44,13 @@ def tree_kernel(out_ptr, leaf_ptr, frac_ptr, rows_ptr, std_ptr, key, n, per_row,
         leaf = tl.load(leaf_ptr + r * 0, mask=mask, other=0)
         frac = tl.load(frac_ptr + r * 0, mask=mask, other=0.0)
     u = (leaf.to(tl.float64) + frac) / (1 << depth).to(tl.float64)
-    w = tl.randn(key, e).to(tl.float64) * (u * tl.load(std_ptr))
+    w = _normal(key, e) * (u * tl.load(std_ptr))
     for lev in range(depth):
         below = depth - lev
         node = (leaf >> below) + (1 << lev)
         pos = ((leaf & ((1 << below) - 1)).to(tl.float64) + frac) / (1 << below).to(tl.float64)
         coef = (1.0 - tl.abs(2.0 * pos - 1.0)) * tl.load(std_ptr + 1 + lev)
-        w += coef * tl.randn(key, (node << 32) + e).to(tl.float64)
+        w += _normal(key, (node << 32) + e) * coef
     tl.store(out_ptr + offs, w, mask=mask)
 
 
@@ -60,5 +71,5 @@ def brownian_tree(key: int, leaf, frac, rows, n_rows: int, per_row: int, std, de
     _launch(tree_kernel, triton.cdiv(n, blk),
             [out, leaf_c, frac_c, rows_c, std, int(key), n, per_row, int(depth)],
             dict(PER_ROW_TIME=leaf_c.numel() > 1 or n_rows == 1, ROWS=rows is not None, BLOCK_SIZE=blk),
-            CONFIG["num_warps"], out.is_cuda)
+            CONFIG["num_warps"], out.is_cuda, enable_fp_fusion=False)  # no FMA: the spec's roundings
     return out

@@ -183,6 +183,19 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     steps, rows_total = 0, 0
     status = "success"
 
+    if isinstance(bm, VirtualBrownianTree):
+        # steps end on the tree's leaf grid: every increment is one of the tree's exact dyadic values, and
+        # a rounding-level change in a step size (another backend's reductions) almost never moves an end
+        # (on a rough path it would change every step after it)
+        g0, leaf = bm.t0, (bm.t1 - bm.t0) * 2.0 ** -bm.depth
+
+        def snap(t, h):
+            k = torch.maximum(((t + h - g0) / leaf + 0.5).floor(), ((t - g0) / leaf).floor() + 1)
+            return g0 + k * leaf
+    else:
+        def snap(t, h):
+            return t + h
+
     def attempt(y, t, tn, w):  # t, tn: (float64 time, the same in ts's dtype for the SDE's functions)
         ctx.set_step(t[1], tn[1], lay((tn[0] - t[0]).to(y0.dtype), y), w)
         return step(ctx, 0, y)
@@ -201,8 +214,9 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         nfe_before = ctx.nfe
         active = j < n_out
         target = t_outs[j.clamp(max=n_out - 1)]
-        hit = h >= (target - t) * (1.0 - 1e-12)
-        tn = torch.where(hit, target, t + h)
+        tn = snap(t, h)
+        hit = (h >= (target - t) * (1.0 - 1e-12)) | (tn >= target)
+        tn = torch.where(hit, target, tn)
         tm = 0.5 * (t + tn)
         w_m, w_n = query(tm, idx), query(tn, idx)
         ta_, tm_, tn_ = ((v, v.to(ts.dtype)) for v in (t, tm, tn))
