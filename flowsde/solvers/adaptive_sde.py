@@ -97,27 +97,35 @@ def noise_shape(sde, y0, t0_tensor):
 
 
 def _brownian_query(bm, shape, t_first: float, ops, per_sample: bool):
-    """``query(t, rows) -> W(t) - W(t_first)`` for the rows asked (``None``: all).
+    """``query(ta, tb, rows) -> (W(ta), W(tb))`` relative to ``W(t_first)``, for the rows asked (``None``:
+    all; times 0-dim, or one per row).
 
-    flowsde's tree answers at device times (no host read); any other Brownian object (torchsde's) is asked
-    ``bm(t_first, t)`` at host times, one read per query, shared steps only."""
+    flowsde's tree answers both times in one call at device times (no host read); any other Brownian
+    object (torchsde's) is asked ``bm(t_first, t)`` at host times, one read per query, shared steps only."""
     if isinstance(bm, VirtualBrownianTree):
         if tuple(bm.shape) != tuple(shape):
             raise ValueError(f"bm has shape {tuple(bm.shape)}, but this SDE's Brownian motion has shape "
                              f"{tuple(shape)}")
         w_first = bm.value(t_first)
-        return lambda t, rows: bm.at(t, rows, ops) - (w_first if rows is None else w_first[rows])
+        every = torch.arange(shape[0], device=w_first.device)
+
+        def tree_query(ta, tb, rows):
+            r = every if rows is None else rows
+            n = r.shape[0]
+            w = bm.at(torch.cat([ta.expand(n), tb.expand(n)]), torch.cat([r, r]), ops)
+            base = w_first if rows is None else w_first[rows]
+            return w[:n] - base, w[n:] - base
+        return tree_query
     if per_sample:
         raise ValueError("per_sample=True needs flowsde's VirtualBrownianTree as bm (bm=None makes one): it is "
                          "queried at a time per sample on the device; a torchsde Brownian object is not")
 
-    def host_query(t, rows):
+    def host_value(t):
         th = float(t)  # a host read: the price of a Brownian object queried at host times
         if th <= t_first:
-            return torch.zeros(shape, dtype=bm.dtype if hasattr(bm, "dtype") else torch.float32,
-                               device=t.device)
+            return torch.zeros(shape, dtype=getattr(bm, "dtype", torch.float32), device=t.device)
         return bm(t_first, th)
-    return host_query
+    return lambda ta, tb, rows: (host_value(ta), host_value(tb))
 
 
 def _controls(rtol, atol, dt_min, opts, dev_type):
@@ -218,7 +226,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         hit = (h >= (target - t) * (1.0 - 1e-12)) | (tn >= target)
         tn = torch.where(hit, target, tn)
         tm = 0.5 * (t + tn)
-        w_m, w_n = query(tm, idx), query(tn, idx)
+        w_m, w_n = query(tm, tn, idx)
         ta_, tm_, tn_ = ((v, v.to(ts.dtype)) for v in (t, tm, tn))
         y_full = attempt(y, ta_, tn_, w_n - wt)
         y_two = attempt(attempt(y, ta_, tm_, w_m - wt), tm_, tn_, w_n - w_m)
