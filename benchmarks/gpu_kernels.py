@@ -7,7 +7,9 @@
    copy, and the speedup over eager PyTorch and over torch.compile of the same update;
 3. end to end: flowsde.sample (small MLP, 2-D, B=65,536, 100 steps, Euler and RK4, with and without
    CUDA-graph capture) and flowsde.odeint over a hand-written loop and over torchdiffeq;
-4. the whole-trajectory OU kernel (B=10^6, N=1000) over torchsde on the GPU.
+4. the whole-trajectory OU kernel (B=10^6, N=1000) over torchsde on the GPU;
+5. adaptive Euler–Maruyama on the device-side Brownian tree against torchsde's adaptive mode, and one
+   tree query (kernel against the PyTorch specification).
 Prints a markdown report with the device name and date (paste it into benchmarks/RESULTS.md).
 
 ``check_kernels(device)`` (part 1) also runs on CPU tensors in Triton's interpreter: the test suite
@@ -24,6 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not torch.cuda.is_available():  # before triton is imported: its library functions are made per mode
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from flowsde import kernels  # noqa: E402
 from flowsde.kernels import PhiloxNoise, reference  # noqa: E402
@@ -69,6 +73,14 @@ def check_kernels(device="cuda", n=1 << 16) -> list:
     rows.append(("whole-trajectory OU", err))
     if err > 5e-6:
         raise AssertionError(f"trajectory: {err}")
+    from flowsde.brownian import VirtualBrownianTree
+    B = max(2, min(n, 1 << 14) // 4)
+    bm = VirtualBrownianTree(0.0, 1.0, (B, 4), seed=9, dtype=torch.float64, device=device)
+    t = torch.rand(B, generator=g, dtype=torch.float64).to(device)
+    err = float((bm.at(t, ops=tri) - bm.at(t, ops=torch_ops)).abs().max())
+    rows.append(("virtual Brownian tree query", err))
+    if err > 1e-12:
+        raise AssertionError(f"tree: {err}")
     return rows
 
 
@@ -238,6 +250,39 @@ def ou_trajectory(B=1_000_000, N=1000):
     return t_f, t_s / t_f
 
 
+def adaptive_sde(B=65536, rtol=1e-3):
+    """Adaptive Euler–Maruyama on GBM (B paths, float32, the same tree for both): flowsde on the device
+    (tree kernel, no host read per step; check every 8) against torchsde's adaptive mode, and one tree
+    query (kernel against the PyTorch specification)."""
+    import warnings
+
+    import torchsde
+
+    import flowsde
+    from flowsde.brownian import VirtualBrownianTree
+    from flowsde.problems import GeometricBrownianMotion
+    dev = "cuda"
+    sde = GeometricBrownianMotion(mu=0.5, sigma=0.5)
+    y0 = torch.ones(B, 1, device=dev)
+    ts = torch.tensor([0.0, 1.0], device=dev)
+    kw = dict(dt=0.1, adaptive=True, rtol=rtol, atol=rtol, dt_min=1e-6, method="euler")
+
+    def run(solve, backend=None):
+        bm = VirtualBrownianTree(0.0, 1.0, (B, 1), seed=3, device=dev)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if backend:
+                return solve(sde, y0, ts, bm=bm, options=dict(backend=backend), **kw)
+            return solve(sde, y0, ts, bm=bm, **kw)
+    t_f = _time(lambda: run(flowsde.sdeint, "triton"), 3)
+    t_t = _time(lambda: run(torchsde.sdeint), 1)
+    bm = VirtualBrownianTree(0.0, 1.0, (B, 1), seed=3, device=dev)
+    t = torch.rand(B, device=dev, dtype=torch.float64)
+    q_k = _time(lambda: bm.at(t, ops=kernels.ops("triton", dev)), 20)
+    q_r = _time(lambda: bm.at(t, ops=kernels.ops("torch")), 5)
+    return {"flowsde_s": t_f, "torchsde_s": t_t, "query_kernel_s": q_k, "query_torch_s": q_r}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
@@ -246,7 +291,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: running the float64 kernel checks in Triton's interpreter only")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         for name, err in check_kernels("cpu", n=1 << 12):
             print(f"  {name}: max abs error {err:.2e}")
         return 0
@@ -285,6 +329,11 @@ def main(argv=None):
     t, vs = ou_trajectory(B=B)
     print(f"\nOU whole trajectory, B={B:,}, N=1000: {1e3 * t:.1f} ms; {vs:.0f}× torchsde on the GPU")
     results["ou_trajectory"] = {"B": B, "seconds": t, "vs_torchsde": vs}
+    a = adaptive_sde(B=8192 if args.quick else 65536)
+    print(f"\nAdaptive EM on GBM (rtol 1e-3): flowsde {1e3 * a['flowsde_s']:.0f} ms, torchsde "
+          f"{1e3 * a['torchsde_s']:.0f} ms ({a['torchsde_s'] / a['flowsde_s']:.1f}×); one tree query: kernel "
+          f"{1e6 * a['query_kernel_s']:.0f} µs, PyTorch spec {1e6 * a['query_torch_s']:.0f} µs")
+    results["adaptive_sde"] = a
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1, default=str)

@@ -43,7 +43,7 @@ class _AdaptiveContext(StepContext):
     full step and the first half step share them."""
 
     def __init__(self, sde, y0, t_dtype, bm, grad_free, stage_c, ops):
-        super().__init__(sde, y0, np.array([0.0, 1.0]), t_dtype, bm, None, grad_free, stage_c, ops)
+        super().__init__(sde, y0, None, t_dtype, bm, None, grad_free, stage_c, ops)
         self.t_dtype = t_dtype
         self.stage_c = stage_c
         self._dw = None
@@ -171,7 +171,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     step = method.step
     f64 = dict(dtype=torch.float64, device=dev)
     B, n_out = y0.shape[0], len(ts_host)
-    t_outs = torch.as_tensor(np.asarray(ts_host, dtype=np.float64)).to(dev)
+    t_outs = torch.stack([torch.full((), float(v), **f64) for v in ts_host])  # fills: no copy (capturable)
     lay = (lambda x, like: x.reshape(x.shape[0], *([1] * (like.dim() - 1)))) if per_sample else \
         (lambda x, like: x)
 

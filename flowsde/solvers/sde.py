@@ -23,9 +23,10 @@ class StepContext:
         self.sde_type = sde.sde_type
         self.grad_free = grad_free
         self.grid = grid
-        self.h = np.diff(grid).tolist()
-        self.sqrt_h = np.sqrt(np.diff(grid)).tolist()
-        self.times = fixed.StageTimes(grid, stage_c, t_dtype, y0.device)
+        if grid is not None:  # the adaptive driver (grid None) sets the step per attempt
+            self.h = np.diff(grid).tolist()
+            self.sqrt_h = np.sqrt(np.diff(grid)).tolist()
+            self.times = fixed.StageTimes(grid, stage_c, t_dtype, y0.device)
         self.nfe = self.nge = 0
         self.like = y0
         self.shape = tuple(y0.shape)
@@ -35,8 +36,8 @@ class StepContext:
         self.g_name = f"sde.g (diffusion, {self.noise_type} noise)"
         self.bm = bm
         self.seed = seed
-        self.own_grid = isinstance(bm, GridBrownian) and bm.grid.shape == grid.shape and np.array_equal(
-            bm.grid, grid)
+        self.own_grid = isinstance(bm, GridBrownian) and grid is not None and bm.grid.shape == grid.shape \
+            and np.array_equal(bm.grid, grid)
 
     @property
     def stats(self):
