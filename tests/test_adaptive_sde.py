@@ -216,3 +216,18 @@ def test_adaptive_sde_errors_name_the_problem():
         flowsde.sdeint(sde, y0, ts, bm=bm, method="milstein", adaptive=True, options=dict(capturable=True))
     with pytest.raises(ValueError, match="check_every"):
         flowsde.sdeint(sde, y0, ts, bm=bm, method="milstein", adaptive=True, options=dict(check_every=0))
+
+
+@pytest.mark.parametrize("method", ["euler", "milstein"])
+def test_pi_controller_for_sdes_rejects_less_at_the_same_accuracy(method):
+    sde = GeometricBrownianMotion(mu=0.5, sigma=0.5)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    out = {}
+    for name, opts in (("I", {}), ("PI", dict(pcoeff=0.4, icoeff=0.3))):
+        bm = tree(3)
+        ys, st = flowsde.sdeint(sde, Y0, ts, bm=bm, method=method, dt=0.1, adaptive=True, rtol=1e-3, atol=1e-3,
+                                options=dict(return_stats=True, **opts))
+        out[name] = (float((ys[-1] - sde.exact(Y0, 1.0, bm(0.0, 1.0))).pow(2).mean().sqrt()), st)
+    (e_i, s_i), (e_p, s_p) = out["I"], out["PI"]
+    assert s_p["rejected"] * 3 < s_i["rejected"] and s_p["nfe"] <= 1.1 * s_i["nfe"], (s_p, s_i)
+    assert e_p < 1.25 * e_i, (e_p, e_i)

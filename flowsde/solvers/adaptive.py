@@ -6,8 +6,9 @@ times inside an accepted step are filled by dense interpolation under masks. The
 integration has finished only every ``check_every`` steps (one read; default every step on CPU tensors,
 where a read costs nothing, and every 8 on CUDA), so the loop does not synchronise per step.
 
-The controller and the dense output follow torchdiffeq's (an I-controller: safety 0.9, ifactor 10,
-dfactor 0.2, exponent 1/order; Hairer's initial step; a quartic interpolant through the step's ends and
+The controller (:class:`Controller`) and the dense output follow torchdiffeq's by default (an I-controller:
+safety 0.9, ifactor 10, dfactor 0.2, exponent 1/order; a PI controller with ``pcoeff`` / ``icoeff``;
+Hairer's initial step; a quartic interpolant through the step's ends and
 its midpoint), so with the same tolerances the accepted steps are torchdiffeq's.
 """
 from __future__ import annotations
@@ -68,8 +69,68 @@ BOSH3 = EmbeddedTableau(
 # stage reuses the field at the Euler predictor.
 HEUN_EULER = EmbeddedTableau("heun_euler", (1.0,), ((1.0,),), (0.5, 0.5), (0.5, -0.5), (0.5, 0.0), order=2)
 
+@dataclass(frozen=True)
+class Controller:
+    """Step-size control from the error ratio ``r`` (accept when ``r <= 1``), shared by the adaptive drivers.
+
+    After an accepted step the factor is the PI controller's ``safety r^(-(pcoeff + icoeff)/k)
+    r_prev^(pcoeff/k)``, with ``r_prev`` the ratio of the previous accepted step (at least 1e-4; 1 before
+    the first); after a rejection it is the I controller's ``safety r^(-1/k)``. ``k`` is the exponent's
+    order: the pair's order for ODEs (as torchdiffeq), ``q + 1/2`` for an SDE method of strong order
+    ``q``. The default ``pcoeff = 0``, ``icoeff = 1`` is torchdiffeq's I-controller, number for number;
+    ``pcoeff = 0.4, icoeff = 0.3`` is Gustafsson's PI controller (exponents 0.7/k and 0.4/k; Hairer &
+    Wanner, Solving ODEs II, IV.2), which damps the step-size oscillation of a stability-limited step.
+    The factor is then clipped to ``[dfactor, ifactor]``; see :meth:`factor` for the two conventions.
+    """
+
+    k: float
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
+
+    @classmethod
+    def from_options(cls, opts: dict, k: float) -> "Controller":
+        c = cls(float(k), *(float(opts.get(n, d)) for n, d in (("safety", 0.9), ("ifactor", 10.0),
+                                                                 ("dfactor", 0.2), ("pcoeff", 0.0),
+                                                                 ("icoeff", 1.0))))
+        if not (0 < c.safety <= 1) or not (c.ifactor >= 1) or not (0 < c.dfactor <= 1):
+            raise ValueError(f"need 0 < safety <= 1, ifactor >= 1 and 0 < dfactor <= 1; got safety={c.safety}, "
+                             f"ifactor={c.ifactor}, dfactor={c.dfactor}")
+        if not (c.pcoeff >= 0 and c.icoeff > 0):
+            raise ValueError(f"need pcoeff >= 0 and icoeff > 0, got pcoeff={c.pcoeff}, icoeff={c.icoeff}")
+        return c
+
+    def factor(self, r: torch.Tensor, r_prev, shrink_after_accept: bool = False) -> torch.Tensor:
+        """The factor for the next step from float64 ratios ``r`` (and ``r_prev``, same shape, or ``None``
+        for the I controller). torchdiffeq's convention (default): an accepted step never shrinks the next
+        (``factor >= 1`` when ``r < 1``), a rejected one shrinks it by at most ``dfactor``. With
+        ``shrink_after_accept`` (the SDE driver's): ``clip(factor, dfactor, ifactor)``, at most 1 after a
+        rejection, ``dfactor`` for a non-finite ratio. ``r == 0``: ``ifactor``."""
+        rc = r.clamp_min(1e-300)
+        fac = self.safety / rc ** (1.0 / self.k)
+        if r_prev is not None and (self.pcoeff != 0.0 or self.icoeff != 1.0):
+            pi = self.safety * rc ** (-(self.pcoeff + self.icoeff) / self.k) * r_prev ** (self.pcoeff / self.k)
+            fac = torch.where(r <= 1, pi, fac)
+        if shrink_after_accept:
+            fac = fac.clamp(self.dfactor, self.ifactor)
+            fac = torch.where(r > 1, fac.clamp(max=1.0), fac)
+            fac = torch.where(torch.isfinite(r), fac, torch.full_like(fac, self.dfactor))
+        else:
+            fac = torch.maximum(fac, torch.where(r < 1, torch.ones_like(fac), torch.full_like(fac, self.dfactor)))
+            fac = fac.clamp(max=self.ifactor)
+        return torch.where(r == 0, torch.full_like(fac, self.ifactor), fac)
+
+    @staticmethod
+    def remember(r: torch.Tensor, r_prev: torch.Tensor, accept: torch.Tensor) -> torch.Tensor:
+        """``r_prev`` for the next step: the ratio of this step where it was accepted (at least 1e-4)."""
+        return torch.where(accept, r.clamp_min(1e-4), r_prev)
+
+
 ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor",
+                    "pcoeff", "icoeff",
                     "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t", "capturable")
 
 
@@ -96,8 +157,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     rtol_t, atol_t = const(rtol), const(atol)
     min_step = const(opts.get("min_step", 0.0))
     max_step = const(opts.get("max_step", float("inf")))
-    safety, ifactor, dfactor = (const(opts.get(k, d)) for k, d in (("safety", 0.9), ("ifactor", 10.0),
-                                                                    ("dfactor", 0.2)))
+    ctrl = Controller.from_options(opts, tab.order)
     capturable = bool(opts.get("capturable", False))
     if capturable and "max_num_steps" not in opts:
         raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
@@ -132,7 +192,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     written[0].fill_(True)  # a fill, not a host-to-device copy (legal under graph capture)
     accepted = torch.zeros((), dtype=torch.int64, device=dev)
     rejected = torch.zeros((), dtype=torch.int64, device=dev)
-    expo = 1.0 / tab.order
+    r_prev = torch.ones((), **f64)
     first_pending = 1
     status, steps = "success", 0
     t_end_t = const(t_end)
@@ -166,10 +226,8 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             written[j] = written[j] | hit
         # the controller (torchdiffeq's), on device scalars
         r = ratio.detach().to(torch.float64)
-        dfac = torch.where(r < 1, torch.ones_like(dfactor), dfactor)
-        factor = torch.minimum(ifactor, torch.maximum(safety / r.clamp_min(1e-300) ** expo, dfac))
-        factor = torch.where(r == 0, ifactor, factor)
-        dt_next = torch.minimum(torch.maximum(dt * factor, min_step), max_step)
+        dt_next = torch.minimum(torch.maximum(dt * ctrl.factor(r, r_prev), min_step), max_step)
+        r_prev = ctrl.remember(r, r_prev, accept)
         y = torch.where(accept, y1, y)
         f0 = torch.where(accept, ks[-1], f0)
         t0 = torch.where(accept, t1, t0)
@@ -305,8 +363,7 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
     rtol_f, atol_f = float(rtol), float(atol)
     min_step = float(opts.get("min_step", 0.0))
     max_step = float(opts.get("max_step", float("inf")))
-    safety, ifactor, dfactor = (float(opts.get(k, d)) for k, d in (("safety", 0.9), ("ifactor", 10.0),
-                                                                   ("dfactor", 0.2)))
+    ctrl = Controller.from_options(opts, tab.order)
     max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
     check_every = int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
     if max_steps < 1 or check_every < 1:
@@ -347,7 +404,7 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
     ACC = torch.zeros(B, dtype=torch.int64, device=dev)
     REJ = torch.zeros(B, dtype=torch.int64, device=dev)
     idx = torch.arange(B, device=dev)
-    expo = 1.0 / tab.order
+    R_PREV = torch.ones(B, **f64)
     steps = 0
     status_all = None
     while True:
@@ -372,10 +429,9 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
             val = _interp_eval(coeff, _per_row(((tj - t0) / dt).to(ydt), y))
             OUT[j, idx] = torch.where(_per_row(hit, y), val, OUT[j, idx])
             WRITTEN[j, idx] = WRITTEN[j, idx] | hit
-        dfac = torch.where(ratio < 1, torch.ones_like(ratio), torch.full_like(ratio, dfactor))
-        factor = torch.clamp(safety / ratio.clamp_min(1e-300) ** expo, max=ifactor)
-        factor = torch.minimum(torch.full_like(ratio, ifactor), torch.maximum(factor, dfac))
-        factor = torch.where(ratio == 0, torch.full_like(ratio, ifactor), factor)
+        r_prev = R_PREV[idx]
+        factor = ctrl.factor(ratio, r_prev)
+        R_PREV = R_PREV.index_copy(0, idx, ctrl.remember(ratio, r_prev, accept))
         acc_row = _per_row(accept, y)
         Y = Y.index_copy(0, idx, torch.where(acc_row, y1, y))
         F0 = F0.index_copy(0, idx, torch.where(acc_row, ks[-1], f0))

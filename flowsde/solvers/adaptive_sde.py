@@ -10,7 +10,8 @@ the drift and diffusion there are evaluated once.
 Error ratio: RMS of ``(y_two_halves - y_full) / (atol + rtol max(|y|, |y_two_halves|))`` over all elements
 (shared step) or over each sample's elements (``per_sample=True``); a step is accepted when the ratio is
 <= 1 (or the step is already ``dt_min``) and the state advances to the two-half-steps value. The next step
-is ``h * clip(safety * ratio^(-1/(q + 1/2)), dfactor, ifactor)`` (at most ``h`` after a rejection) with
+is ``h * clip(safety * ratio^(-1/(q + 1/2)), dfactor, ifactor)`` (at most ``h`` after a rejection; a PI
+controller with ``pcoeff`` / ``icoeff``, see :class:`~flowsde.solvers.adaptive.Controller`) with
 ``q`` the method's strong order for the noise type (the local error of a strong-order-q method in the
 mean-square sense is O(h^(q+1/2))). Steps end exactly on the output times ``ts`` (as torchsde's adaptive
 mode does), so outputs are never interpolated.
@@ -31,10 +32,11 @@ import torch
 
 from .. import _checks
 from ..brownian import GridBrownian, VirtualBrownianTree
+from .adaptive import Controller
 from .sde import StepContext
 
 ADAPTIVE_SDE_OPTIONS = ("return_stats", "grad_free", "backend", "max_num_steps", "safety", "ifactor", "dfactor",
-                        "per_sample", "check_every", "capturable")
+                        "pcoeff", "icoeff", "per_sample", "check_every", "capturable")
 
 
 class _AdaptiveContext(StepContext):
@@ -139,21 +141,18 @@ def _controls(rtol, atol, dt_min, opts, dev_type):
     if capturable and "max_num_steps" not in opts:
         raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
     max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
-    safety, ifactor, dfactor = (float(opts.get(k, d)) for k, d in (("safety", 0.9), ("ifactor", 10.0),
-                                                                    ("dfactor", 0.2)))
-    if max_steps < 1 or not (0 < safety <= 1) or not (ifactor >= 1) or not (0 < dfactor <= 1):
-        raise ValueError("need max_num_steps >= 1, 0 < safety <= 1, ifactor >= 1 and 0 < dfactor <= 1")
+    if max_steps < 1:
+        raise ValueError(f"max_num_steps must be >= 1, got {max_steps}")
     check_every = max_steps + 1 if capturable else int(opts.get("check_every", 1 if dev_type == "cpu" else 8))
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
-    return dt_min, max_steps, safety, ifactor, dfactor, check_every, capturable
+    return dt_min, max_steps, check_every, capturable
 
 
 def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, seed, opts, ops):
     """The adaptive driver behind ``sdeint(..., adaptive=True)`` (see the module docstring)."""
     dev = y0.device
-    dt_min, max_steps, safety, ifactor, dfactor, check_every, capturable = _controls(rtol, atol, dt_min, opts,
-                                                                                    dev.type)
+    dt_min, max_steps, check_every, capturable = _controls(rtol, atol, dt_min, opts, dev.type)
     per_sample = bool(opts.get("per_sample", False))
     if isinstance(bm, GridBrownian):
         raise ValueError("adaptive=True needs a Brownian motion that can be queried at any time (bm=None for "
@@ -167,7 +166,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     if capturable and not isinstance(bm, VirtualBrownianTree):
         raise ValueError("capturable=True needs flowsde's VirtualBrownianTree as bm (queried on the device)")
     ctx = _AdaptiveContext(sde, y0, ts.dtype, bm, bool(opts.get("grad_free", False)), method.stage_c, ops)
-    expo = 1.0 / (method.strong_order(sde.noise_type) + 0.5)
+    ctrl = Controller.from_options(opts, method.strong_order(sde.noise_type) + 0.5)
     step = method.step
     f64 = dict(dtype=torch.float64, device=dev)
     B, n_out = y0.shape[0], len(ts_host)
@@ -186,6 +185,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     ACC = torch.zeros(rows_shape, dtype=torch.int64, device=dev)
     REJ = torch.zeros(rows_shape, dtype=torch.int64, device=dev)
     NFE = torch.zeros(rows_shape, dtype=torch.int64, device=dev)
+    R_PREV = torch.ones(rows_shape, **f64)  # the ratio of each sample's last accepted step (PI control)
     all_rows = torch.arange(B, device=dev)
     idx = all_rows if per_sample else None  # the rows still running (per-sample mode)
     steps, rows_total = 0, 0
@@ -214,10 +214,10 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
             break
         steps += 1
         if per_sample:
-            y, t, h, j, wt = Y[idx], T[idx], H[idx], J[idx], WT[idx]
+            y, t, h, j, wt, r_prev = Y[idx], T[idx], H[idx], J[idx], WT[idx], R_PREV[idx]
             ctx.set_rows(idx.shape[0])
         else:
-            y, t, h, j, wt = Y, T, H, J, WT
+            y, t, h, j, wt, r_prev = Y, T, H, J, WT, R_PREV
         rows_total += y.shape[0]
         nfe_before = ctx.nfe
         active = j < n_out
@@ -235,11 +235,8 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         ratio = ratio.detach()
         h_used = tn - t
         accept = ((ratio <= 1) | (h_used <= dt_min)) & active
-        factor = (safety * ratio.clamp_min(1e-300) ** -expo).clamp(dfactor, ifactor)
-        factor = torch.where(ratio == 0, torch.full_like(factor, ifactor), factor)
-        factor = torch.where(ratio > 1, factor.clamp(max=1.0), factor)
-        factor = torch.where(torch.isfinite(ratio), factor, torch.full_like(factor, dfactor))
-        h_next = (h_used * factor).clamp_min(dt_min)
+        h_next = (h_used * ctrl.factor(ratio, r_prev, shrink_after_accept=True)).clamp_min(dt_min)
+        r_prev = ctrl.remember(ratio, r_prev, accept)
         keep = hit & (ratio <= 1) & (h_used < h)  # a step clipped onto an output time: resume the proposal
         h_new = torch.where(active, torch.where(keep, torch.maximum(h_next, h), h_next), h)
         # the outputs this step reaches (rows of every sample, under masks: no host read)
@@ -256,11 +253,12 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         if per_sample:
             Y, T, WT = Y.index_copy(0, idx, y_new), T.index_copy(0, idx, t_new), WT.index_copy(0, idx, w_new)
             H, J = H.index_copy(0, idx, h_new), J.index_copy(0, idx, j_new)
+            R_PREV = R_PREV.index_copy(0, idx, r_prev)
             ACC = ACC.index_add(0, idx, accept.to(torch.int64))
             REJ = REJ.index_add(0, idx, (~accept & active).to(torch.int64))
             NFE = NFE.index_add(0, idx, calls)
         else:
-            Y, T, WT, H, J = y_new, t_new, w_new, h_new, j_new
+            Y, T, WT, H, J, R_PREV = y_new, t_new, w_new, h_new, j_new, r_prev
             ACC, REJ, NFE = ACC + accept, REJ + (~accept & active), NFE + calls
         if steps % check_every == 0:  # the one host read, every check_every steps
             if per_sample:
