@@ -68,6 +68,28 @@ def test_strides_and_broadcasting(tri):
     assert got.is_contiguous() and torch.equal(base, rnd((6, 9), torch.float64, 0))  # input untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_broadcast_operands_are_read_in_place(tri, dtype):
+    """A per-row value ((batch, 1), or a view expanded from one) or a scalar tensor enters the kernel as
+    its batch-row or single values, not as a copy the size of the state; the result is the reference's."""
+    from flowsde.kernels.combine import _operand
+    shape = (37, 3, 5)
+    y, f = rnd(shape, dtype, 0), rnd(shape, dtype, 1)
+    per_row = rnd((37, 1, 1), dtype, 2)
+    expanded = rnd((37,), dtype, 3)[:, None, None].expand(shape)
+    scalar = torch.tensor(0.3, dtype=dtype).expand(shape)
+    dw = rnd(shape, dtype, 4)
+    for t, mode, numel in ((per_row, 1, 37), (expanded, 1, 37), (scalar, 2, 1), (y, 0, y.numel())):
+        got_t, got_mode = _operand(t, shape)
+        assert got_mode == mode and got_t.numel() == numel
+    terms = [(1.0, y), (0.5, per_row), (-0.25, expanded), (2.0, scalar), (0.1, f)]
+    diff = [(0.7, per_row), (0.2, expanded)]
+    got = tri._c.combine(terms, diff, dw)
+    want = reference.combine([(c, t.expand(shape)) for c, t in terms], [(s, g.expand(shape)) for s, g in diff], dw)
+    exact = sum(c * t.double() for c, t in terms) + (0.7 * per_row.double() + 0.2 * expanded.double()) * dw.double()
+    assert got.shape == shape and close(got, exact, dtype) and close(want, exact, dtype)
+
+
 @pytest.mark.parametrize("key", [0, 12345, 2 ** 40 + 3, 2 ** 63 - 1])
 def test_in_kernel_noise_equals_the_philox_mirror(tri, key):
     z = tri.normal(key, (2049,), torch.float32, "cpu")

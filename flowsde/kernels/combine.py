@@ -45,6 +45,18 @@ def _zeros(BLOCK_SIZE: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _index(offs, row, MODE: tl.constexpr):
+    """Where element ``offs`` of the result reads an operand: itself (``MODE`` 0, a full tensor), its batch
+    row (1: one value per row, broadcast along it) or the one value (2: a scalar broadcast everywhere)."""
+    if MODE == 1:
+        return offs // row
+    elif MODE == 2:
+        return offs * 0
+    else:
+        return offs
+
+
+@triton.jit
 def _term(acc, ptr, offs, mask, hi, lo, F64: tl.constexpr):
     x = tl.load(ptr + offs, mask=mask, other=0.0)
     if F64:
@@ -58,22 +70,26 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
                    h0, l0, h1, l1, h2, l2, h3, l3, h4, l4, h5, l5,
                    g0, g1, sh0, sl0, sh1, sl1, dw_ptr, key, n, row,
                    NT: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, ROWWISE: tl.constexpr,
-                   UNIT: tl.constexpr, F64: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """``out = sum_{i<NT} c_i p_i + (sum_{j<NG} s_j g_j) z`` over ``n`` elements (see the module doc)."""
+                   UNIT: tl.constexpr, F64: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   B0: tl.constexpr = 0, B1: tl.constexpr = 0, B2: tl.constexpr = 0, B3: tl.constexpr = 0,
+                   B4: tl.constexpr = 0, B5: tl.constexpr = 0, BG0: tl.constexpr = 0, BG1: tl.constexpr = 0):
+    """``out = sum_{i<NT} c_i p_i + (sum_{j<NG} s_j g_j) z`` over ``n`` elements (see the module doc);
+    ``B<i>`` / ``BG<j>``: how each operand is laid out (:func:`_index`: full, per row of ``row``
+    elements, or one scalar), so a broadcast operand is read where it lies instead of copied out."""
     pid = tl.program_id(0)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
-    acc = _term(_zeros(BLOCK_SIZE, F64), p0, offs, mask, h0, l0, F64)
+    acc = _term(_zeros(BLOCK_SIZE, F64), p0, _index(offs, row, B0), mask, h0, l0, F64)
     if NT > 1:
-        acc = _term(acc, p1, offs, mask, h1, l1, F64)
+        acc = _term(acc, p1, _index(offs, row, B1), mask, h1, l1, F64)
     if NT > 2:
-        acc = _term(acc, p2, offs, mask, h2, l2, F64)
+        acc = _term(acc, p2, _index(offs, row, B2), mask, h2, l2, F64)
     if NT > 3:
-        acc = _term(acc, p3, offs, mask, h3, l3, F64)
+        acc = _term(acc, p3, _index(offs, row, B3), mask, h3, l3, F64)
     if NT > 4:
-        acc = _term(acc, p4, offs, mask, h4, l4, F64)
+        acc = _term(acc, p4, _index(offs, row, B4), mask, h4, l4, F64)
     if NT > 5:
-        acc = _term(acc, p5, offs, mask, h5, l5, F64)
+        acc = _term(acc, p5, _index(offs, row, B5), mask, h5, l5, F64)
     if NG > 0:
         if ROWWISE:
             nidx = offs // row
@@ -83,9 +99,9 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
         if UNIT:
             gz = gz + _coef(sh0, sl0, F64)
         else:
-            gz = _term(gz, g0, offs, mask, sh0, sl0, F64)
+            gz = _term(gz, g0, _index(offs, row, BG0), mask, sh0, sl0, F64)
         if NG > 1:
-            gz = _term(gz, g1, offs, mask, sh1, sl1, F64)
+            gz = _term(gz, g1, _index(offs, row, BG1), mask, sh1, sl1, F64)
         if NOISE == 1:
             z = tl.load(dw_ptr + nidx, mask=mask, other=0.0)
         elif NOISE == 3:  # the key read from device memory (a captured graph's replays see new keys)
@@ -163,6 +179,21 @@ def _split(c: float):
     return hi, float(np.float32(c - hi))
 
 
+def _operand(t: torch.Tensor, shape):
+    """``(tensor, mode)`` for a combine operand broadcast to ``shape`` without copying it out: mode 0 a
+    contiguous tensor of ``shape`` (copied only when the input is laid out otherwise), 1 one value per
+    batch row (``(batch, 1, ...)`` or an expanded view of one), 2 a single value."""
+    if tuple(t.shape) == tuple(shape) and t.is_contiguous():
+        return t, 0
+    te = t.expand(shape)
+    if all(te.stride(i) == 0 or shape[i] == 1 for i in range(len(shape))):
+        return te[(0,) * len(shape)].reshape(1), 2
+    if len(shape) > 1 and all(te.stride(i) == 0 or shape[i] == 1 for i in range(1, len(shape))):
+        rows = te[(slice(None),) + (0,) * (len(shape) - 1)]
+        return (rows if rows.is_contiguous() else rows.contiguous()), 1
+    return te.contiguous(), 0
+
+
 def _flat(t: torch.Tensor, shape) -> torch.Tensor:
     """A contiguous tensor of ``shape`` (broadcast and copied only where the input is not already one)."""
     if tuple(t.shape) != tuple(shape):
@@ -184,7 +215,8 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     shape, dtype = tuple(like.shape), like.dtype
     if not 1 <= len(terms) <= MAX_TERMS or len(diffusion) > MAX_NOISE:
         raise ValueError(f"combine takes 1..{MAX_TERMS} terms and 0..{MAX_NOISE} diffusion terms")
-    ts = [_flat(t, shape) for _, t in terms]
+    operands = [_operand(t, shape) for _, t in terms]
+    ts, modes = [t for t, _ in operands], [m for _, m in operands]
     cs = [_split(float(c)) for c, _ in terms]
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=like.device)
@@ -197,20 +229,23 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     unit = len(diffusion) == 1 and diffusion[0][1] is None
     if any(g is None for _, g in diffusion) and not unit:
         raise ValueError("a unit diffusion (g = None) must be the only diffusion term")
-    gs = [] if unit else [_flat(g.reshape(shape) if g.numel() == n else g, shape) for _, g in diffusion]
-    gs = gs + [ts[0]] * (MAX_NOISE - len(gs))
+    g_ops = [] if unit else [_operand(g.reshape(shape) if g.numel() == n else g, shape) for _, g in diffusion]
+    gs = [g for g, _ in g_ops] + [ts[0]] * (MAX_NOISE - len(g_ops))
+    g_modes = [m for _, m in g_ops] + [0] * (MAX_NOISE - len(g_ops))
     ss = [_split(float(s)) for s, _ in diffusion] + [(0.0, 0.0)] * (MAX_NOISE - len(diffusion))
     key_in_memory = isinstance(key, torch.Tensor)
     if key_in_memory and (key.dtype != torch.int64 or key.numel() != 1 or key.device != like.device):
         raise ValueError(f"a tensor key must be one int64 element on {like.device}")
     mode = 0 if not diffusion else (1 if noise is not None else (3 if key_in_memory else 2))
     dw = ts[0] if noise is None else noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().reshape(-1)
-    row = max(1, n // shape[0]) if rowwise and shape else 1
+    row = max(1, n // shape[0]) if shape else 1  # elements per batch row
     blk = CONFIG["block"]
     args = [out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], dw,
             key if key_in_memory else int(key), n, row]
     consts = dict(NT=len(ts), NG=len(diffusion), NOISE=mode, ROWWISE=bool(rowwise), UNIT=unit,
                   F64=dtype == torch.float64, BLOCK_SIZE=blk)
+    consts.update({f"B{i}": m for i, m in enumerate(modes + [0] * pad)})  # all of them, in the kernel's
+    consts.update({f"BG{j}": m for j, m in enumerate(g_modes)})            # order (the fast launch is positional)
     _launch(combine_kernel, triton.cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
     return out
 
