@@ -128,6 +128,22 @@ class Controller:
         return torch.where(accept, r.clamp_min(1e-4), r_prev)
 
 
+def loop_budget(opts: dict, dev_type: str):
+    """``(max_steps, check_every, capturable)`` of an adaptive loop from its options: how many attempted
+    steps at most, how often the host reads whether it has finished (default every step on CPU tensors,
+    where a read is free, every 8 on CUDA), and whether it runs its whole budget with no read at all."""
+    capturable = bool(opts.get("capturable", False))
+    if capturable and "max_num_steps" not in opts:
+        raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
+    max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
+    if max_steps < 1:
+        raise ValueError(f"max_num_steps must be >= 1, got {max_steps}")
+    check_every = max_steps + 1 if capturable else int(opts.get("check_every", 1 if dev_type == "cpu" else 8))
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    return max_steps, check_every, capturable
+
+
 ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor",
                     "pcoeff", "icoeff",
@@ -158,15 +174,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     min_step = const(opts.get("min_step", 0.0))
     max_step = const(opts.get("max_step", float("inf")))
     ctrl = Controller.from_options(opts, tab.order)
-    capturable = bool(opts.get("capturable", False))
-    if capturable and "max_num_steps" not in opts:
-        raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
-    max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
-    if max_steps < 1:
-        raise ValueError(f"max_num_steps must be >= 1, got {max_steps}")
-    check_every = max_steps + 1 if capturable else int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    max_steps, check_every, capturable = loop_budget(opts, dev.type)
     nfe = 0
 
     def f(t, y):
@@ -364,10 +372,7 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
     min_step = float(opts.get("min_step", 0.0))
     max_step = float(opts.get("max_step", float("inf")))
     ctrl = Controller.from_options(opts, tab.order)
-    max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
-    check_every = int(opts.get("check_every", 1 if dev.type == "cpu" else 8))
-    if max_steps < 1 or check_every < 1:
-        raise ValueError("max_num_steps and check_every must be >= 1")
+    max_steps, check_every, _ = loop_budget(opts, dev.type)
     rows_total = 0
 
     def f(t, y):

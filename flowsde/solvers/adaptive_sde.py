@@ -32,7 +32,7 @@ import torch
 
 from .. import _checks
 from ..brownian import GridBrownian, VirtualBrownianTree
-from .adaptive import Controller
+from .adaptive import Controller, loop_budget
 from .sde import StepContext
 
 ADAPTIVE_SDE_OPTIONS = ("return_stats", "grad_free", "backend", "max_num_steps", "safety", "ifactor", "dfactor",
@@ -136,17 +136,7 @@ def _controls(rtol, atol, dt_min, opts, dev_type):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be 0")
-    dt_min = _checks.check_step("dt_min", dt_min)
-    capturable = bool(opts.get("capturable", False))
-    if capturable and "max_num_steps" not in opts:
-        raise ValueError("capturable=True runs a fixed budget of steps: pass max_num_steps")
-    max_steps = int(opts.get("max_num_steps", 2 ** 31 - 1))
-    if max_steps < 1:
-        raise ValueError(f"max_num_steps must be >= 1, got {max_steps}")
-    check_every = max_steps + 1 if capturable else int(opts.get("check_every", 1 if dev_type == "cpu" else 8))
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-    return dt_min, max_steps, check_every, capturable
+    return (_checks.check_step("dt_min", dt_min),) + loop_budget(opts, dev_type)
 
 
 def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, seed, opts, ops):
