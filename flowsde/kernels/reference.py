@@ -3,7 +3,9 @@
 These functions are the reference the fused kernels are tested against, and what the ``torch`` backend
 runs. Each op writes one new tensor and never modifies its inputs; where PyTorch offers a fused form
 (``torch.add(..., alpha=)``, ``addcmul_``) it is used so that a step makes as few temporaries as it can.
-Scalar coefficients are Python floats (host side), so no op reads a device tensor back.
+Coefficients are Python floats (host side) or, in the adaptive drivers, device tensors that are only
+ever multiplied in (a step size per row): no op reads a device tensor back. Also here: the virtual
+Brownian tree's query (:func:`brownian_tree`), the specification of :mod:`flowsde.kernels.tree`.
 """
 from __future__ import annotations
 
