@@ -231,3 +231,22 @@ def test_pi_controller_for_sdes_rejects_less_at_the_same_accuracy(method):
     (e_i, s_i), (e_p, s_p) = out["I"], out["PI"]
     assert s_p["rejected"] * 3 < s_i["rejected"] and s_p["nfe"] <= 1.1 * s_i["nfe"], (s_p, s_i)
     assert e_p < 1.25 * e_i, (e_p, e_i)
+
+
+def test_a_step_at_dt_min_is_taken_even_when_the_leaf_grid_rounds_it_up():
+    """dt_min smaller than the tree's leaf (here 0.6 of it): the proposal at dt_min ends a leaf away, and
+    is taken however large its error, so a demanding tolerance cannot stall the solve."""
+    sde = GeometricBrownianMotion(mu=0.5, sigma=2.0)
+    bm = VirtualBrownianTree(0.0, 1.0, (4, 1), seed=1, tol=2.0 ** -8, dtype=torch.float64)
+    ys, st = flowsde.sdeint(sde, torch.ones(4, 1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
+                            bm=bm, dt=0.1, adaptive=True, rtol=1e-9, atol=1e-9, dt_min=0.6 * 2.0 ** -8,
+                            options=dict(return_stats=True, max_num_steps=2000))
+    assert st["status"] == "success" and torch.isfinite(ys).all() and st["accepted"] <= 2 ** 8
+
+
+@pytest.mark.parametrize("method,sde_type,per_attempt", [("euler", "ito", 2), ("heun", "stratonovich", 5)])
+def test_the_full_and_the_first_half_step_share_their_first_evaluation(method, sde_type, per_attempt):
+    sde = GeometricBrownianMotion(mu=0.5, sigma=0.5, sde_type=sde_type)
+    _, st = flowsde.sdeint(sde, Y0, torch.tensor([0.0, 1.0], dtype=torch.float64), seed=2, dt=0.1, method=method,
+                           adaptive=True, rtol=1e-3, atol=1e-3, options=dict(return_stats=True))
+    assert st["nfe"] == per_attempt * st["steps"] and st["nge"] == per_attempt * st["steps"]

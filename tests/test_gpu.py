@@ -290,3 +290,11 @@ def test_adaptive_sdeint_with_a_fixed_budget_is_captured_as_a_cuda_graph():
     assert torch.isfinite(out).all() and float((out - want).abs().max()) < 1e-12
     other = flowsde.sdeint(sde, y_new, ts, options=dict(backend="torch", per_sample=True), **kw)
     assert float((other - want).abs().max()) < 1e-12
+    # bm=None: the tree is built inside the captured solve (from the seed), with no host-to-device copy
+    kw.pop("bm")
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        out2 = flowsde.sdeint(sde, y_static, ts, seed=5, options=opts, **kw)
+    graph2.replay()
+    want2 = flowsde.sdeint(sde, y_static.clone(), ts, seed=5, options=dict(backend="triton", per_sample=True), **kw)
+    assert float((out2 - want2).abs().max()) < 1e-12

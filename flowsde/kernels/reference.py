@@ -157,7 +157,8 @@ def tree_std(span: float, depth: int, device=None) -> torch.Tensor:
     """The standard deviations of the tree's draws (float64, ``(depth + 1,)``): ``sqrt(span)`` for the root
     (``W(t1)``), then the bridge midpoint's ``sqrt(span / 2**l) / 2`` for each level ``l < depth``."""
     vals = [span ** 0.5] + [0.5 * (span / 2 ** lev) ** 0.5 for lev in range(depth)]
-    return torch.tensor(vals, dtype=torch.float64, device=device)
+    # one fill per entry, not a host-to-device copy: a tree may be built inside a captured CUDA graph
+    return torch.stack([torch.full((), v, dtype=torch.float64, device=device) for v in vals])
 
 
 def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows: int, per_row: int,

@@ -49,15 +49,15 @@ class _AdaptiveContext(StepContext):
         self.t_dtype = t_dtype
         self.stage_c = stage_c
         self._dw = None
-        self._memo = {}
+        self._memo = []
 
-    def set_rows(self, rows: int):
-        """The number of rows the next attempts run on (per-sample mode compacts the batch)."""
+    def begin(self, rows: int):
+        """A new attempt on ``rows`` rows (per-sample mode compacts the batch): forget the memoised values."""
         self.shape = (rows,) + self.shape[1:]
         self.batch = rows
         if self.g_shape is not None:
             self.g_shape = (rows,) + self.g_shape[1:]
-        self._memo = {}
+        self._memo = []
 
     def set_step(self, ta: torch.Tensor, tb: torch.Tensor, h: torch.Tensor, dw: torch.Tensor):
         self.h = [h]
@@ -65,11 +65,11 @@ class _AdaptiveContext(StepContext):
         self._dw = dw
 
     def _memoised(self, name, fn, t, y):
-        hit = self._memo.get(name)
-        if hit is not None and hit[0] is t and hit[1] is y:
-            return hit[2]
+        for key, t_, y_, out in self._memo:  # a handful of entries per attempt
+            if key == name and t_ is t and y_ is y:
+                return out
         out = fn(t, y)
-        self._memo[name] = (t, y, out)
+        self._memo.append((name, t, y, out))
         return out
 
     def f(self, t, y):
@@ -98,7 +98,7 @@ def noise_shape(sde, y0, t0_tensor):
     return (y0.shape[0], g.shape[-1])
 
 
-def _brownian_query(bm, shape, t_first: float, ops, per_sample: bool):
+def _brownian_query(bm, shape, device, t_first: float, ops, per_sample: bool):
     """``query(ta, tb, rows) -> (W(ta), W(tb))`` relative to ``W(t_first)``, for the rows asked (``None``:
     all; times 0-dim, or one per row).
 
@@ -108,7 +108,9 @@ def _brownian_query(bm, shape, t_first: float, ops, per_sample: bool):
         if tuple(bm.shape) != tuple(shape):
             raise ValueError(f"bm has shape {tuple(bm.shape)}, but this SDE's Brownian motion has shape "
                              f"{tuple(shape)}")
-        w_first = bm.value(t_first)
+        if bm.device != device:
+            raise ValueError(f"bm is on {bm.device} but y0 is on {device}")
+        w_first = bm.at(torch.full((), t_first, dtype=torch.float64, device=bm.device), None, ops)  # a fresh tensor
         every = torch.arange(shape[0], device=w_first.device)
 
         def tree_query(ta, tb, rows):
@@ -149,10 +151,11 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
                          "flowsde's VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree); a "
                          "GridBrownian only knows its grid")
     t_first, t_end = float(ts_host[0]), float(ts_host[-1])
-    shape = noise_shape(sde, y0, ts[0])
+    t_probe = torch.full((y0.shape[0],) if per_sample else (), t_first, dtype=ts.dtype, device=dev)
+    shape = noise_shape(sde, y0, t_probe)
     if bm is None:
         bm = VirtualBrownianTree(t_first, t_end, shape, seed=seed, dtype=y0.dtype, device=dev)
-    query = _brownian_query(bm, shape, t_first, ops, per_sample)
+    query = _brownian_query(bm, shape, dev, t_first, ops, per_sample)
     if capturable and not isinstance(bm, VirtualBrownianTree):
         raise ValueError("capturable=True needs flowsde's VirtualBrownianTree as bm (queried on the device)")
     ctx = _AdaptiveContext(sde, y0, ts.dtype, bm, bool(opts.get("grad_free", False)), method.stage_c, ops)
@@ -205,9 +208,9 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         steps += 1
         if per_sample:
             y, t, h, j, wt, r_prev = Y[idx], T[idx], H[idx], J[idx], WT[idx], R_PREV[idx]
-            ctx.set_rows(idx.shape[0])
         else:
             y, t, h, j, wt, r_prev = Y, T, H, J, WT, R_PREV
+        ctx.begin(y.shape[0])
         rows_total += y.shape[0]
         nfe_before = ctx.nfe
         active = j < n_out
@@ -224,7 +227,9 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         ratio = per_row if per_sample else per_row.pow(2).mean().sqrt()
         ratio = ratio.detach()
         h_used = tn - t
-        accept = ((ratio <= 1) | (h_used <= dt_min)) & active
+        # a proposal at dt_min is taken whatever its error (its end, rounded to the tree's leaf grid, may lie
+        # a fraction of a leaf beyond t + dt_min)
+        accept = ((ratio <= 1) | (h <= dt_min) | (h_used <= dt_min)) & active
         h_next = (h_used * ctrl.factor(ratio, r_prev, shrink_after_accept=True)).clamp_min(dt_min)
         r_prev = ctrl.remember(ratio, r_prev, accept)
         keep = hit & (ratio <= 1) & (h_used < h)  # a step clipped onto an output time: resume the proposal
