@@ -224,18 +224,18 @@ class VirtualBrownianTree(BrownianMotion):
     """Brownian motion on ``[t0, t1]`` queried at any time, reproducibly, from a seed and no stored path.
 
     ``W(t1)`` is drawn from the root's normal; the value at the midpoint of a dyadic interval is the
-    Brownian bridge between its ends plus ``sqrt(length) / 2`` times the normal of that tree node. A query
-    descends ``depth`` levels, to an interval shorter than ``tol``, and interpolates linearly inside it (an
-    error of order ``sqrt(tol)``, far below any step an adaptive solver takes). Every normal is a pure
-    function of ``(seed, node, element)`` (counter-based Philox, ``tl.randn(key, node * 2**32 + element)``),
+    Brownian bridge between its ends plus ``sqrt(length) / 2`` times the normal of that tree node, down
+    ``depth`` levels to intervals shorter than ``tol``, linear inside those (an error of order
+    ``sqrt(tol)``, far below any step an adaptive solver takes). A query evaluates this as its
+    Lévy–Ciesielski sum, one term per level, all levels drawn at once. Every normal is a pure function of
+    ``(seed, node, element)`` (counter-based Philox at offset ``node * 2**32 + element``),
     so ``W(t)`` does not depend on which times were asked for before, or in which order: a rejected step
     re-queries the same path, and each batch row has its own path whatever the batch size.
 
     Two ways to ask: ``bm(ta, tb)`` / :meth:`value` with host times (the interface torchsde's solvers use),
     and :meth:`at` with device times, one per row if need be (what flowsde's adaptive SDE driver uses: no
-    host read, and per-sample times). Both compute the same values. The descent runs as one Triton kernel
-    on the triton backend, or as the PyTorch specification
-    (:func:`flowsde.kernels.reference.brownian_tree`), drawing every level at once.
+    host read, and per-sample times). Both compute the same values, as one Triton kernel on the triton
+    backend or as its PyTorch specification (:func:`flowsde.kernels.reference.brownian_tree`).
 
     Args:
         t0, t1: the interval; shape: of ``W(t)``, ``(batch, ...)``; seed: int or ``None`` (from torch's

@@ -173,7 +173,7 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
         W(t) = u sqrt(span) z_0 + sum_l sqrt(span / 2**l) / 2 * hat(p_l) z_{node_l(t)},
 
     with ``u = (t - t0) / span``, ``p_l`` the position of ``t`` in its level-``l`` interval and
-    ``hat(p) = 1 - |2p - 1|``. ``z_node`` of Brownian element ``e`` is ``philox_randn(key, node * 2**32 +
+    ``hat(p) = 1 - |2p - 1|``. ``z_node`` of Brownian element ``e`` is ``philox_randn_at(key, node * 2**32 +
     e)``: a pure function of (key, node, element), so a value does not depend on what was asked before.
 
     ``leaf``, ``frac``: from :func:`tree_leaf`, shape ``(n_rows, 1)`` or ``(1, 1)``; ``rows``: the int64
@@ -187,6 +187,7 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
     rows = torch.arange(n_rows, dtype=torch.int64, device=dev) if rows is None else rows.to(torch.int64)
     elem = rows.reshape(-1, 1) * per_row + torch.arange(per_row, dtype=torch.int64, device=dev)
     std, frac = std.to(torch.float64), frac.to(torch.float64)
+    u = (leaf.to(torch.float64) + frac) / float(2 ** depth)                                     # (R|1, 1)
     w = torch.zeros(elem.shape, dtype=torch.float64, device=dev)
     chunk = max(1, (1 << 22) // max(1, elem.numel()))
     for lo in range(0, depth + 1, chunk):  # k = 0: the root (W(t1), weight u); k = l + 1: level l
@@ -195,7 +196,6 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
         below = depth - lev                                                                       # (K, 1, 1)
         node = torch.where(k == 0, 0, (leaf >> below) + (1 << lev))                               # (K, R|1, 1)
         pos = ((leaf & ((1 << below) - 1)).to(torch.float64) + frac) / (1 << below).to(torch.float64)
-        u = (leaf.to(torch.float64) + frac) / float(2 ** depth)
         coef = torch.where(k == 0, u, 1.0 - (2.0 * pos - 1.0).abs()) * std[k]                     # (K, R|1, 1)
         z = philox_randn_at(key, (node << 32) + elem).to(torch.float64)                           # (K, R, n)
         for zk in z.mul_(coef).unbind(0):

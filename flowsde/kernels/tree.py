@@ -1,7 +1,7 @@
 """The virtual Brownian tree query in one Triton pass: ``W(t) - W(t0)`` for every queried element, the
 Lévy–Ciesielski sum over the tree's ``depth`` levels accumulated in registers, each level's normal drawn
-in the kernel as ``tl.randn(key, node * 2**32 + element)`` (see :func:`flowsde.kernels.reference.brownian_tree`, its
-specification). A query reads a leaf index and fraction per row and writes the values: nothing else
+in the kernel from Philox at offset ``node * 2**32 + element`` (see
+:func:`flowsde.kernels.reference.brownian_tree`, its specification). A query reads a leaf index and fraction per row and writes the values: nothing else
 touches memory, and the times never leave the device.
 """
 from __future__ import annotations
