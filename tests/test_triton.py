@@ -252,6 +252,48 @@ def test_gpu_benchmark_script_checks_run_in_the_interpreter():
     spec.loader.exec_module(mod)
     rows = mod.check_kernels("cpu", n=1 << 11)
     assert len(rows) == 8 and all(err < 1e-5 for _, err in rows)
+    rows, copy = mod.bandwidth(n=1 << 10, reps=3, device="cpu", compile=False)
+    assert copy > 0 and [r[0] for r in rows] == ["rk4 update", "euler-maruyama (noise in kernel)",
+                                                 "ddim + cfg (noise in kernel)"]
+    assert all(bw > 0 and frac > 0 and vs_eager > 0 for _, bw, frac, vs_eager, _, _ in rows)
+
+
+def test_gpu_timer_keeps_the_host_enqueue_time_out(monkeypatch):
+    """gpu_kernels.gpu_time on a stand-in for CUDA: a sample whose start event completed before the host had
+    enqueued the call (the sleep was too short) is retaken with a doubled sleep; the figure is the median
+    of the kept event intervals."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels_timer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sleeps, early = [], iter([True, True] + [False] * 10)
+    elapsed = iter([9.0, 1.0, 3.0, 2.0])  # ms, of the kept samples
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def query(self):
+            return next(early)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return next(elapsed)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: torch.zeros(4))
+    calls = []
+    t = mod.gpu_time(lambda: calls.append(1), reps=4, device="cuda:0")
+    assert sleeps == [1 << 21, 1 << 22, 1 << 23, 1 << 23, 1 << 23, 1 << 23]
+    assert len(calls) == 1 + 6 and t == pytest.approx(3.0e-3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
