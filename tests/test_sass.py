@@ -1,0 +1,49 @@
+"""The compiled form of the kernels, checked without a GPU: benchmarks/sass_report.py compiles every kernel
+specialisation the solvers launch for an H100 (sm_90) and disassembles it with the tools Triton ships."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import triton
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOOLS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (TOOLS / "cuobjdump").exists() or not (TOOLS / "ptxas").exists(),
+                                reason="Triton's NVIDIA backend tools (ptxas, cuobjdump) are not installed")
+
+
+def _run(args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_step_kernels_move_their_data_in_16_byte_accesses_without_spills(tmp_path):
+    out = tmp_path / "sass.json"
+    p = _run(["benchmarks/sass_report.py", "--check", "--json", str(out)])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = {r["case"]: r for r in json.loads(out.read_text())}
+    # every kernel the solvers launch was compiled, once per case
+    assert {"combine_kernel", "matrix_noise_kernel", "error_norm_kernel", "randn_kernel",
+            "linear_trajectory_kernel", "tree_kernel"} == {r["kernel"] for r in rows.values()}
+    for name in ("rk4 update, float32", "rk4 update, float16", "rk4 update, float64", "euler-maruyama, in-kernel noise",
+                 "ddim + cfg + eta noise"):
+        acc = rows[name]["loads_stores"]
+        assert set(acc) == {"LDG.E.128", "STG.E.128"} and rows[name]["local"] == 0, (name, acc)
+    # float32, 8 elements per thread: two 16-byte loads per operand, two stores
+    assert rows["rk4 update, float32"]["loads_stores"] == {"LDG.E.128": 10, "STG.E.128": 2}
+
+
+def test_the_check_rejects_narrow_accesses_and_spills():
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import sass_report as s\n"
+            "ok = dict(case='a', stack=0, local=0, step={}, loads_stores={'LDG.E.128': 4, 'STG.E.128': 2})\n"
+            "narrow = dict(ok, case='b', loads_stores={'LDG.E': 4, 'STG.E.128': 2})\n"
+            "spill = dict(ok, case='c', local=16)\n"
+            "reported = dict(ok, case='d', step=None, stack=40, loads_stores={'LDG.E.64': 3})\n"
+            "p = s.problems([ok, narrow, spill, reported])\n"
+            "assert len(p) == 2 and p[0].startswith('b:') and p[1].startswith('c:'), p\n")
+    p = _run(["-c", code])
+    assert p.returncode == 0, p.stderr[-3000:]
