@@ -213,7 +213,7 @@ def test_sample_sde_extension_in_kernel_noise_equals_the_mirror():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(5, 3), (4, 1500), (3, 2, 7)])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 1500), (3, 2, 7), (1100, 2), (300, 5), (1, 1), (0, 4)])
 def test_per_sample_error_norm(tri, dtype, shape):
     y0, y1, e = rnd(shape, dtype, 1), rnd(shape, dtype, 2), 1e-3 * rnd(shape, dtype, 3)
     got = tri.error_norm(y0, y1, e, 1e-3, 1e-6)
@@ -427,3 +427,103 @@ def test_adaptive_sdeint_backends_take_the_same_steps(per_sample, method, sde_ty
     (a, sa), (b, sb) = out["torch"], out["triton"]
     assert float((a - b).abs().max()) < 1e-12
     assert torch.equal(torch.as_tensor(sa["accepted"]), torch.as_tensor(sb["accepted"]))
+
+
+# ---- edge cases found in review: each one a difference between the backends, or a wrong answer ----------
+
+def _both(fn):
+    """``fn(ops)`` on the triton and the torch backend."""
+    return fn(kernels.ops("triton", "cpu")), fn(kernels.ops("torch"))
+
+
+def test_empty_batches_and_empty_rows():
+    y = torch.empty(0, 3, dtype=torch.float64)
+    a, b = _both(lambda o: o.lincomb(y, [(0.5, y)]))
+    assert a.shape == b.shape == (0, 3)
+    a, b = _both(lambda o: o.sde_update(y, [(0.1, y)], [(0.2, y)], PhiloxNoise(1), "diagonal"))
+    assert a.shape == b.shape == (0, 3)
+    z = torch.empty(3, 0, dtype=torch.float64)
+    a, b = _both(lambda o: o.error_norm(z, z, z, 1e-3, 1e-6))
+    assert a.shape == b.shape == (3,) and bool(a.isnan().all()) and bool(b.isnan().all())
+
+
+def test_given_noise_broadcasts_as_in_pytorch_or_is_refused():
+    y, g = rnd((5, 3), torch.float64, 0), rnd((5, 3), torch.float64, 1)
+    for dw in (rnd((3,), torch.float64, 2), rnd((5, 1), torch.float64, 3)):  # broadcast over batch / row
+        a, b = _both(lambda o: o.combine([(1.0, y)], [(0.5, g)], dw))
+        assert torch.allclose(a, b, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.ops("triton", "cpu").combine([(1.0, y)], [(0.5, g)], rnd((4,), torch.float64, 4))
+    with pytest.raises(ValueError, match="one value per batch row"):
+        kernels.ops("triton", "cpu").combine([(1.0, y)], [(0.5, g)], rnd((5, 3), torch.float64, 5), rowwise=True)
+
+
+def test_out_overlapping_a_broadcast_operand_is_read_before_it_is_written():
+    y0 = torch.arange(3000, dtype=torch.float64) + 7
+    for make in (lambda y: [(1.0, y), (-1.0, y[0])],                 # a scalar view of out
+                 lambda y: [(1.0, y), (0.5, y[:1].expand(3000))]):    # an expanded view of out
+        a, b = y0.clone(), y0.clone()
+        kernels.ops("triton", "cpu").combine(make(a), out=a)
+        kernels.ops("torch").combine(make(b), out=b)
+        assert torch.equal(a, b)
+    Y = rnd((1500, 2), torch.float64, 0)
+    a, b = Y.clone(), Y.clone()  # a per-row operand that is a column of out
+    kernels.ops("triton", "cpu").combine([(1.0, a), (2.0, a[:, :1])], [(0.1, a[:, 1:])], rnd((1500, 2), torch.float64, 1),
+                                         out=a)
+    kernels.ops("torch").combine([(1.0, b), (2.0, b[:, :1])], [(0.1, b[:, 1:])], rnd((1500, 2), torch.float64, 1), out=b)
+    assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_device_keys_use_all_64_bits_on_both_backends():
+    y = rnd((300,), torch.float64, 0)
+    for key in (-5, -(2 ** 63), 2 ** 62 + 3):
+        a, b = _both(lambda o: o.combine([(1.0, y)], [(1.0, None)], PhiloxNoise(torch.tensor(key))))
+        assert float((a - b).abs().max()) < 1e-6
+    a, b = (kernels.ops("torch").combine([(0.0, y)], [(1.0, None)], PhiloxNoise(torch.tensor(k))) for k in (-5, 2 ** 63 - 5))
+    assert not torch.equal(a, b)  # the top bit is part of the key
+
+
+def test_the_first_term_fixes_shape_and_dtype_even_with_a_zero_coefficient():
+    y53, f53, p51 = rnd((5, 3), torch.float64, 0), rnd((5, 3), torch.float64, 1), rnd((5, 1), torch.float64, 2)
+    a, b = _both(lambda o: o.combine([(0.0, y53), (1.0, p51), (1.0, f53)]))
+    assert a.shape == b.shape == (5, 3) and torch.allclose(a, b)
+    inf = torch.tensor([float("inf"), 1.0], dtype=torch.float64)
+    a, b = _both(lambda o: o.combine([(0.0, inf), (1.0, torch.ones(2, dtype=torch.float64))]))
+    assert torch.equal(a.isnan(), b.isnan()) and bool(a[0].isnan())
+
+
+def test_coefficients_the_kernel_cannot_hold_go_to_the_reference():
+    y, k = rnd((40, 3), torch.float64, 0), rnd((40, 3), torch.float64, 1)
+    h = torch.full((40, 1), 0.5, dtype=torch.float64)  # per-row device coefficients
+    a, b = _both(lambda o: o.combine([(1.0, y), (h, k)]))
+    assert torch.allclose(a, b, rtol=0, atol=1e-15)
+    a, b = _both(lambda o: o.lerp(y, k, h))
+    assert torch.allclose(a, b, rtol=0, atol=1e-15)
+    for c in (1e39, 1e-44, float("inf"), 2.0 ** -101):  # outside what a float32 (hi, lo) pair holds
+        a, b = _both(lambda o: o.lincomb(y, [(c, k)]))
+        assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a, b, rtol=1e-15, atol=0, equal_nan=True), c
+
+
+def test_the_int64_index_path_of_every_kernel_gives_the_same_results(monkeypatch):
+    """Tensors of 2^31 elements or more are indexed in int64 (int32 indices would wrap and pass the bounds
+    mask); that path is forced here on small tensors and must change nothing."""
+    from flowsde.brownian import VirtualBrownianTree
+    from flowsde.kernels import combine as C
+    from flowsde.solvers.linear import solve_linear_sde
+    tri = kernels.ops("triton", "cpu")
+    y, f, g = (rnd((1100, 3), torch.float32, i) for i in range(3))
+    G, dw = rnd((50, 3, 2), torch.float32, 5), rnd((50, 2), torch.float32, 6)
+    bm = VirtualBrownianTree(0.0, 1.0, (600, 2), seed=2, dtype=torch.float64)
+    t = torch.rand(600, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = [lambda: tri.sde_update(y, [(0.1, f)], [(0.2, g)], PhiloxNoise(3), "diagonal"),
+             lambda: tri.combine([(1.0, y), (0.5, g[:, :1])], [(0.3, None)], PhiloxNoise(torch.tensor(4))),
+             lambda: tri.normal(7, (1100, 3), torch.float32, "cpu"),
+             lambda: tri.error_norm(y, f, g, 1e-3, 1e-6),
+             lambda: tri.sde_update(y[:50], [(0.1, f[:50])], [(0.2, G)], dw, "general"),
+             lambda: solve_linear_sde(y[:, 0], torch.tensor([0.0, 0.5, 1.0]), 1 / 8, a=-1.0, d=0.5, seed=1,
+                                      backend="triton"),
+             lambda: bm.at(t, ops=tri)]
+    small = [fn() for fn in calls]
+    monkeypatch.setattr(C, "LARGE_NUMEL", 0)
+    for fn, expected in zip(calls, small):
+        assert torch.equal(fn(), expected)

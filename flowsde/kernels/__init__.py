@@ -118,16 +118,18 @@ class TritonOps(TorchOps):
         self._c = _c
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
+        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion):
+            return super().combine(terms, diffusion, noise, rowwise, out)
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
         tensor = None if isinstance(noise, PhiloxNoise) else noise
-        terms = [(c, t) for c, t in terms if c != 0.0] or [terms[0]]
+        terms = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]  # the first fixes shape and dtype
         if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum
             head = self._c.combine(terms[:self._c.MAX_TERMS])
             terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
         return self._c.combine(terms, diffusion, tensor, rowwise, key, out)
 
     def lincomb(self, y, terms):
-        if _device_coefficients(terms):
+        if not _fused_coefficients(y.dtype, terms):
             return reference.lincomb(y, terms)
         return self.combine([(1.0, y)] + list(terms))
 
@@ -138,7 +140,7 @@ class TritonOps(TorchOps):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
     def sde_update(self, y, terms, noise, dw, noise_type):
-        if _device_coefficients(terms, noise):  # step sizes held on the device: the PyTorch ops take them
+        if not _fused_coefficients(y.dtype, terms, noise):  # e.g. step sizes held on the device
             return super().sde_update(y, terms, noise, dw, noise_type)
         if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
             host_key = not (isinstance(dw, PhiloxNoise) and isinstance(dw.key, torch.Tensor))
@@ -159,9 +161,18 @@ class TritonOps(TorchOps):
         return brownian_tree(key, leaf, frac, rows, n_rows, per_row, std, depth)
 
 
-def _device_coefficients(*term_lists) -> bool:
-    """Whether any coefficient is a device tensor (the fused kernels take host coefficients only)."""
-    return any(isinstance(c, torch.Tensor) for terms in term_lists for c, _ in terms)
+def _fused_coefficients(dtype, *term_lists) -> bool:
+    """Whether the fused kernels take these coefficients exactly: host numbers (not device tensors: the
+    PyTorch ops take those), and for float64 data finite ones in [2^-100, 2^100] (or 0), which the
+    kernels' float32 (hi, lo) pair holds to ~48 bits (float32 and half data round a coefficient to
+    float32, as PyTorch does)."""
+    for terms in term_lists:
+        for c, _ in terms:
+            if isinstance(c, torch.Tensor):
+                return False
+            if dtype == torch.float64 and c != 0.0 and not 2.0 ** -100 <= abs(c) <= 2.0 ** 100:
+                return False
+    return True
 
 
 def _noise_shape(y, noise_type, noise=()):

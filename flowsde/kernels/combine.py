@@ -45,6 +45,16 @@ def _zeros(BLOCK_SIZE: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _block_offsets(BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr):
+    """This program's ``BLOCK_SIZE`` consecutive indices, in int64 when ``LARGE`` (an indexed tensor of
+    2^31 elements or more, where int32 indices would wrap)."""
+    pid = tl.program_id(0)
+    if LARGE:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+
+
+@triton.jit
 def _index(offs, row, MODE: tl.constexpr):
     """Where element ``offs`` of the result reads an operand: itself (``MODE`` 0, a full tensor), its batch
     row (1: one value per row, broadcast along it) or the one value (2: a scalar broadcast everywhere)."""
@@ -72,12 +82,12 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
                    NT: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, ROWWISE: tl.constexpr,
                    UNIT: tl.constexpr, F64: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    B0: tl.constexpr = 0, B1: tl.constexpr = 0, B2: tl.constexpr = 0, B3: tl.constexpr = 0,
-                   B4: tl.constexpr = 0, B5: tl.constexpr = 0, BG0: tl.constexpr = 0, BG1: tl.constexpr = 0):
+                   B4: tl.constexpr = 0, B5: tl.constexpr = 0, BG0: tl.constexpr = 0, BG1: tl.constexpr = 0,
+                   LARGE: tl.constexpr = 0):
     """``out = sum_{i<NT} c_i p_i + (sum_{j<NG} s_j g_j) z`` over ``n`` elements (see the module doc);
     ``B<i>`` / ``BG<j>``: how each operand is laid out (:func:`_index`: full, per row of ``row``
     elements, or one scalar), so a broadcast operand is read where it lies instead of copied out."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     acc = _term(_zeros(BLOCK_SIZE, F64), p0, _index(offs, row, B0), mask, h0, l0, F64)
     if NT > 1:
@@ -116,9 +126,9 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
 
 
 @triton.jit
-def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
     """``out[i] = tl.randn(key, i)`` (``key`` read from memory when ``KEY_IN_MEMORY``)."""
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     if KEY_IN_MEMORY:
         z = tl.randn(tl.load(key), offs)
@@ -129,6 +139,7 @@ def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.co
 
 # ---- launch wrappers ---------------------------------------------------------------------------------
 
+import math  # noqa: E402
 import os  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -174,6 +185,14 @@ def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, c
     compiled[grid](*args, *consts.values())
 
 
+# indexed tensors of this many elements or more are indexed in int64 (``LARGE``); tests lower it
+LARGE_NUMEL = 1 << 31
+
+
+def _large(*counts) -> bool:
+    return any(c >= LARGE_NUMEL for c in counts)
+
+
 def _split(c: float):
     hi = float(np.float32(c))
     return hi, float(np.float32(c - hi))
@@ -201,51 +220,83 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _broadcasts(a, shape) -> bool:
+    """Whether a tensor of shape ``a`` broadcasts to ``shape`` (PyTorch's rule, without a result)."""
+    return len(a) <= len(shape) and all(x in (1, y) for x, y in zip(a[::-1], shape[::-1]))
+
+
+def _unaliased(t: torch.Tensor, mode: int, out: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when the kernel would read it where ``out`` is being written: only a full
+    operand that is ``out`` itself is safe (each element is read before it is written, by one thread); a
+    broadcast operand or any other overlap is read by programs that run after others have written."""
+    if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        return t
+    return t if mode == 0 and t.data_ptr() == out.data_ptr() else t.clone()
+
+
 def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
     """Launch :func:`combine_kernel`: ``sum c_i t_i + (sum s_j g_j) z`` (see the module docstring).
 
     ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes shape and dtype), ``diffusion``:
     ``[(s, g or None)]`` (0 to 2; ``None`` means ``g = 1``, allowed alone), ``noise``: a tensor (the
-    increments: ``y.shape``, or ``(batch, 1)`` with ``rowwise``) or ``None`` to draw ``tl.randn(key, i)``;
-    ``key`` an int, or a 0-dim int64 tensor on the data's device that the kernel reads when it runs.
-    ``out``: an optional preallocated contiguous result (it may be one of the inputs: each element is
-    read before it is written), so a loop need not allocate per step.
+    increments: broadcastable to the result, or one value per batch row with ``rowwise``) or ``None`` to
+    draw ``tl.randn(key, i)``; ``key`` an int, or a 0-dim int64 tensor on the data's device that the
+    kernel reads when it runs. ``out``: an optional preallocated contiguous result (it may be one of the
+    inputs; an input that overlaps it otherwise is copied first), so a loop need not allocate per step.
     """
     like = terms[0][1]
     shape, dtype = tuple(like.shape), like.dtype
     if not 1 <= len(terms) <= MAX_TERMS or len(diffusion) > MAX_NOISE:
         raise ValueError(f"combine takes 1..{MAX_TERMS} terms and 0..{MAX_NOISE} diffusion terms")
-    operands = [_operand(t, shape) for _, t in terms]
-    ts, modes = [t for t, _ in operands], [m for _, m in operands]
-    cs = [_split(float(c)) for c, _ in terms]
-    if out is None:
+    unit = len(diffusion) == 1 and diffusion[0][1] is None
+    if any(g is None for _, g in diffusion) and not unit:
+        raise ValueError("a unit diffusion (g = None) must be the only diffusion term")
+    key_in_memory = isinstance(key, torch.Tensor)
+    if key_in_memory and (key.dtype != torch.int64 or key.numel() != 1 or key.device != like.device):
+        raise ValueError(f"a tensor key must be one int64 element on {like.device}")
+    given = out is not None
+    if not given:
         out = torch.empty(shape, dtype=dtype, device=like.device)
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
     n = out.numel()
+    batch = shape[0] if shape else 1
+    if diffusion and noise is not None:
+        if rowwise and noise.numel() != batch:
+            raise ValueError(f"scalar (rowwise) noise holds one value per batch row: {batch} values, got shape "
+                             f"{tuple(noise.shape)}")
+        if not rowwise and not _broadcasts(tuple(noise.shape), shape):
+            raise ValueError(f"noise of shape {tuple(noise.shape)} does not broadcast to the state's {shape}")
+    if n == 0:
+        return out
+    operands = [_operand(t, shape) for _, t in terms]
+    g_ops = [] if unit else [_operand(g.reshape(shape) if g.numel() == n else g, shape) for _, g in diffusion]
+    dw = None
+    if diffusion and noise is not None:
+        dw = noise.reshape(batch) if rowwise else _flat(noise, shape).reshape(-1)
+        dw = dw if dw.is_contiguous() else dw.contiguous()
+    if given:  # a fresh ``out`` shares memory with nothing
+        operands = [(_unaliased(t, m, out), m) for t, m in operands]
+        g_ops = [(_unaliased(g, m, out), m) for g, m in g_ops]
+        dw = None if dw is None else _unaliased(dw, 1 if rowwise else 0, out)
+    ts, modes = [t for t, _ in operands], [m for _, m in operands]
+    cs = [_split(float(c)) for c, _ in terms]
     pad = MAX_TERMS - len(ts)
     ptrs = ts + [ts[0]] * pad
     coefs = [v for hl in cs + [(0.0, 0.0)] * pad for v in hl]
-    unit = len(diffusion) == 1 and diffusion[0][1] is None
-    if any(g is None for _, g in diffusion) and not unit:
-        raise ValueError("a unit diffusion (g = None) must be the only diffusion term")
-    g_ops = [] if unit else [_operand(g.reshape(shape) if g.numel() == n else g, shape) for _, g in diffusion]
     gs = [g for g, _ in g_ops] + [ts[0]] * (MAX_NOISE - len(g_ops))
     g_modes = [m for _, m in g_ops] + [0] * (MAX_NOISE - len(g_ops))
     ss = [_split(float(s)) for s, _ in diffusion] + [(0.0, 0.0)] * (MAX_NOISE - len(diffusion))
-    key_in_memory = isinstance(key, torch.Tensor)
-    if key_in_memory and (key.dtype != torch.int64 or key.numel() != 1 or key.device != like.device):
-        raise ValueError(f"a tensor key must be one int64 element on {like.device}")
     mode = 0 if not diffusion else (1 if noise is not None else (3 if key_in_memory else 2))
-    dw = ts[0] if noise is None else noise.reshape(-1) if noise.is_contiguous() else noise.contiguous().reshape(-1)
-    row = max(1, n // shape[0]) if shape else 1  # elements per batch row
+    row = max(1, n // batch)  # elements per batch row
     blk = CONFIG["block"]
-    args = [out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], dw,
-            key if key_in_memory else int(key), n, row]
+    args = [out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], ts[0] if dw is None else dw,
+            key if key_in_memory else int(key) & KEY_MASK, n, row]
     consts = dict(NT=len(ts), NG=len(diffusion), NOISE=mode, ROWWISE=bool(rowwise), UNIT=unit,
                   F64=dtype == torch.float64, BLOCK_SIZE=blk)
     consts.update({f"B{i}": m for i, m in enumerate(modes + [0] * pad)})  # all of them, in the kernel's
     consts.update({f"BG{j}": m for j, m in enumerate(g_modes)})            # order (the fast launch is positional)
+    consts["LARGE"] = _large(n)
     _launch(combine_kernel, triton.cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
     return out
 
@@ -257,29 +308,37 @@ def randn(key, shape, dtype, device) -> torch.Tensor:
     n = out.numel()
     in_memory = isinstance(key, torch.Tensor)
     blk = CONFIG["block"]
-    randn_kernel[(triton.cdiv(n, blk),)](out, key if in_memory else int(key), n, KEY_IN_MEMORY=in_memory,
-                                         BLOCK_SIZE=blk, num_warps=CONFIG["num_warps"])
+    randn_kernel[(triton.cdiv(n, blk),)](out, key if in_memory else int(key) & KEY_MASK, n, KEY_IN_MEMORY=in_memory,
+                                         BLOCK_SIZE=blk, LARGE=_large(n), num_warps=CONFIG["num_warps"])
     return out
 
 
 @triton.jit
-def error_norm_kernel(out_ptr, y0_ptr, y1_ptr, e_ptr, row, rtol_h, rtol_l, atol_h, atol_l,
-                      F64: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Per sample (one program per batch row): RMS of err / (atol + rtol max(|y0|, |y1|))."""
-    b = tl.program_id(0)
-    base = b * row
+def error_norm_kernel(out_ptr, y0_ptr, y1_ptr, e_ptr, n_rows, row, rtol_h, rtol_l, atol_h, atol_l,
+                      F64: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
+    """Per sample: RMS of err / (atol + rtol max(|y0|, |y1|)) over each of ``n_rows`` rows of ``row``
+    elements. A program reduces ``ROWS`` rows as a ``(ROWS, BLOCK_SIZE)`` tile, in chunks of
+    ``BLOCK_SIZE`` along the row: small rows (a 2-D state) share a program instead of leaving most of
+    its threads idle."""
+    rows = _block_offsets(ROWS, LARGE)
+    rmask = rows < n_rows
+    base = rows * row
     rtol = _coef(rtol_h, rtol_l, F64)
     atol = _coef(atol_h, atol_l, F64)
-    acc = _zeros(BLOCK_SIZE, F64)
+    if F64:
+        acc = tl.zeros((ROWS, BLOCK_SIZE), dtype=tl.float64)
+    else:
+        acc = tl.zeros((ROWS, BLOCK_SIZE), dtype=tl.float32)
     for start in range(0, row, BLOCK_SIZE):
-        offs = start + tl.arange(0, BLOCK_SIZE)
-        mask = offs < row
-        y0 = tl.load(y0_ptr + base + offs, mask=mask, other=0.0).to(acc.dtype)
-        y1 = tl.load(y1_ptr + base + offs, mask=mask, other=0.0).to(acc.dtype)
-        e = tl.load(e_ptr + base + offs, mask=mask, other=0.0).to(acc.dtype)
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        mask = rmask[:, None] & (cols < row)[None, :]
+        idx = base[:, None] + cols[None, :]
+        y0 = tl.load(y0_ptr + idx, mask=mask, other=0.0).to(acc.dtype)
+        y1 = tl.load(y1_ptr + idx, mask=mask, other=0.0).to(acc.dtype)
+        e = tl.load(e_ptr + idx, mask=mask, other=0.0).to(acc.dtype)
         r = e / (atol + rtol * tl.maximum(tl.abs(y0), tl.abs(y1)))
         acc += tl.where(mask, r * r, 0.0)
-    tl.store(out_ptr + b, tl.sqrt(tl.sum(acc, axis=0) / row))
+    tl.store(out_ptr + rows, tl.sqrt(tl.sum(acc, axis=1) / row), mask=rmask)
 
 
 def error_norm(y0, y1, err, rtol: float, atol: float):
@@ -287,23 +346,30 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
     shape = tuple(y1.shape)
     y0, y1, err = (_flat(t, shape) for t in (y0, y1, err))
     B = shape[0]
-    row = max(1, y1.numel() // B)
+    row = max(1, math.prod(shape[1:]))
     acc_dtype = torch.float64 if y1.dtype == torch.float64 else torch.float32
     out = torch.empty(B, dtype=acc_dtype, device=y1.device)
+    if B == 0:
+        return out
+    if y1.numel() == 0:  # rows of no elements: the mean of nothing, as the reference gives
+        return out.fill_(float("nan"))
     rh, rl = _split(rtol)
     ah, al = _split(atol)
-    _launch(error_norm_kernel, B, [out, y0, y1, err, row, rh, rl, ah, al],
-            dict(F64=acc_dtype == torch.float64, BLOCK_SIZE=min(BLOCK, triton.next_power_of_2(row))), 4, out.is_cuda)
+    block = min(BLOCK, triton.next_power_of_2(row))
+    rows = BLOCK // block  # about BLOCK elements per program
+    _launch(error_norm_kernel, triton.cdiv(B, rows), [out, y0, y1, err, B, row, rh, rl, ah, al],
+            dict(F64=acc_dtype == torch.float64, ROWS=rows, BLOCK_SIZE=block, LARGE=_large(y1.numel())), 4,
+            out.is_cuda)
     return out
 
 
 @triton.jit
 def linear_trajectory_kernel(out_ptr, x0_ptr, coef_ptr, key_ptr, slot_ptr, n, steps,
-                             F64: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                             F64: tl.constexpr, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
     """All Euler–Maruyama steps of ``dX = (a X + b) dt + (c X + d) dW`` in one launch: the state stays in
     registers, the noise is ``tl.randn(key_k, element)``, the state is written only at the saved steps.
     ``coef`` holds ``(a, b, c, d, h)`` per step (float64), ``slot[k]`` the output row after step k or -1."""
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     if F64:
         x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float64)
@@ -330,7 +396,8 @@ def linear_trajectory(x0, coef, keys, slots, n_out):
     out = torch.empty((n_out,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device)
     n = x0c.numel()
     linear_trajectory_kernel[(triton.cdiv(n, BLOCK),)](out, x0c, coef, keys, slots, n, coef.shape[0],
-                                                       F64=x0.dtype == torch.float64, BLOCK_SIZE=BLOCK)
+                                                       F64=x0.dtype == torch.float64, BLOCK_SIZE=BLOCK,
+                                                       LARGE=_large(n, out.numel()))
     return out
 
 
@@ -338,11 +405,11 @@ def linear_trajectory(x0, coef, keys, slots, n_out):
 def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, key,
                         hy, ly, h0, l0, h1, l1, s0h, s0l, s1h, s1l, n, d, m,
                         NF: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr):
+                        BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
     """Additive / general noise in one pass: ``out[b, i] = cy y + sum_k c_k f_k + sum_j (s0 G0 + s1 G1)[b, i, j]
     dW[b, j]`` with ``dW`` read from a ``(batch, m)`` tensor (``NOISE == 1``) or drawn as ``tl.randn(key,
     b m + j)`` (``NOISE == 2``: the Philox stream laid out like the ``(batch, m)`` increments)."""
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     acc = _term(_zeros(BLOCK_SIZE, F64), y_ptr, offs, mask, hy, ly, F64)
     if NF > 0:
@@ -388,5 +455,5 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
             [out, ys, fs[0], fs[1], gs[0], gs[1], noise, int(key) & KEY_MASK, *_split(1.0), *cs[0], *cs[1],
              *ss[0], *ss[1], n, d, m],
             dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=y.dtype == torch.float64,
-                 BLOCK_SIZE=blk), CONFIG["num_warps"], out.is_cuda)
+                 BLOCK_SIZE=blk, LARGE=_large(n * m)), CONFIG["num_warps"], out.is_cuda)
     return out

@@ -56,7 +56,9 @@ def philox_randint_at(key, offsets: torch.Tensor):
     """``tl.randint4x(key, offsets)`` for any int64 ``offsets`` (non-negative): the low 32 bits of an
     offset are Philox's first counter word and the high bits its second, as in Triton."""
     zero = torch.zeros_like(offsets)
-    key = key & KEY_MASK if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
+    # a host key is masked to the int64 the kernels are passed; a device key is used with all its 64 bits,
+    # as the kernels read it (its high word by an arithmetic shift and a mask: the same bits)
+    key = key if isinstance(key, torch.Tensor) else int(key) & KEY_MASK
     return philox4x32(key, offsets & _M32, (offsets >> 32) & _M32, zero, zero)
 
 

@@ -9,6 +9,8 @@ Brownian tree's query (:func:`brownian_tree`), the specification of :mod:`flowsd
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence, Tuple
 
 import torch
@@ -123,7 +125,8 @@ def error_norm(y0: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, rtol: floa
     |y1_i|)))^2)`` over each batch row; shape ``(batch,)``, float32 for half inputs."""
     acc = torch.float64 if y1.dtype == torch.float64 else torch.float32
     scale = atol + rtol * torch.maximum(y0.to(acc).abs(), y1.to(acc).abs())
-    return (err.to(acc) / scale).pow(2).reshape(y1.shape[0], -1).mean(1).sqrt()
+    row = math.prod(y1.shape[1:])
+    return (err.to(acc) / scale).pow(2).reshape(y1.shape[0], row).mean(1).sqrt()
 
 
 def linear_trajectory(x0: torch.Tensor, coef: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor,

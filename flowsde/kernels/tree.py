@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .combine import CONFIG, _launch
+from .combine import CONFIG, _block_offsets, _large, _launch
 
 
 @triton.jit
@@ -25,11 +25,11 @@ def _normal(key, offset):
 
 @triton.jit
 def tree_kernel(out_ptr, leaf_ptr, frac_ptr, rows_ptr, std_ptr, key, n, per_row, depth,
-                PER_ROW_TIME: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                PER_ROW_TIME: tl.constexpr, ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
     """``out[r, j] = W(t_r)`` of Brownian element ``rows[r] * per_row + j`` (``rows[r] = r`` without
     ``ROWS``); ``leaf`` / ``frac`` per row (``PER_ROW_TIME``) or one for all; ``std[0]`` is ``sqrt(span)``
     and ``std[1 + l]`` the bridge's standard deviation at level ``l``, ``sqrt(span / 2**l) / 2``."""
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     r = offs // per_row
     if ROWS:
@@ -70,6 +70,7 @@ def brownian_tree(key: int, leaf, frac, rows, n_rows: int, per_row: int, std, de
     blk = CONFIG["block"]
     _launch(tree_kernel, triton.cdiv(n, blk),
             [out, leaf_c, frac_c, rows_c, std, int(key), n, per_row, int(depth)],
-            dict(PER_ROW_TIME=leaf_c.numel() > 1 or n_rows == 1, ROWS=rows is not None, BLOCK_SIZE=blk),
+            dict(PER_ROW_TIME=leaf_c.numel() > 1 or n_rows == 1, ROWS=rows is not None, BLOCK_SIZE=blk,
+                 LARGE=_large(n)),
             CONFIG["num_warps"], out.is_cuda, enable_fp_fusion=False)  # no FMA: the spec's roundings
     return out
