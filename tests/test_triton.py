@@ -502,6 +502,12 @@ def test_coefficients_the_kernel_cannot_hold_go_to_the_reference():
     for c in (1e39, 1e-44, float("inf"), 2.0 ** -101):  # outside what a float32 (hi, lo) pair holds
         a, b = _both(lambda o: o.lincomb(y, [(c, k)]))
         assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a, b, rtol=1e-15, atol=0, equal_nan=True), c
+    y32, k32 = y.float(), k.float()
+    for c in (float("inf"), 1e-44, float("nan"), 0.1):  # float32 data: the coefficient rounds as in PyTorch
+        a, b = _both(lambda o: o.lincomb(y32, [(c, k32)]))
+        assert torch.equal(a.isnan(), b.isnan()) and torch.allclose(a, b, rtol=1e-6, atol=0, equal_nan=True), c
+    with pytest.raises(ValueError, match="overflows"):  # PyTorch refuses it too
+        kernels.ops("triton", "cpu").lincomb(y32, [(1e39, k32)])
 
 
 def test_the_int64_index_path_of_every_kernel_gives_the_same_results(monkeypatch):

@@ -139,6 +139,7 @@ def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.co
 
 # ---- launch wrappers ---------------------------------------------------------------------------------
 
+import functools  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
@@ -193,9 +194,32 @@ def _large(*counts) -> bool:
     return any(c >= LARGE_NUMEL for c in counts)
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
 def _split(c: float):
+    """``c`` as a float32 pair ``hi + lo`` (~48 bits), for float64 kernels (beyond float32's range: an
+    infinity)."""
+    if abs(c) > _F32_MAX:
+        return math.copysign(math.inf, c), 0.0
     hi = float(np.float32(c))
     return hi, float(np.float32(c - hi))
+
+
+def _coefficients(cs, f64: bool):
+    """Kernel coefficient pairs: :func:`_split` for float64 data; for other data ``(c, 0.0)``, which the
+    launch rounds to float32 as PyTorch rounds a scalar for float32 and half tensors (and, as PyTorch, a
+    finite coefficient beyond float32's range is refused)."""
+    if f64:
+        return [_split(float(c)) for c in cs]
+    for c in cs:
+        if _F32_MAX < abs(c) < math.inf:
+            raise ValueError(f"coefficient {c!r} overflows the float32 arithmetic of a float32 / half state")
+    return [(float(c), 0.0) for c in cs]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _operand(t: torch.Tensor, shape):
@@ -218,6 +242,17 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
     if tuple(t.shape) != tuple(shape):
         t = t.expand(shape)
     return t if t.is_contiguous() else t.contiguous()
+
+
+@functools.lru_cache(maxsize=512)
+def _combine_consts(nt, ng, noise, rowwise, unit, f64, blk, modes, g_modes, large) -> dict:
+    """The constexprs of :func:`combine_kernel`, all of them, in its signature's order (the fast launch
+    passes them positionally); cached, as a loop launches the same few configurations. Read only."""
+    consts = dict(NT=nt, NG=ng, NOISE=noise, ROWWISE=rowwise, UNIT=unit, F64=f64, BLOCK_SIZE=blk)
+    consts.update({f"B{i}": m for i, m in enumerate(modes + (0,) * (MAX_TERMS - len(modes)))})
+    consts.update({f"BG{j}": m for j, m in enumerate(g_modes)})
+    consts["LARGE"] = large
+    return consts
 
 
 def _broadcasts(a, shape) -> bool:
@@ -280,24 +315,22 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
         g_ops = [(_unaliased(g, m, out), m) for g, m in g_ops]
         dw = None if dw is None else _unaliased(dw, 1 if rowwise else 0, out)
     ts, modes = [t for t, _ in operands], [m for _, m in operands]
-    cs = [_split(float(c)) for c, _ in terms]
+    f64 = dtype == torch.float64
+    cs = _coefficients([c for c, _ in terms], f64)
     pad = MAX_TERMS - len(ts)
     ptrs = ts + [ts[0]] * pad
     coefs = [v for hl in cs + [(0.0, 0.0)] * pad for v in hl]
     gs = [g for g, _ in g_ops] + [ts[0]] * (MAX_NOISE - len(g_ops))
     g_modes = [m for _, m in g_ops] + [0] * (MAX_NOISE - len(g_ops))
-    ss = [_split(float(s)) for s, _ in diffusion] + [(0.0, 0.0)] * (MAX_NOISE - len(diffusion))
+    ss = _coefficients([s for s, _ in diffusion], f64) + [(0.0, 0.0)] * (MAX_NOISE - len(diffusion))
     mode = 0 if not diffusion else (1 if noise is not None else (3 if key_in_memory else 2))
     row = max(1, n // batch)  # elements per batch row
     blk = CONFIG["block"]
     args = [out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], ts[0] if dw is None else dw,
             key if key_in_memory else int(key) & KEY_MASK, n, row]
-    consts = dict(NT=len(ts), NG=len(diffusion), NOISE=mode, ROWWISE=bool(rowwise), UNIT=unit,
-                  F64=dtype == torch.float64, BLOCK_SIZE=blk)
-    consts.update({f"B{i}": m for i, m in enumerate(modes + [0] * pad)})  # all of them, in the kernel's
-    consts.update({f"BG{j}": m for j, m in enumerate(g_modes)})            # order (the fast launch is positional)
-    consts["LARGE"] = _large(n)
-    _launch(combine_kernel, triton.cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
+    consts = _combine_consts(len(ts), len(diffusion), mode, bool(rowwise), unit, f64, blk, tuple(modes), tuple(g_modes),
+                             _large(n))
+    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
     return out
 
 
@@ -308,7 +341,7 @@ def randn(key, shape, dtype, device) -> torch.Tensor:
     n = out.numel()
     in_memory = isinstance(key, torch.Tensor)
     blk = CONFIG["block"]
-    randn_kernel[(triton.cdiv(n, blk),)](out, key if in_memory else int(key) & KEY_MASK, n, KEY_IN_MEMORY=in_memory,
+    randn_kernel[(_cdiv(n, blk),)](out, key if in_memory else int(key) & KEY_MASK, n, KEY_IN_MEMORY=in_memory,
                                          BLOCK_SIZE=blk, LARGE=_large(n), num_warps=CONFIG["num_warps"])
     return out
 
@@ -357,7 +390,7 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
     ah, al = _split(atol)
     block = min(BLOCK, triton.next_power_of_2(row))
     rows = BLOCK // block  # about BLOCK elements per program
-    _launch(error_norm_kernel, triton.cdiv(B, rows), [out, y0, y1, err, B, row, rh, rl, ah, al],
+    _launch(error_norm_kernel, _cdiv(B, rows), [out, y0, y1, err, B, row, rh, rl, ah, al],
             dict(F64=acc_dtype == torch.float64, ROWS=rows, BLOCK_SIZE=block, LARGE=_large(y1.numel())), 4,
             out.is_cuda)
     return out
@@ -395,7 +428,7 @@ def linear_trajectory(x0, coef, keys, slots, n_out):
     x0c = x0 if x0.is_contiguous() else x0.contiguous()
     out = torch.empty((n_out,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device)
     n = x0c.numel()
-    linear_trajectory_kernel[(triton.cdiv(n, BLOCK),)](out, x0c, coef, keys, slots, n, coef.shape[0],
+    linear_trajectory_kernel[(_cdiv(n, BLOCK),)](out, x0c, coef, keys, slots, n, coef.shape[0],
                                                        F64=x0.dtype == torch.float64, BLOCK_SIZE=BLOCK,
                                                        LARGE=_large(n, out.numel()))
     return out
@@ -451,7 +484,7 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
     out = torch.empty_like(ys)
     n = out.numel()
     blk = CONFIG["block"]
-    _launch(matrix_noise_kernel, triton.cdiv(n, blk),
+    _launch(matrix_noise_kernel, _cdiv(n, blk),
             [out, ys, fs[0], fs[1], gs[0], gs[1], noise, int(key) & KEY_MASK, *_split(1.0), *cs[0], *cs[1],
              *ss[0], *ss[1], n, d, m],
             dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=y.dtype == torch.float64,

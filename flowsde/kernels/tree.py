@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .combine import CONFIG, _block_offsets, _large, _launch
+from .combine import CONFIG, _block_offsets, _cdiv, _large, _launch
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def brownian_tree(key: int, leaf, frac, rows, n_rows: int, per_row: int, std, de
     leaf_c, frac_c = leaf.reshape(-1).contiguous(), frac.reshape(-1).to(torch.float64).contiguous()
     rows_c = leaf_c if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
     blk = CONFIG["block"]
-    _launch(tree_kernel, triton.cdiv(n, blk),
+    _launch(tree_kernel, _cdiv(n, blk),
             [out, leaf_c, frac_c, rows_c, std, int(key), n, per_row, int(depth)],
             dict(PER_ROW_TIME=leaf_c.numel() > 1 or n_rows == 1, ROWS=rows is not None, BLOCK_SIZE=blk,
                  LARGE=_large(n)),
