@@ -88,7 +88,7 @@ def test_adaptive_options_and_gradients():
         flowsde.odeint(lambda t, s: s, (y0, y0), t, options=dict(per_sample=True))
     with pytest.raises(ValueError, match="step_t and jump_t are supported with per_sample=False"):
         flowsde.odeint(nonlinear, y0.detach(), t, options=dict(step_t=[0.5], per_sample=True))
-    with pytest.raises(ValueError, match="rtol must be >= 0"):
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
         flowsde.odeint(nonlinear, y0, t, rtol=-1.0)
     ga = torch.autograd.grad(flowsde.odeint(nonlinear, y0, t).sum(), y0)[0]
     gb = torch.autograd.grad(torchdiffeq.odeint(nonlinear, y0, t).sum(), y0)[0]
@@ -250,3 +250,57 @@ def test_controller_options_are_checked():
         flowsde.odeint(_stiff, y0, t, options=dict(icoeff=0.0))
     with pytest.raises(ValueError, match="safety"):
         flowsde.odeint(_stiff, y0, t, options=dict(safety=1.5))
+
+
+# ---- a step size that collapses stops the solve (torchdiffeq: "underflow in dt"), never loops forever -----
+
+_T5 = torch.linspace(0, 1, 5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", ["nan y0", "blow-up", "field turns nan", "backwards blow-up"])
+def test_a_collapsing_step_stops_with_a_clear_error(case):
+    f, y0, t = {
+        "nan y0": (lambda t, y: -y, torch.tensor([[float("nan")]]), _T5),
+        "blow-up": (lambda t, y: y ** 2, torch.ones(1, 1), torch.tensor([0.0, 2.0])),  # y = 1/(1-t)
+        "field turns nan": (lambda t, y: -y if t < 0.5 else y * float("nan"), torch.ones(1, 1), _T5),
+        "backwards blow-up": (lambda t, y: -y ** 2, torch.ones(1, 1), torch.tensor([0.0, -2.0])),
+    }[case]
+    with pytest.raises(RuntimeError, match="underflow"):
+        flowsde.odeint(f, y0, t)
+    ys, stats = flowsde.odeint(f, y0, t, options=dict(return_stats=True))
+    assert stats["status"] == "dt_underflow" and bool(ys[-1].isnan().all())
+    if case == "blow-up":  # it stops just before the singularity at t = 1, what it computed is kept
+        assert stats["steps"] < 2000 and float(ys[0]) == 1.0
+
+
+def test_per_sample_a_collapsing_sample_stops_alone():
+    y0 = torch.tensor([[float("nan")], [1.0], [2.0]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"underflowed for samples \[0\]"):
+        flowsde.odeint(lambda t, y: -y, y0, _T5, options=dict(per_sample=True))
+    ys, st = flowsde.odeint(lambda t, y: -y, y0, _T5, rtol=1e-8, atol=1e-10,
+                            options=dict(per_sample=True, return_stats=True))
+    assert st["status"] == ["dt_underflow", "success", "success"]
+    assert torch.allclose(ys[-1, 1:, 0], torch.tensor([1.0, 2.0], dtype=torch.float64) * math.exp(-1), atol=1e-7)
+
+
+def test_tolerances_and_step_bounds_that_cannot_work_are_refused():
+    y0 = torch.ones(1, 2)
+    for kw, msg in [(dict(rtol=0, atol=0), "cannot both be 0"), (dict(rtol=float("nan")), "finite"),
+                    (dict(atol=float("inf")), "finite"), (dict(options=dict(max_step=0.0)), "max_step must be >"),
+                    (dict(options=dict(min_step=-1.0)), "min_step must be"),
+                    (dict(options=dict(min_step=0.5, max_step=0.1)), "max_step must be >")]:
+        with pytest.raises(ValueError, match=msg):
+            flowsde.odeint(lambda t, y: -y, y0, _T5, **kw)
+
+
+def test_empty_states_and_half_precision():
+    ys = flowsde.odeint(lambda t, y: -y, torch.zeros(0, 2), _T5)
+    assert ys.shape == (5, 0, 2)
+    ys, st = flowsde.odeint(lambda t, y: -y, torch.zeros(0, 2), _T5, options=dict(per_sample=True, return_stats=True))
+    assert ys.shape == (5, 0, 2) and st["status"] == []
+    # error norms in float32: err / atol would overflow float16; bfloat16 keeps 8 bits, its rounding at
+    # each of the many small steps dominates
+    for dt, tol in ((torch.float16, 1e-2), (torch.bfloat16, 5e-2)):
+        ys = flowsde.odeint(lambda t, y: -y, torch.ones(3, 2, dtype=dt), _T5.to(torch.float32), rtol=1e-3, atol=1e-4)
+        assert ys.dtype == dt and torch.allclose(ys[-1].double(), torch.full((3, 2), math.exp(-1), dtype=torch.float64),
+                                                 atol=tol)

@@ -154,6 +154,11 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.abs().pow(2).mean().sqrt()
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half types in float32 for error norms (``err / atol`` overflows float16 at the usual tolerances)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts,
                        ops, field_check, f_start=None, dt_start=None, land=False):
     """Integrate ``func`` from ``t_out[0]`` through every ``t_out`` (increasing) with the pair ``tab``.
@@ -201,6 +206,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     accepted = torch.zeros((), dtype=torch.int64, device=dev)
     rejected = torch.zeros((), dtype=torch.int64, device=dev)
     r_prev = torch.ones((), **f64)
+    stalled = torch.zeros((), dtype=torch.bool, device=dev)
     first_pending = 1
     status, steps = "success", 0
     t_end_t = const(t_end)
@@ -212,6 +218,9 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         active = t0 < t_end_t  # False only in the steps between finishing and the next host check
         dt = torch.where(torch.isfinite(dt), dt, min_step)
         dt = torch.minimum(torch.maximum(dt, min_step), max_step)
+        # a step that no longer moves the time (torchdiffeq's "underflow in dt"): the solution or the field
+        # is not finite, or the tolerances cannot be met; the host stops at its next check
+        stalled = stalled | (active & ~(t0 + dt > t0))
         if land:  # a step that would pass the end ends on it exactly; the controller sees the clipped step
             room = t_end_t - t0
             clip = dt >= room
@@ -221,7 +230,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             t1 = t0 + dt
         dty = dt.to(ydt)
         ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
-        ratio = _rms(err / (atol_t + rtol_t * torch.maximum(y.abs(), y1.abs())))
+        ratio = _rms(_wide(err) / (atol_t + rtol_t * torch.maximum(_wide(y).abs(), _wide(y1).abs())))
         accept = ((ratio <= 1) | (dt <= min_step)) & active
         # dense output for the output times this step covers (masked: no host read)
         ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
@@ -243,18 +252,21 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         accepted += accept.to(torch.int64)
         rejected += (~accept & active).to(torch.int64)
         if steps % check_every == 0:
-            t_now = float(t0)  # the one host read, every check_every steps
+            t_now, stuck = torch.stack([t0, stalled.to(torch.float64)]).tolist()  # one host read per check
             if t_now >= t_end:
+                break
+            if stuck:
+                status = "dt_underflow"
                 break
             first_pending = int(np.searchsorted(t_out, t_now, side="right"))
     ys = torch.stack([o if o is not None else torch.full_like(y0, float("nan")) for o in outs])
     ys = torch.where(written.reshape(-1, *([1] * y0.dim())), ys, torch.full_like(ys, float("nan")))
     if capturable:  # no host read at all: counts stay on the device, the budget is always spent
         stats = {"nfe": nfe, "steps": steps, "accepted": accepted, "rejected": rejected, "status": "budget",
-                 "finished": t0 >= t_end_t, "_f": f0, "_dt": dt}
+                 "finished": t0 >= t_end_t, "dt_underflow": stalled, "_f": f0, "_dt": dt}
     else:
         stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected),
-                 "status": status, "_f": f0, "_dt": dt}
+                 "status": status, "_t": float(t0), "_f": f0, "_dt": dt}
     return ys, stats
 
 
@@ -287,7 +299,7 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
         if b == t1 or b in set(map(float, t_out)):
             outs.append(ys[-1])
         if st["status"] != "success":
-            total["status"] = st["status"]
+            total["status"], total["_t"] = st["status"], st["_t"]
             break
         y, a, dt_start = ys[-1], b, st["_dt"]
         if b in jumps:
@@ -316,14 +328,15 @@ def embedded_step(f, tab: EmbeddedTableau, y, f0, t0, t1, dt, dty, ops):
 
 
 def _initial_step(f, t0, y0, f0, order, rtol, atol):
-    """Hairer, Nørsett & Wanner, Sec. II.4 (as torchdiffeq), on device scalars."""
-    scale = atol + y0.abs() * rtol
-    d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
+    """Hairer, Nørsett & Wanner, Sec. II.4 (as torchdiffeq), on device scalars (norms of half types in
+    float32)."""
+    scale = atol + _wide(y0).abs() * rtol
+    d0, d1 = _rms(_wide(y0) / scale), _rms(_wide(f0) / scale)
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300)).abs().to(torch.float64)
     y1 = torch.addcmul(y0, h0.to(y0.dtype), f0)
     f1 = f(t0 + h0, y1)
-    d2 = (_rms((f1 - f0) / scale) / h0.to(y0.dtype)).abs().to(torch.float64)
+    d2 = (_rms(_wide(f1 - f0) / scale) / h0).abs().to(torch.float64)
     d1 = d1.to(torch.float64)
     tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
     h1 = torch.where(tiny, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
@@ -391,12 +404,12 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
         DT = torch.full((B,), _checks.check_step("first_step", first), **f64)
     else:
         with torch.no_grad():
-            scale = atol_f + Y.abs() * rtol_f
-            d0, d1 = _rms_rows(Y / scale), _rms_rows(F0 / scale)
+            scale = atol_f + _wide(Y).abs() * rtol_f
+            d0, d1 = _rms_rows(_wide(Y) / scale), _rms_rows(_wide(F0) / scale)
             h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
             h0 = h0.abs().to(torch.float64)
             F1 = f(T + h0, torch.addcmul(Y, _per_row(h0.to(ydt), Y), F0))
-            d2 = (_rms_rows((F1 - F0) / scale) / h0.to(ydt)).to(torch.float64)
+            d2 = (_rms_rows(_wide(F1 - F0) / scale) / h0).to(torch.float64)
             d1 = d1.to(torch.float64)
             h1 = torch.where((d1 <= 1e-15) & (d2 <= 1e-15), torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                              (0.01 / torch.maximum(d1, d2).clamp_min(1e-300)) ** (1.0 / tab.order))
@@ -410,16 +423,16 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
     REJ = torch.zeros(B, dtype=torch.int64, device=dev)
     idx = torch.arange(B, device=dev)
     R_PREV = torch.ones(B, **f64)
+    STALLED = torch.zeros(B, dtype=torch.bool, device=dev)
     steps = 0
-    status_all = None
     while True:
         if steps >= max_steps:
-            status_all = "max_num_steps"
             break
         steps += 1
         y, t0, dt, f0 = Y[idx], T[idx], DT[idx], F0[idx]
         active = t0 < t_end
         dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, min_step)).clamp(min_step, max_step)
+        STALLED = STALLED.index_copy(0, idx, STALLED[idx] | (active & ~(t0 + dt > t0)))  # see integrate_adaptive
         t1 = t0 + dt
         dty = _per_row(dt.to(ydt), y)
         ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
@@ -446,12 +459,12 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
         REJ = REJ.index_add(0, idx, (~accept & active).to(torch.int64))
         nfe = nfe.index_add(0, idx, active.to(torch.int64) * n_stage)
         if steps % check_every == 0:
-            running = (T < t_end).nonzero().flatten()  # the one host read, every check_every steps
+            running = ((T < t_end) & ~STALLED).nonzero().flatten()  # one host read, every check_every steps
             if running.numel() == 0:
                 break
             idx = running
-    status = ["success" if bool(d) else "max_num_steps" for d in (T >= t_end).tolist()] \
-        if status_all else ["success"] * B
+    status = ["success" if d else "dt_underflow" if s else "max_num_steps"
+              for d, s in zip((T >= t_end).tolist(), STALLED.tolist())]
     ys = torch.where(_per_row_out(WRITTEN, OUT), OUT, torch.full_like(OUT, float("nan")))
     stats = {"nfe": nfe, "accepted": ACC, "rejected": REJ, "status": status, "steps": steps, "rows": rows_total}
     return ys, stats

@@ -1,6 +1,8 @@
 """``flowsde.odeint``: torchdiffeq's entry point, on flowsde's fixed-step driver."""
 from __future__ import annotations
 
+import math
+
 from typing import Dict
 
 import numpy as np
@@ -130,12 +132,34 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     return ys
 
 
+UNDERFLOW = ("torchdiffeq's 'underflow in dt': the state or the field is not finite there, the solution blows "
+             "up, or the tolerances cannot be met in this dtype")
+
+
 def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, torch.Tensor) and v.requires_grad:
             raise ValueError(f"{name} cannot require gradient")
-        if (v < 0).any() if isinstance(v, torch.Tensor) else v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+        bad = ~torch.isfinite(v) | (v < 0) if isinstance(v, torch.Tensor) else not math.isfinite(v) or v < 0
+        if bad.any() if isinstance(bad, torch.Tensor) else bad:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    host = not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor)  # (device ones: not read)
+    if host and rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol cannot both be 0: no step would ever be accepted")
+    bounds = {}
+    for name in ("min_step", "max_step"):
+        v = opts.get(name)
+        if v is None:
+            continue
+        try:
+            bounds[name] = float(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
+        if not bounds[name] >= 0 or (name == "min_step" and bounds[name] == math.inf):
+            raise ValueError(f"{name} must be a number >= 0{'' if name == 'max_step' else ' and finite'}, got {v!r}")
+    if "max_step" in bounds and bounds["max_step"] <= bounds.get("min_step", 0.0):
+        raise ValueError(f"max_step must be > min_step, got max_step={bounds['max_step']!r}, "
+                         f"min_step={bounds.get('min_step', 0.0)!r}")
     per_sample = bool(opts.get("per_sample", False))
     if per_sample and (shapes is not None or isinstance(rtol, torch.Tensor) or isinstance(atol, torch.Tensor)):
         raise ValueError("per_sample=True needs a tensor y0 of shape (batch, ...) and scalar rtol / atol")
@@ -156,6 +180,15 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         raise ValueError("step_t and jump_t are supported with per_sample=False")
     if opts.get("capturable") and (per_sample or stops["step_t"].size or stops["jump_t"].size):
         raise ValueError("capturable=True is supported without per_sample, step_t and jump_t")
+    if y0.numel() == 0:  # nothing to integrate (and no error norm to take)
+        ys = y0.new_empty((len(t_host), *y0.shape))
+        if shapes is not None:
+            ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+        empty = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
+        if per_sample:
+            z = torch.zeros(y0.shape[0], dtype=torch.int64, device=y0.device)
+            empty = dict(empty, nfe=z, accepted=z, rejected=z, status=[], rows=0)
+        return (ys, empty) if opts.get("return_stats", False) else ys
     f, th = func, t_host
     if t_host[0] > t_host[-1]:  # backwards in time: integrate s = -t (as torchdiffeq does)
         f, th = (lambda s, y: -func(-s, y)), -t_host
@@ -164,16 +197,25 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         ys, stats = integrate_per_sample(f, y0, th, tab, rtol, atol, opts, ops, check_rows)
         if opts.get("return_stats", False):
             return ys, stats
-        if any(s != "success" for s in stats["status"]):
-            raise RuntimeError("odeint stopped at max_num_steps before every sample reached the end; pass "
-                               "options=dict(return_stats=True) to get what was computed and each status")
+        failed = [i for i, s in enumerate(stats["status"]) if s != "success"]
+        if failed:
+            under = [i for i in failed if stats["status"][i] == "dt_underflow"]
+            why = (f"the step size underflowed for samples {under[:8]}{'...' if len(under) > 8 else ''} ({UNDERFLOW})"
+                   if under else "it reached max_num_steps before every sample reached the end")
+            raise RuntimeError(f"odeint stopped: {why}; pass options=dict(return_stats=True) to get what was "
+                               f"computed and each sample's status")
         return ys
     ys, stats = integrate_pieces(f, y0, th, tab, rtol, atol, opts, ops, check, stops["step_t"], stops["jump_t"])
+    t_stop = stats.get("_t")
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}
     if shapes is not None:
         ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
     if opts.get("return_stats", False) or opts.get("capturable"):
         return (ys, stats) if opts.get("return_stats", False) else ys
+    if stats["status"] == "dt_underflow":
+        t_stop = -t_stop if t_host[0] > t_host[-1] else t_stop
+        raise RuntimeError(f"odeint stopped: the step size underflowed at t={t_stop!r} ({UNDERFLOW}); pass "
+                           f"options=dict(return_stats=True) to get what was computed (outputs not reached are NaN)")
     if stats["status"] != "success":
         raise RuntimeError(f"odeint stopped after max_num_steps={stats['steps']} steps before reaching "
                            f"t={t_host[-1]}; pass options=dict(return_stats=True) to get what was computed "
