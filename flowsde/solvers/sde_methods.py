@@ -98,12 +98,14 @@ def _diffusion_with_derivative(ctx, t0, y):
     Diagonal noise (``g_i`` depends on ``y_i`` only) uses one vector-Jacobian product; scalar noise needs
     the Jacobian-vector product ``(dg/dy) g`` (the Milstein term's direction), taken by double backward.
     """
-    create = torch.is_grad_enabled() and y.requires_grad
     with torch.enable_grad():
         y_ = y if y.requires_grad else y.detach().requires_grad_(True)
         g = ctx.g(t0, y_)
         if not g.requires_grad:  # g does not depend on y (nor on anything differentiable): no correction
             return g, lambda v: torch.zeros_like(y)
+        # the step is differentiated when the state is, or when g depends on a tensor that requires grad
+        # (the diffusion's parameters; found once per solve by walking g's graph)
+        create = torch.is_grad_enabled() and (y.requires_grad or _depends_on_other_leaves(ctx, g, y_))
         if ctx.noise_type == "diagonal":
             def gdg(v):
                 with torch.enable_grad():
@@ -119,13 +121,33 @@ def _diffusion_with_derivative(ctx, t0, y):
                 if u is None:
                     return torch.zeros_like(y)
                 with torch.enable_grad():
-                    (jv,) = torch.autograd.grad(u, w, grad_outputs=gs.detach(), create_graph=create,
-                                                allow_unused=True)
+                    (jv,) = torch.autograd.grad(u, w, grad_outputs=gs if create else gs.detach(),
+                                                create_graph=create, allow_unused=True)
                 jv = torch.zeros_like(y) if jv is None else jv
                 return jv * v.reshape(v.shape[0], *([1] * (jv.dim() - 1)))
     if not create:
         return g.detach(), lambda v: gdg(v).detach()
     return g, gdg
+
+
+def _depends_on_other_leaves(ctx, g: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``g``'s autograd graph reaches a tensor that requires grad other than ``leaf`` (the state's
+    stand-in). Walked once per solve (``ctx`` caches it): the diffusion's structure does not change
+    between steps."""
+    cached = getattr(ctx, "_g_params", None)
+    if cached is not None:
+        return cached
+    seen, stack, found = set(), [g.grad_fn], False
+    while stack and not found:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        found = var is not None and var is not leaf
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    ctx._g_params = found
+    return found
 
 
 EULER = SDEMethod("euler", ("ito",), NOISE_TYPES, {"additive": 1.0, "default": 0.5}, 1.0, _euler_step)
