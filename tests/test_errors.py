@@ -173,3 +173,23 @@ def test_sdeint_stats():
     _, stats = flowsde.sdeint(GeometricBrownianMotion(), Y0, T, method="milstein", dt=0.1,
                               options=dict(return_stats=True, grad_free=True))
     assert stats == {"nfe": 10, "nge": 20, "steps": 10, "accepted": 10, "rejected": 0, "status": "success"}
+
+
+def test_torchsde_brownian_objects_on_a_short_interval_or_of_the_wrong_shape_are_refused():
+    import warnings
+
+    import torchsde
+    y0 = torch.zeros(4, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for bm in (torchsde.BrownianInterval(t0=0.0, t1=0.5, size=(4, 1), dtype=torch.float64),
+               torchsde.BrownianTree(t0=0.0, t1=0.5, w0=torch.zeros(4, 1, dtype=torch.float64))):
+        for adaptive in (False, True):
+            with pytest.raises(ValueError, match=r"bm covers \[0.0, 0.5\] but ts spans \[0.0, 1.0\]"):
+                flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=0.01, adaptive=adaptive)
+    bm = torchsde.BrownianPath(t0=0.0, w0=torch.zeros(4, 1, dtype=torch.float64))  # grows: no interval to check
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=0.1).shape == (2, 4, 1)
+    with pytest.raises(ValueError, match=r"bm \(Brownian increment\) returned shape \(4, 3\), expected \(4, 1\)"):
+        flowsde.sdeint(GeometricBrownianMotion(), torch.ones(4, 1, dtype=torch.float64), ts, adaptive=True, dt=0.1,
+                       bm=torchsde.BrownianInterval(0.0, 1.0, size=(4, 3), dtype=torch.float64))

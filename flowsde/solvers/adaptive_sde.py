@@ -128,7 +128,11 @@ def _brownian_query(bm, shape, device, t_first: float, ops, per_sample: bool):
         th = float(t)  # a host read: the price of a Brownian object queried at host times
         if th <= t_first:
             return torch.zeros(shape, dtype=getattr(bm, "dtype", torch.float32), device=t.device)
-        return bm(t_first, th)
+        w = bm(t_first, th)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != tuple(shape):
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"bm (Brownian increment) returned shape {got}, expected {tuple(shape)}")
+        return w
     return lambda ta, tb, rows: (host_value(ta), host_value(tb))
 
 

@@ -13,6 +13,19 @@ from .sde_methods import DEFAULT_SDE_METHOD, NOISE_TYPES, SDE_METHODS, SDE_TYPES
 SDE_OPTIONS = ("return_stats", "grad_free", "backend")
 
 
+def _bm_interval(bm):
+    """``(t0, t1)`` a Brownian object is defined on, where it says: flowsde's (``t0`` / ``t1``), torchsde's
+    ``BrownianInterval`` and ``BrownianTree`` (which keep them privately); ``None`` when unknown (torchsde's
+    ``BrownianPath`` grows as it is queried)."""
+    if hasattr(bm, "t0") and hasattr(bm, "t1"):
+        return float(bm.t0), float(bm.t1)
+    kind = type(bm).__name__
+    inner = bm if kind == "BrownianInterval" else getattr(bm, "_interval", None) if kind == "BrownianTree" else None
+    if inner is not None and hasattr(inner, "_start") and hasattr(inner, "_end"):
+        return float(inner._start), float(inner._end)
+    return None
+
+
 class StepContext:
     """What an SDE step needs: checked drift/diffusion, grid, step sizes and Brownian increments."""
 
@@ -154,13 +167,9 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
         if hasattr(bm, "dtype") and bm.dtype != y0.dtype:
             raise TypeError(f"bm has dtype {bm.dtype} but y0 has dtype {y0.dtype}")
-        for name in ("t0", "t1"):
-            if hasattr(bm, name):
-                tb = float(getattr(bm, name))
-                inside = tb <= ts_host[0] + 1e-12 if name == "t0" else tb >= ts_host[-1] - 1e-12
-                if not inside:
-                    raise ValueError(f"bm covers [{float(bm.t0)}, {float(bm.t1)}] but ts spans "
-                                     f"[{ts_host[0]}, {ts_host[-1]}]")
+        span = _bm_interval(bm)
+        if span is not None and not (span[0] <= ts_host[0] + 1e-12 and span[1] >= ts_host[-1] - 1e-12):
+            raise ValueError(f"bm covers [{span[0]}, {span[1]}] but ts spans [{ts_host[0]}, {ts_host[-1]}]")
 
     if adaptive:
         return sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
