@@ -101,3 +101,24 @@ def test_step_size_grid_has_no_sliver_step():
         _, stats = flowsde.odeint(LinearODE(), y0, torch.tensor([0.0, t1], dtype=torch.float64), method="euler",
                                   options=dict(step_size=h, return_stats=True))
         assert stats["steps"] == n
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3", "heun_euler"])
+def test_adaptive_tuple_states_use_torchdiffeqs_mixed_norm(method):
+    """A small fast part next to a large quiet one: the error norm is the largest of the parts' RMS norms
+    (torchdiffeq's mixed norm), not one RMS over everything, so both take the same steps."""
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    y0 = (torch.tensor([1.0, 0.5], dtype=torch.float64), torch.zeros(99, dtype=torch.float64))
+    calls = [0, 0]
+
+    def field(i):
+        def f(t, y):
+            calls[i] += 1
+            return -3.0 * y[0], 0.01 * torch.cos(t) * torch.ones_like(y[1])
+        return f
+    a = flowsde.odeint(field(0), y0, t, rtol=1e-6, atol=1e-9, method=method)
+    b = torchdiffeq.odeint(field(1), y0, t, rtol=1e-6, atol=1e-9,
+                           method="adaptive_heun" if method == "heun_euler" else method)
+    assert calls[0] == calls[1]
+    for p, q in zip(a, b):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)

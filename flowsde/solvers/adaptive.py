@@ -159,14 +159,25 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def mixed_norm(sizes):
+    """torchdiffeq's norm for a tuple state flattened into one tensor: the largest of the parts' RMS norms
+    (a large quiet part does not dilute the error of a small one)."""
+    sizes = list(sizes)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_rms(p) for p in x.split(sizes) if p.numel()]).max()
+    return norm
+
+
 def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts,
-                       ops, field_check, f_start=None, dt_start=None, land=False):
+                       ops, field_check, f_start=None, dt_start=None, land=False, norm=_rms):
     """Integrate ``func`` from ``t_out[0]`` through every ``t_out`` (increasing) with the pair ``tab``.
 
     ``field_check(out)`` validates a field value. ``f_start`` / ``dt_start``: the derivative at the start
     and the first step (device tensors), carried over from a previous piece (see :func:`integrate_pieces`);
     ``land``: clip the step that would pass ``t_out[-1]`` so it ends there exactly (instead of overshooting
-    and interpolating).
+    and interpolating). ``norm``: of the scaled error (and in the initial step's estimate); RMS, or
+    :func:`mixed_norm` for a tuple state.
     Returns ``(ys, stats)``; ``stats["_f"]`` and ``stats["_dt"]`` hold the derivative at the end and the
     next step size, for a following piece.
     """
@@ -199,7 +210,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         dt = const(_checks.check_step("first_step", first))
     else:
         with torch.no_grad():  # step sizes carry no gradient (the probe is one evaluation, as in torchdiffeq)
-            dt = _initial_step(f, t0, y, f0, tab.order - 1, rtol_t, atol_t)
+            dt = _initial_step(f, t0, y, f0, tab.order - 1, rtol_t, atol_t, norm)
     outs = [y0] + [None] * (len(t_out) - 1)
     written = torch.zeros(len(t_out), dtype=torch.bool, device=dev)
     written[0].fill_(True)  # a fill, not a host-to-device copy (legal under graph capture)
@@ -230,7 +241,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             t1 = t0 + dt
         dty = dt.to(ydt)
         ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
-        ratio = _rms(_wide(err) / (atol_t + rtol_t * torch.maximum(_wide(y).abs(), _wide(y1).abs())))
+        ratio = norm(_wide(err) / (atol_t + rtol_t * torch.maximum(_wide(y).abs(), _wide(y1).abs())))
         accept = ((ratio <= 1) | (dt <= min_step)) & active
         # dense output for the output times this step covers (masked: no host read)
         ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
@@ -271,7 +282,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
 
 
 def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts, ops,
-                     field_check, step_t=(), jump_t=()):
+                     field_check, step_t=(), jump_t=(), norm=_rms):
     """:func:`integrate_adaptive` with steps that end exactly on ``step_t`` and ``jump_t`` (increasing time).
 
     The interval is cut at those times (inside it) and the pieces solved one after another, the step
@@ -284,7 +295,7 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
     jumps = {float(v) for v in jump_t if t0 < v < t1}
     cuts = sorted({float(v) for v in step_t if t0 < v < t1} | jumps)
     if not cuts:
-        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check)
+        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check, norm=norm)
     ends = cuts + [t1]
     outs, y, a, f_start, dt_start = [y0], y0, t0, None, None
     total = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
@@ -292,7 +303,7 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
         inner = [float(v) for v in t_out if a < v < b]
         piece = np.array([a] + inner + [b], dtype=np.float64)
         ys, st = integrate_adaptive(func, y, piece, tab, rtol, atol, opts, ops, field_check, f_start, dt_start,
-                                    land=b != t1)
+                                    land=b != t1, norm=norm)
         for key in ("nfe", "steps", "accepted", "rejected"):
             total[key] += st[key]
         outs.extend(ys[1:len(inner) + 1].unbind(0))
@@ -327,16 +338,16 @@ def embedded_step(f, tab: EmbeddedTableau, y, f0, t0, t1, dt, dty, ops):
     return ks, y1, dty * ops.combine(list(zip(tab.e, ks)))
 
 
-def _initial_step(f, t0, y0, f0, order, rtol, atol):
+def _initial_step(f, t0, y0, f0, order, rtol, atol, norm=_rms):
     """Hairer, Nørsett & Wanner, Sec. II.4 (as torchdiffeq), on device scalars (norms of half types in
     float32)."""
     scale = atol + _wide(y0).abs() * rtol
-    d0, d1 = _rms(_wide(y0) / scale), _rms(_wide(f0) / scale)
+    d0, d1 = norm(_wide(y0) / scale), norm(_wide(f0) / scale)
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300)).abs().to(torch.float64)
     y1 = torch.addcmul(y0, h0.to(y0.dtype), f0)
     f1 = f(t0 + h0, y1)
-    d2 = (_rms(_wide(f1 - f0) / scale) / h0).abs().to(torch.float64)
+    d2 = (norm(_wide(f1 - f0) / scale) / h0).abs().to(torch.float64)
     d1 = d1.to(torch.float64)
     tiny = (d1 <= 1e-15) & (d2 <= 1e-15)
     h1 = torch.where(tiny, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),

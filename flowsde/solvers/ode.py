@@ -10,7 +10,7 @@ import torch
 
 from .. import _checks, kernels
 from . import fixed
-from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, integrate_per_sample, integrate_pieces
+from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, _rms, integrate_per_sample, integrate_pieces, mixed_norm
 from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
 
 #: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
@@ -60,7 +60,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
                                  f"odeint(method={method!r})")
     tab = ADAPTIVE_TABLEAUX[method] if adaptive else ODE_METHODS[method]
 
-    # tuples of tensors are integrated as one flat state, as torchdiffeq does
+    # tuples of tensors are integrated as one flat state, as torchdiffeq does (its mixed error norm: the largest
+    # of the parts' RMS norms)
     shapes = None
     if isinstance(y0, tuple):
         if not y0 or not all(isinstance(v, torch.Tensor) for v in y0):
@@ -205,7 +206,8 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
             raise RuntimeError(f"odeint stopped: {why}; pass options=dict(return_stats=True) to get what was "
                                f"computed and each sample's status")
         return ys
-    ys, stats = integrate_pieces(f, y0, th, tab, rtol, atol, opts, ops, check, stops["step_t"], stops["jump_t"])
+    norm = mixed_norm([math.prod(s) for s in shapes]) if shapes is not None else _rms
+    ys, stats = integrate_pieces(f, y0, th, tab, rtol, atol, opts, ops, check, stops["step_t"], stops["jump_t"], norm)
     t_stop = stats.get("_t")
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}
     if shapes is not None:
