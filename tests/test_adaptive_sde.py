@@ -116,6 +116,10 @@ def test_max_num_steps_returns_the_work_done_with_its_status():
                             options=dict(return_stats=True, max_num_steps=5))
     assert st["status"] == "max_num_steps" and st["steps"] == 5
     assert torch.equal(ys[0], Y0) and torch.isnan(ys[-1]).all()
+    for per_sample in (False, True):  # without the stats: an error, as odeint's, not NaN outputs
+        with pytest.raises(RuntimeError, match="max_num_steps=5"):
+            flowsde.sdeint(sde, Y0, ts, seed=1, dt=0.01, adaptive=True, rtol=1e-6, atol=1e-6,
+                           options=dict(max_num_steps=5, per_sample=per_sample))
 
 
 def per_sample_problem(B=64, seed=3):

@@ -193,3 +193,19 @@ def test_torchsde_brownian_objects_on_a_short_interval_or_of_the_wrong_shape_are
     with pytest.raises(ValueError, match=r"bm \(Brownian increment\) returned shape \(4, 3\), expected \(4, 1\)"):
         flowsde.sdeint(GeometricBrownianMotion(), torch.ones(4, 1, dtype=torch.float64), ts, adaptive=True, dt=0.1,
                        bm=torchsde.BrownianInterval(0.0, 1.0, size=(4, 3), dtype=torch.float64))
+
+
+def test_tuple_states_are_checked_part_by_part_and_t_gradients_are_refused():
+    y0 = (torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"part 0 of the tuple state, expected shape \(2,\)"):
+        flowsde.odeint(lambda t, y: (torch.zeros(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)), y0, T,
+                       method="rk4")
+    with pytest.raises(TypeError, match=r"y0\[1\] must be a floating-point tensor"):
+        flowsde.odeint(lambda t, y: y, (torch.ones(2), torch.ones(3, dtype=torch.int64)), T.float())
+    t = T.clone().requires_grad_(True)
+    for solve in (lambda: flowsde.odeint(lambda t, y: -y, Y0, t, method="rk4"),
+                  lambda: flowsde.sdeint(OrnsteinUhlenbeck(), Y0, t, dt=0.1)):
+        with pytest.raises(ValueError, match="gradients with respect to"):
+            solve()
+    with torch.no_grad():
+        assert flowsde.odeint(lambda t, y: -y, Y0, t, method="rk4").shape == (4, 3, 2)

@@ -271,6 +271,10 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     done_out = torch.arange(n_out, device=dev).reshape(n_out, *([1] * J.dim())) < J  # (n_out, rows...)
     ys = torch.where(done_out.reshape(*done_out.shape, *([1] * (y0.dim() - J.dim()))), OUT, nan)
     if not opts.get("return_stats", False):
+        if not capturable and not bool((J >= n_out).all()):  # as odeint: no silent NaN outputs
+            raise RuntimeError(f"sdeint(adaptive=True) stopped after max_num_steps={steps} attempts before "
+                               f"reaching t={t_end}; pass options=dict(return_stats=True) to get what was computed "
+                               f"(outputs not reached are NaN) with its status")
         return ys
     stats = {"nfe": NFE, "nge": ctx.nge, "steps": steps, "accepted": ACC, "rejected": REJ}
     if capturable:  # counts stay on the device; the budget is always spent

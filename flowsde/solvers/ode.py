@@ -66,6 +66,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     if isinstance(y0, tuple):
         if not y0 or not all(isinstance(v, torch.Tensor) for v in y0):
             raise TypeError("y0 must be a tensor or a non-empty tuple of tensors")
+        for i, v in enumerate(y0):
+            if not v.is_floating_point():
+                raise TypeError(f"y0[{i}] must be a floating-point tensor, got {v.dtype}")
         shapes = [v.shape for v in y0]
         user_func = func
 
@@ -74,6 +77,10 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
             outs = _f(tt, parts)
             if not isinstance(outs, tuple) or len(outs) != len(shapes):
                 raise TypeError(f"func must return a tuple of {len(shapes)} tensors for a tuple y0")
+            for i, (o, s) in enumerate(zip(outs, shapes)):
+                if not isinstance(o, torch.Tensor) or o.shape != s:
+                    got = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+                    raise ValueError(f"func returned {got} for part {i} of the tuple state, expected shape {tuple(s)}")
             return torch.cat([o.reshape(-1) for o in outs])
 
         y0 = torch.cat([v.reshape(-1) for v in y0])
