@@ -108,7 +108,7 @@ def check_output(name: str, out, like: torch.Tensor, expected_shape) -> torch.Te
     if tuple(out.shape) != tuple(expected_shape):
         raise ValueError(f"{name} returned shape {tuple(out.shape)}, expected {tuple(expected_shape)}")
     if out.dtype != like.dtype:
-        raise TypeError(f"{name} returned dtype {out.dtype}, expected {like.dtype} (the dtype of y0)")
+        raise TypeError(f"{name} returned dtype {out.dtype}, expected {like.dtype} (the state's dtype)")
     if out.device != like.device:
         raise ValueError(f"{name} returned a tensor on {out.device}, expected {like.device}")
     return out

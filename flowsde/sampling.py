@@ -186,7 +186,10 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
             raise ValueError(f"sigma must be a number >= 0 or a function of t, got {sigma!r}")
         sigma = float(sigma)
     stochastic = callable(sigma) or sigma > 0
+    if uncond is not None and cond is None:
+        raise ValueError("uncond is given without cond: classifier-free guidance needs both (and guidance_scale)")
     if method in ADAPTIVE_ODE_METHODS:
+        time_grid(path, 1, t_start, t_end)  # the same checks of t_start / t_end as the fixed-step samplers
         if stochastic or eta:
             raise ValueError(f"adaptive method {method!r} integrates the ODE: sigma and eta must be 0")
         if guidance_scale is not None and (cond is None or uncond is None):

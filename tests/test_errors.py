@@ -209,3 +209,12 @@ def test_tuple_states_are_checked_part_by_part_and_t_gradients_are_refused():
             solve()
     with torch.no_grad():
         assert flowsde.odeint(lambda t, y: -y, Y0, t, method="rk4").shape == (4, 3, 2)
+
+
+def test_sample_refuses_times_outside_the_path_and_an_uncond_without_cond():
+    x = torch.randn(4, 2)
+    for kw in (dict(t_end=2.0), dict(t_start=-0.5), dict(t_end=1.5, method="dopri5")):
+        with pytest.raises(ValueError, match=r"t in \[0, 1\]"):
+            flowsde.sample(lambda x, t: -x, x, **kw)
+    with pytest.raises(ValueError, match="uncond is given without cond"):
+        flowsde.sample(lambda x, t: -x, x, uncond=torch.zeros(4, 3))

@@ -34,6 +34,9 @@ def time_grid(path: GaussianPath, steps: int, t_start: float = 0.0, t_end: float
     t_start, t_end = float(t_start), float(t_end)
     if not (math.isfinite(t_start) and math.isfinite(t_end) and t_start < t_end):
         raise ValueError(f"need finite t_start < t_end, got t_start={t_start}, t_end={t_end}")
+    if not (0.0 <= t_start and t_end <= 1.0):
+        raise ValueError(f"a path runs over t in [0, 1] (noise at 0, data at 1): need 0 <= t_start < t_end <= 1, "
+                         f"got t_start={t_start}, t_end={t_end}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if spacing == "uniform":
