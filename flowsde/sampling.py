@@ -41,7 +41,9 @@ class PathField:
         if grid is not None:  # host tables of the path on the grid, for the fused steps
             a, b, da, db = (c.tolist() for c in path.coefficients(torch.as_tensor(grid, dtype=torch.float64)))
             self._coef = list(zip(a, b, da, db))
-            self._affine = [denoise_affine(prediction, *v) for v in self._coef]
+            # steps use the tables at their start, never at the last grid time (where a divisor may vanish,
+            # e.g. beta = 0 at t = 1 for a data prediction)
+            self._affine = [denoise_affine(prediction, *v) for v in self._coef[:-1]]
 
     def set_condition(self, cond: torch.Tensor, uncond=None):
         """Copy a new condition (and unconditional input) into this field's buffers, in place: how a
@@ -199,7 +201,7 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
         field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale)
         t = torch.as_tensor([float(t_start), float(t_end)], dtype=torch.float64).to(x_init.device)
         ys, st = odeint(field.velocity, x_init, t, method=method, rtol=rtol, atol=atol,
-                        options=dict(backend=ops.name, return_stats=True))
+                        options=dict(backend=ops.name, return_stats=True, clip_end=True))
         if st["status"] != "success":
             raise RuntimeError(f"adaptive sampling stopped with status {st['status']}")
         return (ys[-1], {"nfe": field.nfe, "steps": st["steps"]}) if return_stats else ys[-1]

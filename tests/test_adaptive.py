@@ -304,3 +304,35 @@ def test_empty_states_and_half_precision():
         ys = flowsde.odeint(lambda t, y: -y, torch.ones(3, 2, dtype=dt), _T5.to(torch.float32), rtol=1e-3, atol=1e-4)
         assert ys.dtype == dt and torch.allclose(ys[-1].double(), torch.full((3, 2), math.exp(-1), dtype=torch.float64),
                                                  atol=tol)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_clip_end_never_evaluates_the_field_past_the_end(per_sample):
+    seen = []
+
+    def f(t, y):
+        seen.append(float(t.max()))
+        return -y + torch.cos(3 * t).reshape(-1, *([1] * (y.dim() - 1)))
+    y0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.37, 0.8], dtype=torch.float64)
+    ref = flowsde.odeint(f, y0, t, rtol=1e-10, atol=1e-12, options=dict(per_sample=per_sample))
+    assert max(seen) > 0.8  # the ordinary last step overshoots the end and interpolates back
+    seen.clear()
+    got = flowsde.odeint(f, y0, t, rtol=1e-10, atol=1e-12, options=dict(per_sample=per_sample, clip_end=True))
+    assert max(seen) <= 0.8 and torch.allclose(got, ref, rtol=0, atol=1e-8)  # (rtol 1e-10 per step)
+
+
+def test_adaptive_sampling_stays_inside_the_paths_time_interval():
+    from flowsde.paths import VPLinear
+    mu = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    seen = []
+
+    def model(x, t):
+        seen.append(float(t.max()))
+        return mu.expand_as(x)
+    for t_end in (0.5, 0.999):  # VPLinear's beta is NaN past t = 1 (this stopped with dt_underflow)
+        seen.clear()
+        x = flowsde.sample(model, torch.randn(4, 2, dtype=torch.float64), path=VPLinear(), prediction="data",
+                           t_start=1e-3, t_end=t_end, method="dopri5")
+        assert max(seen) <= t_end and bool(torch.isfinite(x).all())
+    assert torch.allclose(x, mu.expand_as(x), atol=0.05)

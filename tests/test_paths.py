@@ -142,3 +142,28 @@ def test_time_grids():
         time_grid(CondOT(), 10, 0.0, 1.0, spacing="karras")
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         time_grid(CondOT(), 0)
+
+
+def test_review_edge_cases_of_conversions_and_schedules():
+    """score -> velocity on VPLinear at t = 1 (beta' infinite, beta beta' finite); a Schedule coefficient that
+    is a constant tensor; data-prediction DDIM / SDE samplers ending at t = 1 (beta = 0 at the last grid
+    time, which no step divides by)."""
+    import flowsde
+    from flowsde.paths import CondOT, Schedule, VPCosine, VPLinear
+    from flowsde.problems import reference_mixture
+    mix = reference_mixture()
+    p = VPLinear()
+    t = torch.ones(5, dtype=torch.float64)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = p.convert(mix.score(x, t, p), x, t, "score", "velocity")
+    assert torch.allclose(got, mix.velocity(x, t, p), atol=1e-12)
+    s = Schedule(lambda t: torch.ones_like(t), lambda t: 80 * (1 - t) + 0.01)
+    assert torch.equal(s.dalpha(torch.tensor([0.2], dtype=torch.float64)), torch.zeros(1, dtype=torch.float64))
+    mu = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    for path in (CondOT(), VPCosine()):
+        for kw in (dict(method="ddim"), dict(method="ddim", eta=1.0), dict(method="euler", sigma=0.5)):
+            out = flowsde.sample(lambda x, t: mu.expand_as(x), torch.randn(4, 2, dtype=torch.float64), path=path,
+                                 prediction="data", steps=20, t_start=1e-3, seed=0, **kw)
+            assert bool(torch.isfinite(out).all())
+            if kw["method"] == "ddim":  # the last DDIM step lands on the predicted data exactly
+                assert torch.allclose(out, mu.expand_as(out), atol=1e-12)

@@ -449,7 +449,7 @@ class AdaptivePipelineSampler:
                     return self._call(x, (s * self.T).to(x.dtype).expand(x.shape[0]))
                 span = torch.tensor([1.0, 0.0], dtype=torch.float64, device=dev)
                 ys, st = odeint(field, noise, span, method=method, rtol=rtol, atol=atol,
-                                options=dict(return_stats=True))
+                                options=dict(return_stats=True, clip_end=True))
                 x = ys[-1]
             else:
                 lo, hi = float(self.log_sigmas[0]), float(self.log_sigmas[-1])
@@ -459,7 +459,7 @@ class AdaptivePipelineSampler:
                     return x - self.denoised(x, s.to(torch.float64))
                 span = torch.tensor([hi, lo], dtype=torch.float64, device=dev)
                 ys, st = odeint(field, x0, span, method=method, rtol=rtol, atol=atol,
-                                options=dict(return_stats=True))
+                                options=dict(return_stats=True, clip_end=True))
                 x = self.denoised(ys[-1], span[-1])
         if st["status"] != "success":
             raise RuntimeError(f"adaptive sampling stopped with status {st['status']}")

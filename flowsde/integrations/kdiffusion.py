@@ -165,7 +165,7 @@ def sample_dpm_adaptive(model: Callable, x: torch.Tensor, sigma_min: float, sigm
 
     s = torch.tensor([math.log(sigma_max), math.log(sigma_min)], dtype=torch.float64, device=x.device)
     ys, st = odeint(field, x, s, method=ADAPTIVE_ORDERS[order], rtol=rtol, atol=atol,
-                    options=dict(return_stats=True, backend=backend))
+                    options=dict(return_stats=True, backend=backend, clip_end=True))
     if st["status"] != "success":
         raise RuntimeError(f"adaptive sampling stopped with status {st['status']}")
     info = {"nfe": den.nfe, "steps": st["steps"], "accepted": st["accepted"], "rejected": st["rejected"]}

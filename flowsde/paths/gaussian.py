@@ -119,9 +119,11 @@ class GaussianPath:
             return output
         t = _as_time(t, x)
         a, b, da, db = self.coefficients(t)
+        # score -> velocity needs beta beta', finite where beta' alone is not (a VP path at t = 1)
+        bdb = self.beta_dbeta(t) if (src, dst) == ("score", "velocity") else None
         if check:
-            self.check_conversion(src, dst, a, b, da, db, t)
-        return self._convert_with(output, x, (a, b, da, db), src, dst)
+            self.check_conversion(src, dst, a, b, da, db, t, bdb)
+        return self._convert_with(output, x, (a, b, da, db), src, dst, bdb)
 
     def singular_terms(self, src: str, dst: str) -> Tuple[str, ...]:
         """Which of ``alpha``, ``beta``, ``D`` must be nonzero for the conversion ``src -> dst``."""
@@ -136,7 +138,7 @@ class GaussianPath:
             need.append("beta")
         return tuple(need)
 
-    def check_conversion(self, src, dst, a, b, da, db, t):
+    def check_conversion(self, src, dst, a, b, da, db, t, bdb=None):
         """Raise ``ValueError`` if ``src -> dst`` is singular (not finite) at any of the times ``t``.
 
         Probes the conversion itself on unit inputs, so any cause is caught (a zero divisor, or a
@@ -148,7 +150,7 @@ class GaussianPath:
         shape = a.shape if a.dim() else (1,)
         ones = torch.ones(*shape, 1, dtype=torch.float64, device=a.device)
         coef = [c.reshape(shape).to(torch.float64) for c in (a, b, da, db)]
-        probe = self._convert_with(ones, ones, coef, src, dst)
+        probe = self._convert_with(ones, ones, coef, src, dst, None if bdb is None else bdb.reshape(shape).to(torch.float64))
         bad = ~torch.isfinite(probe).all(-1)
         if not bool(bad.any()):
             return
@@ -162,7 +164,7 @@ class GaussianPath:
                          f"(at t = {times[:4].tolist()}): choose other times (e.g. t_start > 0 or t_end < 1) "
                          f"or another prediction type")
 
-    def _convert_with(self, output, x, coef, src, dst):
+    def _convert_with(self, output, x, coef, src, dst, bdb=None):
         a, b, da, db = (_bcast(c, x) for c in coef)
         z, eps = _basis(output, x, a, b, da, db, src, dst)
         if dst == "data":
@@ -171,7 +173,7 @@ class GaussianPath:
             return eps
         if dst == "velocity":
             if src == "score":  # beta' eps = -beta beta' score: finite where beta' alone is not
-                return da * z - _bcast(coef[1] * coef[3], x) * output
+                return da * z - _bcast(coef[1] * coef[3] if bdb is None else bdb, x) * output
             return da * z + db * eps
         if dst == "score":
             return -eps / b
@@ -340,6 +342,8 @@ class Schedule(GaussianPath):
         with torch.enable_grad():
             tt = t.detach().requires_grad_(True)
             y = fn(tt)
+            if not (isinstance(y, torch.Tensor) and y.requires_grad):  # a constant (e.g. torch.ones_like(t))
+                return torch.zeros_like(t)
             (d,) = torch.autograd.grad(y.sum(), tt, allow_unused=True)
         return torch.zeros_like(t) if d is None else d
 

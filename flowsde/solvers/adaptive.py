@@ -145,7 +145,7 @@ def loop_budget(opts: dict, dev_type: str):
 
 
 ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
-ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor",
+ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor", "clip_end",
                     "pcoeff", "icoeff",
                     "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t", "capturable")
 
@@ -294,8 +294,9 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
     t0, t1 = float(t_out[0]), float(t_out[-1])
     jumps = {float(v) for v in jump_t if t0 < v < t1}
     cuts = sorted({float(v) for v in step_t if t0 < v < t1} | jumps)
+    clip_end = bool(opts.get("clip_end", False))  # the last step lands on t1: the field is never asked past it
     if not cuts:
-        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check, norm=norm)
+        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check, norm=norm, land=clip_end)
     ends = cuts + [t1]
     outs, y, a, f_start, dt_start = [y0], y0, t0, None, None
     total = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
@@ -303,7 +304,7 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
         inner = [float(v) for v in t_out if a < v < b]
         piece = np.array([a] + inner + [b], dtype=np.float64)
         ys, st = integrate_adaptive(func, y, piece, tab, rtol, atol, opts, ops, field_check, f_start, dt_start,
-                                    land=b != t1, norm=norm)
+                                    land=b != t1 or clip_end, norm=norm)
         for key in ("nfe", "steps", "accepted", "rejected"):
             total[key] += st[key]
         outs.extend(ys[1:len(inner) + 1].unbind(0))
@@ -397,6 +398,7 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
     max_step = float(opts.get("max_step", float("inf")))
     ctrl = Controller.from_options(opts, tab.order)
     max_steps, check_every, _ = loop_budget(opts, dev.type)
+    clip_end = bool(opts.get("clip_end", False))
     rows_total = 0
 
     def f(t, y):
@@ -444,7 +446,13 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
         active = t0 < t_end
         dt = torch.where(torch.isfinite(dt), dt, torch.full_like(dt, min_step)).clamp(min_step, max_step)
         STALLED = STALLED.index_copy(0, idx, STALLED[idx] | (active & ~(t0 + dt > t0)))  # see integrate_adaptive
-        t1 = t0 + dt
+        if clip_end:  # a step that would pass the end ends on it exactly (the field is never asked past it)
+            room = t_end - t0
+            last = (dt >= room) & active
+            dt = torch.where(last, room, dt)
+            t1 = torch.where(last, t_end, t0 + dt)
+        else:
+            t1 = t0 + dt
         dty = _per_row(dt.to(ydt), y)
         ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
         n_stage = len(ks) - 1

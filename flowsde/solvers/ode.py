@@ -42,8 +42,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     (embedded pairs, shared step size, torchdiffeq's controller and dense output): ``dopri5`` (the
     default), ``bosh3``, ``heun_euler`` (alias ``adaptive_heun``), with options ``first_step``,
     ``max_num_steps`` (reaching it: ``status`` in the stats, or a RuntimeError without them),
-    ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor`` and ``check_every`` (how often the
-    host reads whether the integration has finished).
+    ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``check_every`` (how often the
+    host reads whether the integration has finished) and ``clip_end`` (the last step ends on ``t[-1]``:
+    the field is never evaluated past it).
     Options: ``step_size`` (uniform grid from ``t[0]`` to ``t[-1]``; outputs in between interpolated)
     or ``grid_constructor(func, y0, t) -> grid``; without either the grid is ``t`` itself.
     ``interp``: ``"linear"`` (default) or ``"cubic"`` (Hermite) for outputs inside a step.
