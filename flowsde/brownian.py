@@ -72,8 +72,10 @@ class BrownianMotion:
             ta, tb = self.t0, ta
         else:
             tb = _as_time(tb)
-        if not (tb > ta):
+        if tb < ta:
             raise ValueError(f"Brownian increment needs ta < tb, got ta={ta}, tb={tb}")
+        if tb == ta:  # (``bm(t0)``, or a step of zero length): W(t) - W(t) = 0, as torchsde's
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.increment(ta, tb)
 
 
@@ -144,7 +146,8 @@ class GridBrownian(BrownianMotion):
     def draw(self, k: int):
         """The standard normal draw of step ``k`` in the form a fused update takes: on the philox stream
         a deferred :class:`~flowsde.kernels.PhiloxNoise` (drawn inside the kernel), else a tensor."""
-        return PhiloxNoise(self.philox_key(k)) if self.stream == "philox" else self.normal(k)
+        # (a motion that is rows row_start.. of a larger batch draws at an offset: materialised here)
+        return PhiloxNoise(self.philox_key(k)) if self.stream == "philox" and not self._offset else self.normal(k)
 
     def philox_keys(self) -> list:
         """Every step's Philox key, in step order."""
@@ -161,6 +164,8 @@ class GridBrownian(BrownianMotion):
 
     def increment(self, ta: float, tb: float) -> torch.Tensor:
         ia, ib = self.index(ta), self.index(tb)
+        if ib == ia:  # two times within the grid's tolerance of one grid time (a sliver step): no increment
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         out = self.step(ia)
         for k in range(ia + 1, ib):
             out.add_(self.step(k))

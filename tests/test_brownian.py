@@ -177,3 +177,31 @@ def test_sampled_dyadic_path_drives_a_fixed_step_solve_as_the_tree_does():
     a = flowsde.sdeint(sde, y0, ts, bm=bm, dt=2.0 ** -6, method="milstein")
     b = flowsde.sdeint(sde, y0, ts, bm=fine, dt=2.0 ** -6, method="milstein")
     assert float((a - b).abs().max()) < 1e-12
+
+
+def test_slivers_offsets_and_shapes_of_grid_brownian_motions():
+    """Review cases: two times within the grid tolerance of one grid time give no increment (torchsde's
+    solvers end on such slivers); a philox motion that is rows row_start.. of a larger batch drives sdeint
+    with those rows, on its own grid too; a philox motion of the wrong shape is refused."""
+    import torchsde
+
+    import flowsde
+    from flowsde.problems import BrownianMotionProblem
+    bm = GridBrownian(t0=0.0, t1=1.0, steps=10, shape=(3,), seed=0, dtype=torch.float64)
+    assert torch.equal(bm(0.5, 0.5 + 1e-12), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(bm(0.0), torch.zeros(3, dtype=torch.float64))  # bm(t0): W(t0) - W(t0)
+    sde, y0 = BrownianMotionProblem(1.0), torch.zeros(4, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for steps, t1 in ((20, 2.0), (10, 1.0)):  # torchsde's dt = 0.1 sums to 0.9999999999999999, then a sliver
+        bm = GridBrownian(t0=0.0, t1=t1, steps=steps, shape=(4, 1), seed=0, dtype=torch.float64)
+        assert torch.allclose(torchsde.sdeint(sde, y0, ts, bm=bm, method="euler", dt=0.1)[-1], bm(0.0, 1.0),
+                              atol=1e-12)
+    full = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(8, 1), seed=3, dtype=torch.float64, stream="philox")
+    part = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(4, 1), seed=3, dtype=torch.float64, stream="philox",
+                        row_start=4)
+    for dt in (1 / 8, 1 / 4):  # on the motion's own grid, and on a coarser one
+        x = flowsde.sdeint(sde, y0, ts, bm=part, dt=dt)[-1]
+        assert torch.allclose(x, full(0.0, 1.0)[4:], atol=1e-12)
+    small = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(2, 1), seed=3, dtype=torch.float64, stream="philox")
+    with pytest.raises(ValueError, match=r"bm \(Brownian increment\) returned shape \(2, 1\), expected \(4, 1\)"):
+        flowsde.sdeint(sde, y0, ts, bm=small, dt=1 / 8)

@@ -94,7 +94,10 @@ class StepContext:
             self.own_grid = True
         if self.own_grid:
             z, scale = self.bm.draw(k), self.sqrt_h[k]
-            if isinstance(z, PhiloxNoise):
+            if isinstance(z, PhiloxNoise):  # drawn in the SDE's shape by the kernel: the bm must have it
+                if tuple(self.bm.shape) != tuple(self.noise_shape()):
+                    raise ValueError(f"bm (Brownian increment) returned shape {tuple(self.bm.shape)}, expected "
+                                     f"{tuple(self.noise_shape())}")
                 return z, scale
         else:
             z, scale = self.bm(self.grid[k], self.grid[k + 1]), 1.0
