@@ -205,3 +205,50 @@ def test_custom_timesteps_on_diffusion_configs():
         ours.set_timesteps(sigmas=[1.0, 0.5])
     with pytest.raises(ValueError, match="strictly decreasing"):
         ours.set_timesteps(timesteps=[0, 500])
+
+
+def test_add_noise_and_scale_noise_match_the_replaced_schedulers():
+    """img2img entry points, in each scheduler's own coordinates: DDIM (abar at the timestep), Euler / Heun on
+    a diffusion model (x0 + sigma noise, sigma looked up from the timestep; float timesteps), FlowMatch
+    (sigma noise + (1 - sigma) x0, from the timestep or from the begin index)."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    for ref, method in ((diffusers.DDIMScheduler(), "ddim"), (diffusers.EulerDiscreteScheduler(), "euler"),
+                        (diffusers.HeunDiscreteScheduler(), "heun"),
+                        (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), "euler")):
+        ours = FlowSDEScheduler.from_config(ref.config, method=method)
+        ref.set_timesteps(10)
+        ours.set_timesteps(10)
+        ts = ref.timesteps[[1, 4, 6]]
+        assert torch.equal(ours.timesteps.float(), ref.timesteps.float())
+        if isinstance(ref, diffusers.FlowMatchEulerDiscreteScheduler):
+            want, got = ref.scale_noise(x0, ts, noise), ours.scale_noise(x0, ts, noise)
+            assert torch.allclose(got, want, atol=1e-6)
+            ref.set_begin_index(3)
+            ours.set_begin_index(3)
+            want, got = ref.scale_noise(x0, ts, noise), ours.scale_noise(x0, ts, noise)
+        else:
+            want, got = ref.add_noise(x0, noise, ts), ours.add_noise(x0, noise, ts)
+        assert torch.allclose(got, want, atol=1e-5), (type(ref).__name__, float((got - want).abs().max()))
+
+
+def test_flow_match_custom_timesteps_are_shifted_as_in_diffusers():
+    import numpy as np
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = FlowSDEScheduler.from_config(ref.config, method="euler")
+    ts = list(np.linspace(1000, 50, 8))
+    ref.set_timesteps(timesteps=ts)
+    ours.set_timesteps(timesteps=ts)
+    assert torch.allclose(ours.timesteps.float(), ref.timesteps.float())
+    assert torch.allclose(ours.sigmas.float(), ref.sigmas.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,key,value", [
+    ("DDIMScheduler", "thresholding", True), ("DDIMScheduler", "rescale_betas_zero_snr", True),
+    ("EulerDiscreteScheduler", "use_karras_sigmas", True), ("EulerDiscreteScheduler", "timestep_type", "continuous"),
+    ("FlowMatchEulerDiscreteScheduler", "shift_terminal", 0.1), ("FlowMatchEulerDiscreteScheduler", "invert_sigmas", True),
+])
+def test_schedule_changing_options_it_does_not_implement_are_refused(cls, key, value):
+    ref = getattr(diffusers, cls)(**{key: value})
+    with pytest.raises(ValueError, match=key):
+        FlowSDEScheduler.from_config(ref.config)

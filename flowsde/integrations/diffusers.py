@@ -66,6 +66,14 @@ def _randn(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
+# config options of the schedulers FlowSDEScheduler replaces that change their schedule or update, with the
+# only value it reproduces: another value is refused rather than silently ignored
+UNSUPPORTED_CONFIG = {"thresholding": False, "rescale_betas_zero_snr": False, "use_karras_sigmas": False,
+                      "use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete",
+                      "shift_terminal": None, "invert_sigmas": False, "time_shift_type": "exponential",
+                      "interpolation_type": "linear", "final_sigmas_type": "zero", "stochastic_sampling": False}
+
+
 class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running flowsde's fused steps (see the module docstring)."""
 
@@ -117,6 +125,11 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         import inspect
 
         cfg = dict(config or {})
+        for key, default in UNSUPPORTED_CONFIG.items():  # options that would change the schedule: refused
+            if key in cfg and cfg[key] != default and cfg[key] is not None and not (default is None and not cfg[key]):
+                raise ValueError(f"{cfg.get('_class_name', 'the scheduler')} config has {key}={cfg[key]!r}, which "
+                                 f"FlowSDEScheduler does not implement (it changes the schedule or the update); "
+                                 f"only {key}={default!r} is supported")
         # the replaced scheduler's defaults are its behaviour: carry them over instead of ours
         params = inspect.signature(cls.__init__).parameters
         for key in cfg.get("_use_default_values", []) or []:
@@ -247,17 +260,21 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
             s_min = 1.0 / T if cfg.use_dynamic_shifting else cfg.shift / T / (1 + (cfg.shift - 1) / T)
             s = np.linspace(1.0, s_min, n)
-        if sigmas is None and timesteps is None or sigmas is not None:
-            if cfg.use_dynamic_shifting:
-                if mu is None:
-                    raise ValueError("use_dynamic_shifting needs mu in set_timesteps")
-                s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
-            else:
-                s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+        # the shift applies to every schedule, custom sigmas and custom timesteps included (diffusers
+        # 0.42: given timesteps are kept as they are, their sigmas shifted)
+        if cfg.use_dynamic_shifting:
+            if mu is None:
+                raise ValueError("use_dynamic_shifting needs mu in set_timesteps")
+            s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+        else:
+            s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
         self.num_inference_steps = n
         self._host_sigmas = [float(v) for v in s] + [0.0]
         self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
-        self.timesteps = torch.tensor(s * T, dtype=torch.float32)
+        if timesteps is not None and sigmas is None:
+            self.timesteps = torch.tensor(np.asarray(timesteps, dtype=np.float32))
+        else:  # float32 sigmas times T in float32, as diffusers rounds them (timesteps are looked up exactly)
+            self.timesteps = torch.tensor(s, dtype=torch.float32) * T
 
     def _init_step_index(self):
         self._step_index = self._begin_index if self._begin_index is not None else 0
@@ -357,16 +374,46 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         noise = _randn(x, generator)
         return ops.combine([(1.0 - h * half, x), (-h - h * half * t, out)], [(g * h ** 0.5, None)], noise)
 
+    def _step_sigmas(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+        """The schedule's sigma for each of ``timesteps``, shaped to broadcast against ``like``, found as
+        diffusers' Euler / Heun / FlowMatch schedulers find it: by looking each timestep up in the schedule
+        (the second match where it repeats, as Heun's do) unless a begin index is set, in which case the
+        current (or first) step's."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before add_noise / scale_noise")
+        ts = torch.as_tensor(timesteps).reshape(-1).cpu()
+        sched = self.timesteps.cpu()
+        if self._begin_index is None:
+            idx = []
+            for t in ts.tolist():
+                hits = (sched == t).nonzero().flatten().tolist()
+                if not hits:
+                    raise ValueError(f"timestep {t} is not one of the scheduler's timesteps")
+                idx.append(hits[1] if len(hits) > 1 else hits[0])
+        else:
+            idx = [self._step_index if self._step_index is not None else self._begin_index] * ts.numel()
+        sig = torch.tensor([self._host_sigmas[i] for i in idx], dtype=like.dtype, device=like.device)
+        return sig.reshape((-1,) + (1,) * (like.dim() - 1))
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (diffusion family)."""
-        ac = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)[timesteps]
-        shape = (-1,) + (1,) * (original_samples.dim() - 1)
-        return ac.sqrt().reshape(shape) * original_samples + (1 - ac).sqrt().reshape(shape) * noise
+        """Noise ``original_samples`` to ``timesteps``, in the coordinates this scheduler's steps use, as the
+        diffusers scheduler it replaces does: DDIM ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (``abar`` at
+        the integer training timestep); Euler / Heun on a diffusion model ``x0 + sigma noise``
+        (variance-exploding); a flow ``sigma noise + (1 - sigma) x0`` (as :meth:`scale_noise`)."""
+        cfg = self.config
+        if cfg.family == "flow":
+            return self.scale_noise(original_samples, timesteps, noise)
+        if cfg.method == "ddim":
+            idx = torch.as_tensor(timesteps).to(device=self.alphas_cumprod.device, dtype=torch.long)
+            ac = self.alphas_cumprod[idx].to(device=original_samples.device, dtype=original_samples.dtype)
+            shape = (-1,) + (1,) * (original_samples.dim() - 1)
+            return ac.sqrt().reshape(shape) * original_samples + (1 - ac).sqrt().reshape(shape) * noise
+        return original_samples + self._step_sigmas(timesteps, original_samples) * noise
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
-        """``sigma noise + (1 - sigma) sample`` at the current step (flow family, img2img)."""
-        k = self._step_index if self._step_index is not None else (self._begin_index or 0)
-        s = self._host_sigmas[k]
+        """``sigma noise + (1 - sigma) sample`` at ``timestep`` (flow family, img2img; looked up as in
+        :meth:`_step_sigmas`)."""
+        s = self._step_sigmas(timestep, sample)
         return s * noise + (1.0 - s) * sample
 
     def __len__(self):
