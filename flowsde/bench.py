@@ -46,7 +46,7 @@ def _row(problem, library, method, setting, nfe, error, seconds):
             "error": float(error), "seconds": float(seconds)}
 
 
-def bench_ou(quick=False, device="cpu", reps=3) -> List[dict]:
+def bench_ou(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
     import torchsde
 
     import flowsde
@@ -54,7 +54,7 @@ def bench_ou(quick=False, device="cpu", reps=3) -> List[dict]:
     paths, n_fine = (500, 256) if quick else (2000, 1024)
     steps = [8, 32, 128] if quick else [8, 16, 32, 64, 128]
     dt = torch.float64
-    fine = GridBrownian(t0=0.0, t1=1.0, steps=n_fine, shape=(paths, 1), seed=0, dtype=dt, device=device,
+    fine = GridBrownian(t0=0.0, t1=1.0, steps=n_fine, shape=(paths, 1), seed=seed, dtype=dt, device=device,
                         stream="philox")
     bm = SampledPath(fine.grid, fine.path())
     sde = OrnsteinUhlenbeck(1.0, 1.0)
@@ -87,7 +87,7 @@ class _Counted:
         return self.f(t, y)
 
 
-def bench_linear(quick=False, device="cpu", reps=3) -> List[dict]:
+def bench_linear(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
     import torchdiffeq
 
     import flowsde
@@ -158,7 +158,7 @@ def _run_diffusers(make, field, x0, nfe):
     return x, calls
 
 
-def bench_mixture(quick=False, device="cpu", reps=3) -> List[dict]:
+def bench_mixture(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
     import flowsde
     from .paths import CondOT
 
@@ -169,7 +169,7 @@ def bench_mixture(quick=False, device="cpu", reps=3) -> List[dict]:
         calls["n"] += 1
         return mix.velocity(x, t, path)
     n_pts = 256 if quick else 1024
-    x0 = torch.randn(n_pts, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).to(device)
+    x0 = torch.randn(n_pts, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5 + seed)).to(device)
     ref = flowsde.sample(field, x0, path=path, method="rk4", steps=2048)
     rows = []
     for make in _diffusers_schedulers().values():  # import and first-call costs out of the timings
@@ -202,7 +202,7 @@ def _vp_eps_model(mix, sig_train):
     return model
 
 
-def bench_mixture_vp(quick=False, device="cpu", reps=3) -> List[dict]:
+def bench_mixture_vp(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
     """Sampling a DDPM-schedule (linear betas, epsilon) model that is the exact mixture: diffusers' DDIM,
     Euler, Heun, DPM-Solver++ 2M and UniPC (trailing spacing, so all start at the last training step)
     against flowsde's Karras Euler and Heun (k-diffusion style) at NFE 10, 20, 50. Error: RMS against the
@@ -215,7 +215,7 @@ def bench_mixture_vp(quick=False, device="cpu", reps=3) -> List[dict]:
     sig_train = ((1 - ac) / ac).sqrt()
     s_max, s_min = float(sig_train[-1]), float(sig_train[0])
     n_pts = 128 if quick else 1024
-    noise = torch.randn(n_pts, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(device)
+    noise = torch.randn(n_pts, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6 + seed)).to(device)
     calls = {"n": 0}
 
     def den(x, s):
@@ -266,15 +266,16 @@ def bench_mixture_vp(quick=False, device="cpu", reps=3) -> List[dict]:
     return rows
 
 
-def run_bench(quick=False, device="cpu", progress=False) -> List[dict]:
-    """Every problem's rows (see the module docstring)."""
+def run_bench(quick=False, device="cpu", progress=False, seed=0) -> List[dict]:
+    """Every problem's rows (see the module docstring); ``seed`` moves every random input (0: the
+    figures in README.md)."""
     from tqdm.auto import tqdm
 
     reps = 1 if quick else 3
     rows = []
     for fn in tqdm((bench_ou, bench_linear, bench_mixture, bench_mixture_vp), desc="bench", disable=not progress,
                    leave=False):
-        rows += fn(quick, device, reps)
+        rows += fn(quick, device, reps, seed=seed)
     return rows
 
 

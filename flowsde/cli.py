@@ -18,8 +18,8 @@ from typing import List, Optional
 import torch
 
 from . import __version__
-from .studies import (PROBLEMS, SDE_PROBLEMS, Convergence, _dist, convergence, default_steps, format_table,
-                      methods_for, plot_convergence)
+from .studies import (ODE_POINTS, PROBLEMS, SDE_PROBLEMS, Convergence, _dist, convergence, default_steps,
+                      figure_format, format_table, methods_for, plot_convergence)
 
 
 def convergence_rows(problem: str = "ou", paths: int = 4000, seed: int = 0, quick: bool = False, method=None,
@@ -30,16 +30,33 @@ def convergence_rows(problem: str = "ou", paths: int = 4000, seed: int = 0, quic
     steps = steps or default_steps(problem, quick)
     n_fine = 256 if quick else 1024
     rows = []
-    if problem == "ou" and method is None:  # every method: the ODE ones on the OU drift too
-        rows += convergence_rows("ou_drift", quick=quick, device=device, progress=progress)
+    if problem == "ou" and method is None and kind is None:  # every method: the ODE ones on the OU drift too
+        rows += convergence_rows("ou_drift", seed=seed, quick=quick, device=device, progress=progress)
     for m in methods:
-        kinds = [kind] if kind else (["strong"] + (["weak"] if problem in SDE_PROBLEMS
-                                                   and SDE_PROBLEMS[problem][m][1] is not None else []))
         if problem not in SDE_PROBLEMS:
             kinds = ["ode"]
+        else:
+            has_weak = SDE_PROBLEMS[problem][m][1] is not None
+            kinds = ["strong"] + (["weak"] if has_weak else []) if kind is None else \
+                [kind] if kind == "strong" or has_weak or method else []  # weak: where theory gives an order
         for k in kinds:
             rows.append(convergence(problem, m, steps, paths, seed, k, device, n_fine, progress))
     return rows
+
+
+def check_kind(problem: str, method, kind):
+    """``None``, or why ``--kind`` cannot be studied on this problem / method (the message for the user)."""
+    if kind is None:
+        return None
+    if problem not in SDE_PROBLEMS:
+        return None if kind == "ode" else f"{problem!r} is an ODE problem: its errors are --kind ode"
+    if kind == "ode":
+        return f"{problem!r} is an SDE problem: --kind strong or weak"
+    weak = [m for m, (_, w) in SDE_PROBLEMS[problem].items() if w is not None]
+    if kind == "weak" and (method not in weak if method else not weak):
+        return (f"no weak study of {method!r} on {problem!r}; weak studies: {weak or 'none on this problem'}"
+                if method else f"no method has a weak study on {problem!r}")
+    return None
 
 
 def _machine(device) -> str:
@@ -67,8 +84,10 @@ def _converge(args) -> int:
     if rank != 0:
         return 0
     sde = args.problem in SDE_PROBLEMS
+    paths = paths if sde else ODE_POINTS
     print(f"flowsde {__version__}: convergence on the {args.problem} problem "
-          + (f"({paths} paths sharing one Brownian path, {world} process(es), float64)" if sde else "(float64)"))
+          + (f"({paths} paths sharing one Brownian path, {world} process(es), float64)" if sde
+             else f"({paths} starting points, float64)"))
     if sde:
         print("strong: mean |X_n - X_T| on the shared path (Brownian motion: RMS over the whole path); "
               "weak: |mean (X_n - X_T)|")
@@ -86,7 +105,7 @@ def _converge(args) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         plot_convergence(rows, args.plot, f"flowsde: convergence on {args.problem}")
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}")  # (an extension-less name was given .png by the argument check)
     return 0
 
 
@@ -94,14 +113,15 @@ def _bench(args) -> int:
     from .bench import format_bench, plot_bench, run_bench
 
     start = time.perf_counter()
-    rows = run_bench(quick=args.quick, device=args.device, progress=sys.stderr.isatty())
+    rows = run_bench(quick=args.quick, device=args.device, progress=sys.stderr.isatty(), seed=args.seed)
     print(f"flowsde {__version__}: accuracy against cost, flowsde and its peers in one run "
           f"({_machine(args.device)}, {time.strftime('%Y-%m-%d')})\n")
     print(format_bench(rows))
     print(f"\n{len(rows)} runs in {time.perf_counter() - start:.1f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"flowsde": __version__, "command": "bench", "quick": args.quick, "device": str(args.device),
+            json.dump({"flowsde": __version__, "command": "bench", "quick": args.quick, "seed": args.seed,
+                       "device": str(args.device),
                        "machine": _machine(args.device), "date": time.strftime("%Y-%m-%d"), "rows": rows}, fh,
                       indent=1)
         print(f"wrote {args.json}")
@@ -133,14 +153,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["converge"] + argv
     args = parser.parse_args(argv)
+    _check_outputs(parser, args)
     if args.command in ("converge", "convergence"):
         if args.paths is not None and args.paths < 10:
             parser.error("--paths must be at least 10")
+        if args.paths is not None and args.problem not in SDE_PROBLEMS:
+            parser.error(f"--paths is for SDE problems; {args.problem!r} is an ODE problem ({ODE_POINTS} "
+                         f"starting points, drawn from --seed)")
         if args.method is not None and args.method not in methods_for(args.problem):
             parser.error(f"method {args.method!r} is not studied on {args.problem!r}; "
                          f"choose from {sorted(methods_for(args.problem))}")
+        why = check_kind(args.problem, args.method, args.kind)
+        if why:
+            parser.error(why)
         return _converge(args)
     return _bench(args)
+
+
+def _check_outputs(parser, args):
+    """The device and the output files, before any work: a run does not end in a traceback after minutes."""
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch has no CUDA device")
+    for name in ("json", "plot"):
+        path = getattr(args, name)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"--{name} {path}: the folder {folder} does not exist")
+    if args.plot is not None:
+        try:
+            fmt = figure_format(args.plot)
+        except ValueError as e:
+            parser.error(f"--plot {args.plot}: {e}")
+        if not os.path.splitext(args.plot)[1]:
+            args.plot = f"{args.plot}.{fmt}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ slope measures the method and not the Monte Carlo noise between independent runs
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Sequence
 
@@ -30,6 +31,8 @@ def fit_order_ci(hs: Sequence[float], errors: Sequence[float], level: float = 0.
     hs, errors = np.asarray(hs, dtype=np.float64), np.asarray(errors, dtype=np.float64)
     if hs.size < 2 or hs.size != errors.size:
         raise ValueError("fit_order needs at least two (h, error) pairs of equal length")
+    if not (np.all(np.isfinite(errors)) and np.all(np.isfinite(hs))):
+        raise ValueError(f"fit_order needs finite step sizes and errors, got errors {errors.tolist()}")
     if np.any(errors <= 0) or np.any(hs <= 0):
         raise ValueError(f"fit_order needs positive step sizes and errors, got errors {errors.tolist()}")
     x, y = np.log(hs), np.log(errors)
@@ -220,7 +223,7 @@ def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int]
     if problem in ODE_PROBLEMS:
         if kind not in (None, "ode"):
             raise ValueError(f"{problem!r} is an ODE problem: kind must be 'ode'")
-        return _ode_study(problem, method, steps, table[method], device, bar)
+        return _ode_study(problem, method, steps, table[method], device, bar, seed)
     kind = kind or "strong"
     if kind not in ("strong", "weak"):
         raise ValueError(f"kind must be 'strong' or 'weak' for an SDE problem, got {kind!r}")
@@ -228,6 +231,8 @@ def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int]
     expected = strong if kind == "strong" else weak
     if expected is None:
         raise ValueError(f"no weak study of {method!r} on {problem!r}: weak studies run Euler–Maruyama")
+    if isinstance(paths, bool) or not isinstance(paths, int) or paths < 1:
+        raise ValueError(f"paths must be a positive int, got {paths!r}")
     if any(n_fine % n for n in steps):
         raise ValueError(f"every step count must divide n_fine={n_fine}, got {steps}")
     rank, world = _dist()
@@ -268,7 +273,10 @@ def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int]
 _MIXTURE_REF = {}
 
 
-def _ode_study(problem, method, steps, expected, device, bar) -> Convergence:
+ODE_POINTS = 256  # starting points of the sampling (ODE) studies
+
+
+def _ode_study(problem, method, steps, expected, device, bar, seed=0) -> Convergence:
     from .problems import LinearODE, reference_mixture
 
     dt = torch.float64
@@ -298,8 +306,8 @@ def _ode_study(problem, method, steps, expected, device, bar) -> Convergence:
         mix = reference_mixture().to(device)
         model = lambda x, t: mix.velocity(x, t, path)  # noqa: E731
     scale = float(path.beta(torch.zeros((), dtype=dt)))  # x(0) = beta_0 * noise
-    x0 = scale * torch.randn(256, 2, dtype=dt, generator=torch.Generator().manual_seed(5)).to(device)
-    key = (problem, str(device))
+    x0 = scale * torch.randn(ODE_POINTS, 2, dtype=dt, generator=torch.Generator().manual_seed(5 + seed)).to(device)
+    key = (problem, str(device), seed)
     if key not in _MIXTURE_REF:
         _MIXTURE_REF[key] = sample(model, x0, path=path, method="rk4", steps=2048)
     ref = _MIXTURE_REF[key]
@@ -343,9 +351,21 @@ def style_axes(ax, xlabel: str, title: str, legend_size: int) -> None:
     ax.legend(fontsize=legend_size)
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def figure_format(filename: str) -> str:
+    """The format of a figure file from its extension (``png`` where it has none); a ``ValueError`` for
+    one matplotlib is not asked to write here."""
+    ext = os.path.splitext(str(filename))[1].lower().lstrip(".")
+    if ext and ext not in FIGURE_FORMATS:
+        raise ValueError(f"a figure is written as {', '.join(FIGURE_FORMATS)}; got the extension .{ext}")
+    return ext or "png"
+
+
 def save_figure(fig, filename: str) -> None:
     """Write ``fig`` to ``filename`` (PNG) and free it."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(filename)
+    fig.savefig(filename, format=figure_format(filename))
     plt.close(fig)

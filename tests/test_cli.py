@@ -109,3 +109,41 @@ def test_two_gloo_processes_give_the_one_process_table(tmp_path):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "flowsde", "--version"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "flowsde" in res.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["converge", "--problem", "ou", "--method", "milstein", "--kind", "weak"], "no weak study of 'milstein'"),
+    (["converge", "--problem", "gbm", "--kind", "weak"], "no method has a weak study on 'gbm'"),
+    (["converge", "--problem", "ou", "--kind", "ode"], "is an SDE problem"),
+    (["converge", "--problem", "linear", "--kind", "weak"], "is an ODE problem"),
+    (["converge", "--problem", "mixture", "--paths", "100"], "--paths is for SDE problems"),
+    (["converge", "--device", "foo"], "--device must be cpu or cuda"),
+    (["bench", "--json", "/nonexistent/x.json"], "does not exist"),
+    (["converge", "--plot", "figure.txt"], "a figure is written as png, pdf, svg"),
+])
+def test_options_that_cannot_run_are_usage_errors_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_weak_kind_runs_the_methods_that_have_one_and_seeds_move_every_study(tmp_path, capsys):
+    assert main(["--kind", "weak", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s*euler\s+weak", out, re.M) and not re.search(r"milstein|ode", out.split("order:")[-1])
+    # an extension-less figure name gets .png, and says so
+    assert main(["converge", "--problem", "ou_drift", "--quick", "--plot", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig.png").read_bytes().startswith(PNG) and "fig.png" in capsys.readouterr().out
+    # the ODE studies' starting points follow the seed
+    a, b, c = (convergence("mixture", "euler", (4, 8), seed=s) for s in (0, 0, 7))
+    assert a.errors == b.errors and a.errors != c.errors
+    with pytest.raises(ValueError, match="finite"):
+        fit_order_ci([0.1, 0.05, 0.025], [float("nan"), 1.0, 2.0])
+    with pytest.raises(ValueError, match="paths must be a positive int"):
+        convergence("ou", "euler", (8, 16), paths=0)
+
+
+def test_bench_seed_moves_the_random_inputs():
+    from flowsde.bench import bench_ou
+    a, b = bench_ou(quick=True, reps=1), bench_ou(quick=True, reps=1, seed=3)
+    assert [r["error"] for r in a] != [r["error"] for r in b]
