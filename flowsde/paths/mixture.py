@@ -64,14 +64,16 @@ class GaussianMixture:
 
     def sample(self, n: int, generator=None) -> torch.Tensor:
         """``n`` samples, shape ``(n, d)``."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        dev = generator.device if generator is not None else self.means.device  # draws where the generator is
+        k = torch.multinomial(self.weights.to(dev), n, replacement=True, generator=generator).to(self.means.device)
         L = torch.linalg.cholesky(self.covs)
-        e = torch.randn(n, self.d, 1, dtype=self.means.dtype, generator=generator)
+        e = torch.randn(n, self.d, 1, dtype=self.means.dtype, generator=generator, device=dev).to(self.means.device)
         return self.means[k] + (L[k] @ e).squeeze(-1)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log density of the data distribution at ``x`` (``(batch, d)``)."""
-        return self._marginal_log_prob(x, torch.ones(()), torch.zeros(()))[0]
+        one = torch.ones((), dtype=self.means.dtype, device=self.means.device)
+        return self._marginal_log_prob(x, one, torch.zeros_like(one))[0]
 
     # ---- under a path ------------------------------------------------------------------------------
     def _cov_t(self, a, b):
@@ -125,7 +127,7 @@ class GaussianMixture:
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """The exact denoiser of the variance-exploding convention (k-diffusion / EDM): ``E[z | z + sigma eps
         = x]`` = ``x + sigma^2 grad log p_sigma(x)``; ``sigma`` a number or ``(batch,)``; 0 gives ``x``."""
-        s = torch.as_tensor(sigma, dtype=self.means.dtype).reshape(-1)
+        s = torch.as_tensor(sigma, dtype=self.means.dtype).to(self.means.device).reshape(-1)
         one = torch.ones_like(s)
         _, r, _, sol = self._marginal_log_prob(x, one, s)
         score = -(r[..., None] * sol).sum(1)
