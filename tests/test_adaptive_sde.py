@@ -139,7 +139,7 @@ def solve_per_sample(sde, y0, bm, per_sample, rtol=1e-3, **opts):
 def test_per_sample_steps_spend_the_work_on_the_volatile_samples():
     """Milstein on one Brownian tree, 256 samples, one in eight ten times as volatile. At the same
     tolerance (1e-3) a step size per sample costs under half the evaluations per sample of the shared
-    step (which every sample pays at the volatile samples' rate) and under a quarter of the rows (the calm
+    step (which every sample pays at the volatile samples' rate) and under a third of the rows (the calm
     samples are then less over-resolved, so less accurate: the tolerance is per sample); at a tighter
     tolerance (3e-4) it is more accurate than the shared step over all samples, and still cheaper.
     (Figures: README, benchmarks/adaptive_sde.py.)"""
@@ -154,10 +154,11 @@ def test_per_sample_steps_spend_the_work_on_the_volatile_samples():
     rows_s = st_s["nfe"] * 256
     nfe_p = st_p["nfe"].double()
     assert st_p["nfe"].shape == st_p["accepted"].shape == (256,) and st_p["status"] == ["success"] * 256
-    assert float(nfe_p.mean()) < st_s["nfe"] / 2 and st_p["rows"] < rows_s / 4, (nfe_p.mean(), st_s, st_p["rows"])
+    assert float(nfe_p.mean()) < st_s["nfe"] / 2 and st_p["rows"] < rows_s / 3, (nfe_p.mean(), st_s, st_p["rows"])
+    assert st_p["rows"] >= int(nfe_p.sum())  # rows passed to the drift include finished, not yet compacted ones
     assert rms_rel(ys_t) < 0.75 * rms_rel(ys_s), (rms_rel(ys_t), rms_rel(ys_s))
     assert float(st_t["nfe"].double().mean()) < st_s["nfe"]
-    assert st_t["rows"] < rows_s / 2
+    assert st_t["rows"] < 0.75 * rows_s
     calm, wild = nfe_p[1::8].mean(), nfe_p[::8].mean()  # the volatile samples did the extra work
     assert float(wild) > 3 * float(calm)
     assert torch.equal(ys_p[1:, :, 1], y0[:, 1].expand(2, -1))  # s rides along unchanged
@@ -254,3 +255,26 @@ def test_the_full_and_the_first_half_step_share_their_first_evaluation(method, s
     _, st = flowsde.sdeint(sde, Y0, torch.tensor([0.0, 1.0], dtype=torch.float64), seed=2, dt=0.1, method=method,
                            adaptive=True, rtol=1e-3, atol=1e-3, options=dict(return_stats=True))
     assert st["nfe"] == per_attempt * st["steps"] and st["nge"] == per_attempt * st["steps"]
+
+
+def test_a_step_that_cannot_shrink_below_a_leaf_never_stalls_and_single_path_euler_warns():
+    """Review cases. A coarse tree (leaf 2^-8) at a loose tolerance: a rejected step rounded back to the
+    same leaf end was retried forever (accepted 0 of 3000); now a rejected step is retried strictly shorter
+    and a one-leaf step is taken. Per-sample (or batch-of-one) adaptive Euler–Maruyama with multiplicative
+    noise warns: its step choice biases it."""
+    import warnings
+
+    from flowsde.brownian import VirtualBrownianTree
+    sde = GeometricBrownianMotion(mu=0.5, sigma=2.0)
+    y0 = torch.ones(4, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for rtol in (1e-2, 3e-3, 1e-3):
+        bm = VirtualBrownianTree(0.0, 1.0, (4, 1), seed=1, tol=2.0 ** -8, dtype=torch.float64)
+        _, st = flowsde.sdeint(sde, y0, ts, bm=bm, dt=0.1, adaptive=True, rtol=rtol, atol=rtol, dt_min=0.6 * 2.0 ** -8,
+                               method="milstein", options=dict(return_stats=True, max_num_steps=3000))
+        assert st["status"] == "success" and st["accepted"] <= 256, (rtol, st)
+    with pytest.warns(UserWarning, match="Gaines & Lyons"):
+        flowsde.sdeint(sde, y0, ts, seed=0, dt=0.1, adaptive=True, rtol=1e-2, atol=1e-2, options=dict(per_sample=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shared steps over a batch: no warning
+        flowsde.sdeint(sde, y0, ts, seed=0, dt=0.1, adaptive=True, rtol=1e-2, atol=1e-2)

@@ -27,6 +27,8 @@ query; shared steps only).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -162,6 +164,10 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     query = _brownian_query(bm, shape, dev, t_first, ops, per_sample)
     if capturable and not isinstance(bm, VirtualBrownianTree):
         raise ValueError("capturable=True needs flowsde's VirtualBrownianTree as bm (queried on the device)")
+    if method.name == "euler" and sde.noise_type != "additive" and (per_sample or y0.shape[0] == 1):
+        warnings.warn("adaptive Euler–Maruyama with a step chosen from each single path and multiplicative noise "
+                      "need not converge (its error can grow as rtol shrinks: Gaines & Lyons 1997); use "
+                      "method='milstein' or 'heun', or shared steps over a batch", UserWarning, stacklevel=3)
     ctx = _AdaptiveContext(sde, y0, ts.dtype, bm, bool(opts.get("grad_free", False)), method.stage_c, ops)
     ctrl = Controller.from_options(opts, method.strong_order(sde.noise_type) + 0.5)
     step = method.step
@@ -197,9 +203,14 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         def snap(t, h):
             k = torch.maximum(((t + h - g0) / leaf + 0.5).floor(), ((t - g0) / leaf).floor() + 1)
             return g0 + k * leaf
+        # the shortest step the leaf grid allows: taken whatever its error, as a step at dt_min is (a retry
+        # would try the same leaf on the same path again, forever)
+        h_floor = max(dt_min, leaf * (1.0 + 1e-9))
+        shrink_on_reject = True
     else:
         def snap(t, h):
             return t + h
+        h_floor, shrink_on_reject = dt_min, False
 
     def attempt(y, t, tn, w):  # t, tn: (float64 time, the same in ts's dtype for the SDE's functions)
         ctx.set_step(t[1], tn[1], lay((tn[0] - t[0]).to(y0.dtype), y), w)
@@ -215,7 +226,6 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         else:
             y, t, h, j, wt, r_prev = Y, T, H, J, WT, R_PREV
         ctx.begin(y.shape[0])
-        rows_total += y.shape[0]
         nfe_before = ctx.nfe
         active = j < n_out
         target = t_outs[j.clamp(max=n_out - 1)]
@@ -232,9 +242,12 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         ratio = ratio.detach()
         h_used = tn - t
         # a proposal at dt_min is taken whatever its error (its end, rounded to the tree's leaf grid, may lie
-        # a fraction of a leaf beyond t + dt_min)
-        accept = ((ratio <= 1) | (h <= dt_min) | (h_used <= dt_min)) & active
+        # a fraction of a leaf beyond t + dt_min), and so is a step of one leaf (see h_floor)
+        accept = ((ratio <= 1) | (h <= dt_min) | (h_used <= h_floor)) & active
         h_next = (h_used * ctrl.factor(ratio, r_prev, shrink_after_accept=True)).clamp_min(dt_min)
+        if shrink_on_reject:  # a rejected step is retried strictly shorter: with ends rounded to the leaf grid
+            # a mild shrink could round back to the same end, the same error, forever
+            h_next = torch.where(accept, h_next, torch.minimum(h_next, h_used - 0.75 * leaf))
         r_prev = ctrl.remember(ratio, r_prev, accept)
         keep = hit & (ratio <= 1) & (h_used < h)  # a step clipped onto an output time: resume the proposal
         h_new = torch.where(active, torch.where(keep, torch.maximum(h_next, h), h_next), h)
@@ -248,6 +261,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         y_new, t_new = torch.where(acc_y, y_two, y), torch.where(accept, tn, t)
         w_new = torch.where(lay(accept, wt), w_n, wt)
         j_new = j + written.to(torch.int64)
+        rows_total += (ctx.nfe - nfe_before) * y.shape[0]  # rows passed to the drift, running or not
         calls = (ctx.nfe - nfe_before) * active.to(torch.int64)
         if per_sample:
             Y, T, WT = Y.index_copy(0, idx, y_new), T.index_copy(0, idx, t_new), WT.index_copy(0, idx, w_new)
