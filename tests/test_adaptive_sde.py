@@ -278,3 +278,19 @@ def test_a_step_that_cannot_shrink_below_a_leaf_never_stalls_and_single_path_eul
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # shared steps over a batch: no warning
         flowsde.sdeint(sde, y0, ts, seed=0, dt=0.1, adaptive=True, rtol=1e-2, atol=1e-2)
+
+
+def test_milstein_attempts_share_the_start_points_diffusion_and_derivative():
+    """Adaptive Milstein: the full step and the first half step start at one point, so g (with its
+    derivative) is evaluated there once: two diffusion evaluations per attempt (start, midpoint)."""
+    calls = []
+
+    class Counted(GeometricBrownianMotion):
+        def g(self, t, y):
+            calls.append(1)
+            return super().g(t, y)
+    y0 = torch.ones(64, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    _, st = flowsde.sdeint(Counted(mu=0.5, sigma=0.5), y0, ts, seed=0, dt=0.1, adaptive=True, rtol=1e-3, atol=1e-3,
+                           method="milstein", options=dict(return_stats=True))
+    assert st["nge"] == len(calls) == 2 * st["steps"], (st, len(calls))

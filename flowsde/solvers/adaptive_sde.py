@@ -36,6 +36,7 @@ from .. import _checks
 from ..brownian import GridBrownian, VirtualBrownianTree
 from .adaptive import Controller, loop_budget
 from .sde import StepContext
+from .sde_methods import _diffusion_with_derivative
 
 ADAPTIVE_SDE_OPTIONS = ("return_stats", "grad_free", "backend", "max_num_steps", "safety", "ifactor", "dfactor",
                         "pcoeff", "icoeff", "per_sample", "check_every", "capturable")
@@ -79,6 +80,10 @@ class _AdaptiveContext(StepContext):
 
     def g(self, t, y):
         return self._memoised("g", super().g, t, y)
+
+    def g_and_derivative(self, t, y):
+        """Milstein's ``(g, v -> (dg/dy g) v)`` at ``(t, y)``, memoised like ``f`` and ``g``."""
+        return self._memoised("gdg", lambda t_, y_: _diffusion_with_derivative(self, t_, y_), t, y)
 
     def noise(self, k, g):
         return self._dw, 1.0

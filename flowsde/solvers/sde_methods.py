@@ -77,7 +77,9 @@ def _milstein_step(ctx, k, y):
         g_sup = ctx.g(t0, y_sup)
         out = ctx.ops.sde_update(y, [(dt, f)], [(1.0, g)], dw, nt)
         return axpy_(out, ctx.ops.noise_prod(g_sup - g, v, nt), 0.5 / sq)
-    g, gdg_fn = _diffusion_with_derivative(ctx, t0, y)
+    # (the adaptive driver's context memoises it: the full and the first half step share the start point)
+    g, gdg_fn = ctx.g_and_derivative(t0, y) if hasattr(ctx, "g_and_derivative") else \
+        _diffusion_with_derivative(ctx, t0, y)
     dw = ctx.dw(k, g)
     v = dw * dw - _rows_like(dt, dw) if ito else dw * dw
     return ctx.ops.sde_update(y, [(dt, f), (0.5, gdg_fn(v))], [(1.0, g)], dw, nt)
@@ -110,7 +112,7 @@ def _diffusion_with_derivative(ctx, t0, y):
             def gdg(v):
                 with torch.enable_grad():
                     (d,) = torch.autograd.grad(g, y_, grad_outputs=g * v, create_graph=create,
-                                               retain_graph=create, allow_unused=True)
+                                               retain_graph=True, allow_unused=True)  # (callable again)
                 return torch.zeros_like(y) if d is None else d
         else:  # scalar: g has shape (*y.shape, 1)
             gs = g.squeeze(-1)
@@ -122,7 +124,7 @@ def _diffusion_with_derivative(ctx, t0, y):
                     return torch.zeros_like(y)
                 with torch.enable_grad():
                     (jv,) = torch.autograd.grad(u, w, grad_outputs=gs if create else gs.detach(),
-                                                create_graph=create, allow_unused=True)
+                                                create_graph=create, retain_graph=True, allow_unused=True)
                 jv = torch.zeros_like(y) if jv is None else jv
                 return jv * v.reshape(v.shape[0], *([1] * (jv.dim() - 1)))
     if not create:
