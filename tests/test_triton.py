@@ -533,3 +533,33 @@ def test_the_int64_index_path_of_every_kernel_gives_the_same_results(monkeypatch
     monkeypatch.setattr(C, "LARGE_NUMEL", 0)
     for fn, expected in zip(calls, small):
         assert torch.equal(fn(), expected)
+
+
+def test_constexprs_reach_the_fast_launch_in_the_kernels_order(monkeypatch):
+    """On CUDA a cached compiled kernel is launched with the constexprs positionally (combine._launch): every
+    launcher must pass all of them, in the kernel's signature order."""
+    import inspect
+
+    from flowsde.brownian import VirtualBrownianTree
+    from flowsde.kernels import combine as C
+    seen = []
+    real = C._launch
+
+    def spy(kernel, n_programs, args, consts, num_warps, cuda, **options):
+        seen.append((kernel, list(consts)))
+        return real(kernel, n_programs, args, consts, num_warps, cuda, **options)
+    monkeypatch.setattr(C, "_launch", spy)
+    import flowsde.kernels.tree as T
+    monkeypatch.setattr(T, "_launch", spy)
+    tri = kernels.ops("triton", "cpu")
+    y, f, g = (rnd((40, 3), torch.float32, i) for i in range(3))
+    tri.sde_update(y, [(0.1, f)], [(0.2, g)], PhiloxNoise(3), "diagonal")
+    tri.error_norm(y, f, g, 1e-3, 1e-6)
+    tri.sde_update(y[:8], [(0.1, f[:8])], [(0.2, rnd((8, 3, 2), torch.float32, 5))], rnd((8, 2), torch.float32, 6),
+                   "general")
+    VirtualBrownianTree(0.0, 1.0, (8, 2), seed=1).at(torch.rand(8, dtype=torch.float64), ops=tri)
+    assert len({k for k, _ in seen}) == 4
+    for kernel, names in seen:
+        fn = getattr(kernel, "fn", kernel)
+        order = [n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)]
+        assert names == order, (fn.__name__, names, order)
