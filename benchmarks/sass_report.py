@@ -8,8 +8,9 @@ launch path is asked only to compile (``warmup``), for a CUDA target of the give
 (dtypes, 16-byte alignment, integers divisible by 16, constexprs). The cubin is disassembled with the
 ``cuobjdump`` that ships with Triton, and the report gives per kernel: registers per thread, stack and
 local memory, the width of every global load and store of data (``LDG.E.128`` moves 16 bytes per
-thread, the widest), and the static instruction count per element (code of slow paths that never run,
-such as the large-argument reduction of ``cos``, included).
+thread, the widest), the static instruction count per element (code of slow paths that never run,
+such as the large-argument reduction of ``cos``, included) and the instructions per element on the path
+a thread runs (those slow paths left out: :func:`run_path`).
 
 ``--check`` fails (exit 1) if an elementwise step kernel over full operands moves its data in anything
 narrower than 16-byte accesses or spills to local memory: the test suite runs it, so a change that
@@ -145,6 +146,28 @@ def _sass(cubin: bytes):
     return sass, res
 
 
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P[0-9T] )?)([A-Z0-9_.]+)([^;]*);", re.M)
+
+
+def run_path(sass: str) -> int:
+    """Instructions on the path a thread runs when it skips every out-of-line slow path: the code between a
+    predicated forward branch and the ``BSYNC`` it jumps to (or the instruction before it) is left out.
+    In these kernels those regions are the large-argument reductions of ``sin`` / ``cos`` (and ``log``'s
+    subnormal fix-up), which arguments in [0, 2 pi) never enter: this is the static estimate of the
+    instructions each thread executes."""
+    ins = [(int(a, 16), p, op, arg) for a, p, op, arg in _INSTR.findall(sass)]
+    at = {a: op for a, _, op, _ in ins}
+    skipped = set()
+    for a, pred, op, arg in ins:
+        addr = re.findall(r"0x[0-9a-f]+", arg)
+        if op != "BRA" or not pred or not addr:
+            continue
+        target = int(addr[-1], 16)
+        if target > a and "BSYNC" in (at.get(target), at.get(target + 0x10)):
+            skipped.update(b for b, *_ in ins if a < b < target)
+    return len(ins) - len(skipped)
+
+
 def report(arch: int = 90) -> list:
     """One dict per compiled kernel of every case (see the module docstring)."""
     saved = driver._active
@@ -154,14 +177,15 @@ def report(arch: int = 90) -> list:
         for name, (call, per_program, step) in _cases().items():
             for kname, kernel, warps in _capture(call):
                 sass, res = _sass(kernel.asm["cubin"])
-                ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9_.]+)", sass, re.M)
+                ops = [op for _, _, op, _ in _INSTR.findall(sass)]  # any address width (the tree: > 0xffff)
                 usage = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", res))
                 mem = collections.Counter(o for o in ops if o.startswith(("LDG", "STG")) and ".CONSTANT" not in o)
                 per_thread = per_program // (32 * warps) if per_program else None
                 rows.append(dict(case=name, kernel=kname, warps=warps, regs=int(usage.get("REG", 0)),
                                  stack=int(usage.get("STACK", 0)), local=int(usage.get("LOCAL", 0)),
                                  loads_stores=dict(mem), instructions=len(ops),
-                                 per_element=len(ops) / per_thread if per_thread else None, step=step))
+                                 per_element=len(ops) / per_thread if per_thread else None,
+                                 run_per_element=run_path(sass) / per_thread if per_thread else None, step=step))
         return rows
     finally:
         driver._active = saved
@@ -191,13 +215,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = report(args.arch)
     print(f"## sm_{args.arch} SASS of flowsde's kernels (triton {triton.__version__}, compile only, no GPU)\n")
-    print("| case | kernel | warps | regs | stack / local B | global data accesses | SASS instr. | per element |")
-    print("|---|---|---:|---:|---:|---|---:|---:|")
+    print("| case | kernel | warps | regs | stack / local B | global data accesses | SASS instr. | per element "
+          "| run per element |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         acc = ", ".join(f"{v} {k}" for k, v in sorted(r["loads_stores"].items()))
-        pe = "" if r["per_element"] is None else f"{r['per_element']:.0f}"
+        pe, rpe = ("" if r[k] is None else f"{r[k]:.0f}" for k in ("per_element", "run_per_element"))
         print(f"| {r['case']} | {r['kernel']} | {r['warps']} | {r['regs']} | {r['stack']} / {r['local']} | {acc} "
-              f"| {r['instructions']} | {pe} |")
+              f"| {r['instructions']} | {pe} | {rpe} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -19,7 +19,7 @@ import torch
 
 from . import kernels
 from .kernels import PhiloxNoise
-from .kernels.philox import KEY_MASK, philox_randn, philox_randn_at
+from .kernels.philox import KEY_MASK, philox_randn, tl_randn_at
 from .kernels.reference import tree_leaf, tree_std
 
 _MASK = (1 << 64) - 1
@@ -89,8 +89,8 @@ class GridBrownian(BrownianMotion):
         seed: integer seed; ``None`` draws one from torch's global generator.
         dtype, device: of the increments.
         stream: ``"torch"`` (a ``torch.Generator`` seeded per step: fast on any device) or ``"philox"``
-            (Triton's counter-based stream ``tl.randn(key_k, i)``, the one the fused kernels draw in
-            registers; here computed by its PyTorch mirror, slow but exact).
+            (the counter-based Philox stream of key ``key_k`` that the fused kernels draw in registers,
+            four normals per Philox call; here computed by its PyTorch mirror, slower but exact).
         row_start: on the philox stream, this motion is rows ``row_start ..`` of a larger batch with the
             same seed (the shards of a distributed study draw exactly the rows of a one-process run).
 
@@ -325,10 +325,10 @@ class VirtualBrownianTree(BrownianMotion):
         elem = torch.arange(n, dtype=torch.int64, device=self.device).reshape(1, n)
         std = self._std.tolist()
         vals = torch.stack([torch.zeros(n, dtype=torch.float64, device=self.device),
-                            philox_randn_at(self.key, elem[0]).to(torch.float64) * std[0]])
+                            tl_randn_at(self.key, elem[0]).to(torch.float64) * std[0]])
         for lev in range(level):
             nodes = torch.arange(1 << lev, 2 << lev, dtype=torch.int64, device=self.device).reshape(-1, 1)
-            z = philox_randn_at(self.key, (nodes << 32) + elem).to(torch.float64)
+            z = tl_randn_at(self.key, (nodes << 32) + elem).to(torch.float64)
             mid = (vals[:-1] + vals[1:]).mul_(0.5).add_(z, alpha=std[1 + lev])
             out = torch.empty((2 * vals.shape[0] - 1, n), dtype=torch.float64, device=self.device)
             out[0::2], out[1::2] = vals, mid

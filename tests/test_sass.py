@@ -35,6 +35,27 @@ def test_step_kernels_move_their_data_in_16_byte_accesses_without_spills(tmp_pat
         assert set(acc) == {"LDG.E.128", "STG.E.128"} and rows[name]["local"] == 0, (name, acc)
     # float32, 8 elements per thread: two 16-byte loads per operand, two stores
     assert rows["rk4 update, float32"]["loads_stores"] == {"LDG.E.128": 10, "STG.E.128": 2}
+    # the in-kernel noise draws four normals per Philox call, with no shuffles or shared memory to lay them
+    # out: ~70 instructions per element on the run path (one normal per call, tl.randn, took ~127)
+    for name in ("euler-maruyama, in-kernel noise", "ddim + cfg + eta noise"):
+        assert rows[name]["run_per_element"] < 90, (name, rows[name]["run_per_element"])
+        assert rows[name]["run_per_element"] < rows[name]["per_element"] / 2
+
+
+def test_run_path_leaves_out_the_slow_paths_skipped_by_a_predicated_branch():
+    sass = "\n".join([
+        "        /*0000*/                   IMAD R1, R2, R3, RZ ;",
+        "        /*0010*/                   BSSY B0, 0x0060 ;",
+        "        /*0020*/              @!P0 BRA 0x0050 ;",
+        "        /*0030*/                   FMUL R4, R4, R4 ;",
+        "        /*0040*/                   FADD R4, R4, R4 ;",
+        "        /*0050*/                   BSYNC B0 ;",
+        "        /*0060*/                   BRA 0x0000 ;",
+        "        /*10000*/                  EXIT ;"])
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import sass_report as s\n"
+            f"assert s.run_path({sass!r}) == 6, s.run_path({sass!r})\n")
+    p = _run(["-c", code])
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def test_the_check_rejects_narrow_accesses_and_spills():

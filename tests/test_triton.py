@@ -102,19 +102,66 @@ def test_in_kernel_noise_equals_the_philox_mirror(tri, key):
     assert torch.equal(kernels.ops("torch").normal(key, (2049,), torch.float32, "cpu"), philox_randn(key, 2049))
 
 
+def _philox_scalar(key, ctr):
+    """Philox-4x32-10 on one counter, written out directly from the published algorithm."""
+    M = 0xFFFFFFFF
+    c, k0, k1 = [ctr & M, ctr >> 32, 0, 0], key & M, key >> 32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & M, (p0 >> 32) ^ c[3] ^ k1, p0 & M]
+        k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
+    return c
+
+
 def test_philox_integers_are_the_published_algorithm():
     """Known-answer check of the mirror's integer stream against a direct scalar implementation."""
-    def philox_scalar(key, ctr):
-        M = 0xFFFFFFFF
-        c, k0, k1 = [ctr & M, ctr >> 32, 0, 0], key & M, key >> 32
-        for _ in range(10):
-            p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-            c = [(p1 >> 32) ^ c[1] ^ k0, p1 & M, (p0 >> 32) ^ c[3] ^ k1, p0 & M]
-            k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
-        return c
     streams = philox_randint(987654321, 5)
     for i in range(5):
-        assert [int(s[i]) for s in streams] == philox_scalar(987654321, i)
+        assert [int(s[i]) for s in streams] == _philox_scalar(987654321, i)
+
+
+def test_noise_stream_is_four_box_muller_normals_per_philox_call(tri):
+    """Element i of the noise is lane i % 4 of the Philox call at counter i // 4: Box–Muller on the call's
+    uniforms (u0, u1) for lanes 0, 1 and (u2, u3) for lanes 2, 3, computed here from the scalar Philox in
+    Python floats; the kernel (block and per-row paths) and every way of drawing the mirror agree."""
+    from flowsde.kernels.philox import philox_randn_at
+
+    def uniform(x):  # Triton's uint32 -> [0, 1): as int32, negatives folded with ~, times 2**-31 (float32)
+        s = x - 2 ** 32 if x >= 2 ** 31 else x
+        return float(np.float32(-s - 1 if s < 0 else s) * np.float32(4.6566127342e-10))
+
+    key, n = 2 ** 40 + 77, 1030
+    want = []
+    for c in range((n + 3) // 4):
+        u = [uniform(v) for v in _philox_scalar(key, c)]
+        for a, b in ((u[0], u[1]), (u[2], u[3])):
+            r = math.sqrt(-2.0 * math.log(max(a, float(np.float32(1e-7)))))
+            th = float(np.float32(b) * np.float32(2 * math.pi))
+            want += [r * math.cos(th), r * math.sin(th)]
+    want = torch.tensor(want[:n], dtype=torch.float64)
+    mirror = philox_randn(key, n)
+    assert float((mirror.double() - want).abs().max()) < 1e-6
+    assert torch.equal(philox_randn_at(key, torch.arange(n)), mirror)
+    for start, m in ((3, 600), (5, 1), (1021, 9)):  # slices that start and end inside a Philox call
+        assert torch.equal(philox_randn(key, m, start=start), mirror[start:start + m])
+    assert float((tri.normal(key, (n,), torch.float32, "cpu") - mirror).abs().max()) < 1e-6
+    per_row = tri.combine([(1.0, torch.zeros(n, 3))], [(1.0, None)], PhiloxNoise(key), rowwise=True)
+    assert float((per_row - mirror[:, None]).abs().max()) < 1e-6
+
+
+def test_the_four_lanes_of_a_philox_call_are_independent_normals(tri):
+    """Each lane alone is N(0, 1) and the lanes of one call are uncorrelated, their squares too (the two
+    normals of one Box–Muller pair are independent, not merely uncorrelated)."""
+    from scipy import stats
+    n = 4 * 50_000
+    lanes = tri.normal(11, (n // 4, 4), torch.float64, "cpu").T
+    tol = 5 / math.sqrt(n // 4)
+    for z in lanes:
+        assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert abs(float(torch.corrcoef(torch.stack([lanes[i], lanes[j]]))[0, 1])) < tol, (i, j)
+            assert abs(float(torch.corrcoef(torch.stack([lanes[i] ** 2, lanes[j] ** 2]))[0, 1])) < tol, (i, j)
 
 
 def test_in_kernel_noise_has_the_standard_normal_law(tri):

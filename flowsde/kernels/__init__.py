@@ -57,7 +57,8 @@ def resolve_backend(backend=None, device=None, numel=None, captured=False) -> st
 
 
 class PhiloxNoise:
-    """Deferred standard normals ``z[i] = tl.randn(key, i)``: the triton backend draws them inside the
+    """Deferred standard normals ``z[i]`` of the Philox noise stream (four per Philox call, see
+    :func:`flowsde.kernels.philox.philox_randn_at`): the triton backend draws them inside the
     kernel; the torch backend materialises them with the PyTorch mirror.
 
     ``key`` is a host int, or a 0-dim int64 tensor on the data's device that the kernel reads from memory
@@ -99,7 +100,7 @@ class TorchOps:
         return reference.sde_update(y, terms, noise, dw, noise_type)
 
     def normal(self, key, shape, dtype, device):
-        """The Philox normals ``tl.randn(key, i)`` laid out in ``shape``."""
+        """The Philox noise stream ``z[i]``, ``i = 0 .. numel - 1``, laid out in ``shape``."""
         n = 1
         for s in shape:
             n *= int(s)

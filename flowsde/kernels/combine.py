@@ -4,8 +4,8 @@
 
 with up to six terms ``t_i`` (the state, stage derivatives, model outputs), up to two diffusion values
 ``g_j`` and a noise ``z`` that is read from a tensor (a user's Brownian increments) or drawn in registers
-by Philox keyed by ``(key, element)`` (``tl.randn``; ``key`` encodes ``(seed, step)``). Scalar noise
-shares one draw per batch row (``ROWWISE``).
+by Philox keyed by ``(key, element)`` (``key`` encodes ``(seed, step)``; four normals per Philox call,
+:func:`_block_normals`). Scalar noise shares one draw per batch row (``ROWWISE``).
 
 Every step family is this kernel with other coefficients, computed on the host in float64:
 ODE stage inputs and updates (``y + h sum a_ij k_j``), Euler–Maruyama and stochastic Heun updates, the
@@ -52,6 +52,29 @@ def _block_offsets(BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr):
     if LARGE:
         pid = pid.to(tl.int64)
     return pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+
+
+@triton.jit
+def _block_normals(key, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr):
+    """The noise of this program's elements (:func:`_block_offsets`): element ``i`` is lane ``i % 4`` of
+    the Philox call at counter ``i // 4``, ``tl.randn4x(key, i // 4)`` — one Philox-4x32 call and two
+    Box–Muller pairs make four normals (``tl.randn`` spends a call and a logarithm on each). Mirrored by
+    :func:`flowsde.kernels.philox.philox_randn_at`."""
+    n0, n1, n2, n3 = tl.randn4x(key, _block_offsets(BLOCK_SIZE // 4, LARGE))
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit
+def _normal_at(key, idx):
+    """The noise at any (non-negative) offsets ``idx``: the same stream as :func:`_block_normals`, one
+    element at a time (a draw per batch row, the ``(batch, m)`` increments of matrix noise)."""
+    i0, i1, i2, i3 = tl.randint4x(key, idx // 4)
+    lane = idx % 4
+    first = lane < 2
+    u0 = tl.random.uint_to_uniform_float(tl.where(first, i0, i2))
+    u1 = tl.random.uint_to_uniform_float(tl.where(first, i1, i3))
+    c, s = tl.random.pair_uniform_to_normal(u0, u1)
+    return tl.where(lane % 2 == 0, c, s)
 
 
 @triton.jit
@@ -114,10 +137,15 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
             gz = _term(gz, g1, _index(offs, row, BG1), mask, sh1, sl1, F64)
         if NOISE == 1:
             z = tl.load(dw_ptr + nidx, mask=mask, other=0.0)
-        elif NOISE == 3:  # the key read from device memory (a captured graph's replays see new keys)
-            z = tl.randn(tl.load(key), nidx)
         else:
-            z = tl.randn(key, nidx)
+            if NOISE == 3:  # the key read from device memory (a captured graph's replays see new keys)
+                k = tl.load(key)
+            else:
+                k = key
+            if ROWWISE:
+                z = _normal_at(k, nidx)
+            else:
+                z = _block_normals(k, BLOCK_SIZE, LARGE)
         if F64:
             acc = acc + gz * z.to(tl.float64)
         else:
@@ -127,13 +155,14 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
 
 @triton.jit
 def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
-    """``out[i] = tl.randn(key, i)`` (``key`` read from memory when ``KEY_IN_MEMORY``)."""
+    """``out[i]`` = the noise stream at ``i`` (:func:`_block_normals`; ``key`` read from memory when
+    ``KEY_IN_MEMORY``)."""
     offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     if KEY_IN_MEMORY:
-        z = tl.randn(tl.load(key), offs)
+        z = _block_normals(tl.load(key), BLOCK_SIZE, LARGE)
     else:
-        z = tl.randn(key, offs)
+        z = _block_normals(key, BLOCK_SIZE, LARGE)
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -275,7 +304,7 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes shape and dtype), ``diffusion``:
     ``[(s, g or None)]`` (0 to 2; ``None`` means ``g = 1``, allowed alone), ``noise``: a tensor (the
     increments: broadcastable to the result, or one value per batch row with ``rowwise``) or ``None`` to
-    draw ``tl.randn(key, i)``; ``key`` an int, or a 0-dim int64 tensor on the data's device that the
+    draw the Philox stream at element ``i`` (:func:`_block_normals`); ``key`` an int, or a 0-dim int64 tensor on the data's device that the
     kernel reads when it runs. ``out``: an optional preallocated contiguous result (it may be one of the
     inputs; an input that overlaps it otherwise is copied first), so a loop need not allocate per step.
     """
@@ -335,7 +364,7 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
 
 
 def randn(key, shape, dtype, device) -> torch.Tensor:
-    """Standard normals ``tl.randn(key, i)`` for ``i = 0 .. numel-1``, laid out in ``shape`` (``key``: an
+    """The Philox noise stream at ``i = 0 .. numel-1`` (:func:`_block_normals`), laid out in ``shape`` (``key``: an
     int, or a 0-dim int64 tensor on ``device``)."""
     out = torch.empty(shape, dtype=dtype, device=device)
     n = out.numel()
@@ -400,8 +429,8 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
 def linear_trajectory_kernel(out_ptr, x0_ptr, coef_ptr, key_ptr, slot_ptr, n, steps,
                              F64: tl.constexpr, BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
     """All Euler–Maruyama steps of ``dX = (a X + b) dt + (c X + d) dW`` in one launch: the state stays in
-    registers, the noise is ``tl.randn(key_k, element)``, the state is written only at the saved steps.
-    ``coef`` holds ``(a, b, c, d, h)`` per step (float64), ``slot[k]`` the output row after step k or -1."""
+    registers, the noise is the Philox stream of ``key_k`` at the element (:func:`_block_normals`), the
+    state is written only at the saved steps. ``coef`` holds ``(a, b, c, d, h)`` per step (float64), ``slot[k]`` the output row after step k or -1."""
     offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     if F64:
@@ -416,7 +445,7 @@ def linear_trajectory_kernel(out_ptr, x0_ptr, coef_ptr, key_ptr, slot_ptr, n, st
         h = tl.load(coef_ptr + 5 * k + 4).to(x.dtype)
         key = tl.load(key_ptr + k)
         slot = tl.load(slot_ptr + k)
-        z = tl.randn(key, offs).to(x.dtype)
+        z = _block_normals(key, BLOCK_SIZE, LARGE).to(x.dtype)
         x = x + (a * x + b) * h + (c * x + d) * tl.sqrt(h) * z
         rows = offs * 0 + slot  # the output row, as a block (-1: not saved)
         tl.store(out_ptr + rows * n + offs, x.to(out_ptr.dtype.element_ty), mask=mask & (rows >= 0))
@@ -440,8 +469,8 @@ def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, 
                         NF: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
     """Additive / general noise in one pass: ``out[b, i] = cy y + sum_k c_k f_k + sum_j (s0 G0 + s1 G1)[b, i, j]
-    dW[b, j]`` with ``dW`` read from a ``(batch, m)`` tensor (``NOISE == 1``) or drawn as ``tl.randn(key,
-    b m + j)`` (``NOISE == 2``: the Philox stream laid out like the ``(batch, m)`` increments)."""
+    dW[b, j]`` with ``dW`` read from a ``(batch, m)`` tensor (``NOISE == 1``) or drawn as the Philox stream
+    at ``b m + j`` (``NOISE == 2``: the Philox stream laid out like the ``(batch, m)`` increments)."""
     offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     acc = _term(_zeros(BLOCK_SIZE, F64), y_ptr, offs, mask, hy, ly, F64)
@@ -458,7 +487,7 @@ def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, 
         if NOISE == 1:
             z = tl.load(dw_ptr + b * m + j, mask=mask, other=0.0)
         else:
-            z = tl.randn(key, b * m + j)
+            z = _normal_at(key, b * m + j)
         if F64:
             acc = acc + gz * z.to(tl.float64)
         else:
@@ -469,7 +498,7 @@ def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, 
 def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
     """Launch :func:`matrix_noise_kernel`: ``y + sum c f + sum s (G dW)`` for ``y`` of shape ``(batch, d)``,
     ``terms`` ``[(c, f)]`` (0 to 2), ``diffusion`` ``[(s, G)]`` (1 or 2; ``G`` of shape ``(batch, d, m)``),
-    ``dw`` the ``(batch, m)`` increments or ``None`` to draw ``tl.randn(key, b m + j)``."""
+    ``dw`` the ``(batch, m)`` increments or ``None`` to draw the Philox stream at ``b m + j``."""
     if y.dim() != 2 or len(terms) > 2 or not 1 <= len(diffusion) <= 2:
         raise ValueError("matrix_noise_update takes y (batch, d), 0..2 drift terms and 1..2 diffusion matrices")
     B, d = y.shape

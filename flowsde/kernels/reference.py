@@ -176,7 +176,7 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
         W(t) = u sqrt(span) z_0 + sum_l sqrt(span / 2**l) / 2 * hat(p_l) z_{node_l(t)},
 
     with ``u = (t - t0) / span``, ``p_l`` the position of ``t`` in its level-``l`` interval and
-    ``hat(p) = 1 - |2p - 1|``. ``z_node`` of Brownian element ``e`` is ``philox_randn_at(key, node * 2**32 +
+    ``hat(p) = 1 - |2p - 1|``. ``z_node`` of Brownian element ``e`` is ``tl_randn_at(key, node * 2**32 +
     e)``: a pure function of (key, node, element), so a value does not depend on what was asked before.
 
     ``leaf``, ``frac``: from :func:`tree_leaf`, shape ``(n_rows, 1)`` or ``(1, 1)``; ``rows``: the int64
@@ -184,7 +184,7 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
     ``e = row * per_row + j``); ``std``: :func:`tree_std`. Returns ``(n_rows, per_row)`` float64. The
     levels are drawn a few at a time (bounded memory).
     """
-    from .philox import philox_randn_at
+    from .philox import tl_randn_at
 
     dev = leaf.device
     rows = torch.arange(n_rows, dtype=torch.int64, device=dev) if rows is None else rows.to(torch.int64)
@@ -200,7 +200,7 @@ def brownian_tree(key: int, leaf: torch.Tensor, frac: torch.Tensor, rows, n_rows
         node = torch.where(k == 0, 0, (leaf >> below) + (1 << lev))                               # (K, R|1, 1)
         pos = ((leaf & ((1 << below) - 1)).to(torch.float64) + frac) / (1 << below).to(torch.float64)
         coef = torch.where(k == 0, u, 1.0 - (2.0 * pos - 1.0).abs()) * std[k]                     # (K, R|1, 1)
-        z = philox_randn_at(key, (node << 32) + elem).to(torch.float64)                           # (K, R, n)
+        z = tl_randn_at(key, (node << 32) + elem).to(torch.float64)                           # (K, R, n)
         for zk in z.mul_(coef).unbind(0):
             w.add_(zk)  # level by level, elementwise: a value is bitwise the same whatever else is asked
     return w

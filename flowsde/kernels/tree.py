@@ -15,7 +15,7 @@ from .combine import CONFIG, _block_offsets, _cdiv, _large, _launch
 @triton.jit
 def _normal(key, offset):
     """The tree's normal: ``tl.randn``'s Box–Muller on the same Philox uniforms, with log / cos / sqrt in
-    float64 and one rounding to float32 (as :func:`flowsde.kernels.philox.philox_randn_at`), so the
+    float64 and one rounding to float32 (as :func:`flowsde.kernels.philox.tl_randn_at`), so the
     values match the PyTorch specification bit for bit, not only to float32 rounding."""
     i1, i2, _, _ = tl.randint4x(key, offset)
     u1 = tl.maximum(1.0e-7, tl.random.uint_to_uniform_float(i1)).to(tl.float64)

@@ -24,7 +24,8 @@ def solve_linear_sde(x0: torch.Tensor, ts, dt: float, a: Coefficient = 0.0, b: C
 
     The grid steps by at most ``dt`` and contains every time of ``ts`` (each interval is split into equal
     steps). ``a``..``d`` are numbers or functions of a float time. The noise of step ``k`` at element ``i``
-    is ``tl.randn(key_k, i)`` with ``key_k`` from ``(seed, k)``: the same stream as ``sdeint`` on the
+    is the Philox stream of ``key_k`` at ``i`` (:func:`flowsde.kernels.philox.philox_randn_at`), ``key_k``
+    from ``(seed, k)``: the same stream as ``sdeint`` on the
     triton backend, so both give the same paths for the same seed and grid.
     """
     x0 = _checks.check_state("x0", x0)
