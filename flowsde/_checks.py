@@ -81,6 +81,13 @@ def check_step(name: str, dt) -> float:
     return dt
 
 
+def check_seed(seed):
+    """A seed is an int (NumPy integers too) or ``None``; a float or a bool is refused, not truncated."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return None if seed is None else int(seed)
+
+
 def check_options(options: Optional[dict], allowed: Sequence[str], where: str) -> dict:
     """Copy ``options`` (never modify the caller's dict) and reject unknown keys, listing the known ones."""
     if options is None:

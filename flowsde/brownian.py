@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import kernels
+from . import _checks, kernels
 from .kernels import PhiloxNoise
 from .kernels.philox import KEY_MASK, philox_randn, tl_randn_at
 from .kernels.reference import tree_leaf, tree_std
@@ -111,8 +111,7 @@ class GridBrownian(BrownianMotion):
         grid = np.asarray(grid, dtype=np.float64)
         if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) > 0) or not np.all(np.isfinite(grid)):
             raise ValueError("the Brownian grid must be a finite, strictly increasing 1-D sequence of >= 2 times")
-        if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        _checks.check_seed(seed)
         self.grid = grid
         self.t0, self.t1 = float(grid[0]), float(grid[-1])
         self.shape = tuple(int(s) for s in shape)
@@ -125,6 +124,8 @@ class GridBrownian(BrownianMotion):
             raise ValueError(f"stream must be 'torch' or 'philox', got {stream!r}")
         self.stream = stream
         self._gen = torch.Generator(device=self.device) if stream == "torch" else None
+        if isinstance(row_start, bool) or not isinstance(row_start, (int, np.integer)) or row_start < 0:
+            raise ValueError(f"row_start must be an int >= 0, got {row_start!r}")
         if row_start and stream != "philox":
             raise ValueError("row_start needs stream='philox' (a counter-based stream can be drawn in slices)")
         per_row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
@@ -262,8 +263,7 @@ class VirtualBrownianTree(BrownianMotion):
         tol = span * 2.0 ** -20 if tol is None else float(tol)
         if not (span * 2.0 ** -30 <= tol < span):
             raise ValueError(f"tol must be in [(t1 - t0) * 2**-30, t1 - t0), got {tol}")
-        if isinstance(seed, bool) or (seed is not None and not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        _checks.check_seed(seed)
         self.t0, self.t1, self.tol = t0, t1, tol
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) < 1 or self.shape[0] < 1 or int(np.prod(self.shape)) >= 2 ** 32:

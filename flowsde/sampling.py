@@ -1,6 +1,9 @@
 """``flowsde.sample``: turn any model output into the field of a Gaussian path and integrate it."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 
@@ -184,18 +187,18 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
     if method not in SAMPLE_METHODS and method not in ADAPTIVE_ODE_METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {SAMPLE_METHODS}")
     if not callable(sigma):
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0:
-            raise ValueError(f"sigma must be a number >= 0 or a function of t, got {sigma!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 <= sigma < math.inf:
+            raise ValueError(f"sigma must be a finite number >= 0 or a function of t, got {sigma!r}")
         sigma = float(sigma)
     stochastic = callable(sigma) or sigma > 0
-    if uncond is not None and cond is None:
-        raise ValueError("uncond is given without cond: classifier-free guidance needs both (and guidance_scale)")
+    guidance_scale = _check_guidance(x_init, cond, uncond, guidance_scale)
     if method in ADAPTIVE_ODE_METHODS:
         time_grid(path, 1, t_start, t_end)  # the same checks of t_start / t_end as the fixed-step samplers
         if stochastic or eta:
             raise ValueError(f"adaptive method {method!r} integrates the ODE: sigma and eta must be 0")
-        if guidance_scale is not None and (cond is None or uncond is None):
-            raise ValueError("classifier-free guidance needs both cond and uncond")
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True captures a fixed-step loop; adaptive method {method!r} has none "
+                             f"(its step count is decided as it runs)")
         probe = np.linspace(float(t_start), float(t_end), 257)
         _validate_conversions(path, prediction, "heun", False, probe)  # every probe time, both ends included
         field = PathField(model, path, prediction, x_init, cond, uncond, guidance_scale)
@@ -210,19 +213,6 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
                          f"for stochastic DDIM pass method='ddim' with eta > 0")
     if not (0.0 <= float(eta) <= 1.0) or (eta and method != "ddim"):
         raise ValueError(f"eta must be in [0, 1] and only applies to method='ddim', got eta={eta}")
-    if guidance_scale is not None:
-        if cond is None or uncond is None:
-            raise ValueError("classifier-free guidance needs both cond and uncond")
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
-            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
-    for name, c in (("cond", cond), ("uncond", uncond)):
-        if c is not None and (not isinstance(c, torch.Tensor) or c.dim() < 1):
-            raise TypeError(f"{name} must be a tensor with a batch dimension")
-    if cond is not None and cond.shape[0] != x_init.shape[0]:
-        raise ValueError(f"cond has batch {cond.shape[0]}, x_init has batch {x_init.shape[0]}")
-    if uncond is not None and uncond.shape[0] not in (1, x_init.shape[0]):
-        raise ValueError(f"uncond must have batch 1 or {x_init.shape[0]}, got {uncond.shape[0]}")
-
     grid = time_grid(path, steps, t_start, t_end, spacing, rho)
     _validate_conversions(path, prediction, method, stochastic, grid)
     if cuda_graph and callable(sigma):
@@ -269,8 +259,7 @@ def _sample_graphed(build, x_init, cond, uncond, seed, grid, settings, refs, noi
 
     if x_init.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs CUDA tensors; x_init is on {x_init.device}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    _checks.check_seed(seed)
     meta = lambda t: None if t is None else (tuple(t.shape), t.dtype, t.device)  # noqa: E731
     key = settings + (meta(x_init), meta(cond), meta(uncond))
     loop = graphs.captured(key, refs, build, x_init, cond, uncond, n_keys=len(grid) - 1)
@@ -370,6 +359,29 @@ def _extension_em_loop(field: PathField, grid, sigma: float, ops, like: torch.Te
     return run
 
 
+def _check_guidance(x_init, cond, uncond, guidance_scale):
+    """The conditioning inputs of :func:`sample`, checked for every method; returns the guidance scale as
+    a float (or ``None``), so the loop never converts a tensor on the host."""
+    if uncond is not None and cond is None:
+        raise ValueError("uncond is given without cond: classifier-free guidance needs both (and guidance_scale)")
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        if c is not None and (not isinstance(c, torch.Tensor) or c.dim() < 1):
+            raise TypeError(f"{name} must be a tensor with a batch dimension")
+    if cond is not None and cond.shape[0] != x_init.shape[0]:
+        raise ValueError(f"cond has batch {cond.shape[0]}, x_init has batch {x_init.shape[0]}")
+    if uncond is not None and uncond.shape[0] not in (1, x_init.shape[0]):
+        raise ValueError(f"uncond must have batch 1 or {x_init.shape[0]}, got {uncond.shape[0]}")
+    if guidance_scale is None:
+        return None
+    if cond is None or uncond is None:
+        raise ValueError("classifier-free guidance needs both cond and uncond")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    return float(guidance_scale)
+
+
 def _validate_conversions(path, prediction, method, stochastic, grid):
     """Check, once and on the host, that no conversion the run needs is singular at its evaluation times."""
     if method == "ddim":
@@ -383,5 +395,6 @@ def _validate_conversions(path, prediction, method, stochastic, grid):
         dsts = ("velocity",)
     t = torch.as_tensor(times, dtype=torch.float64)
     a, b, da, db = path.coefficients(t)
-    for dst in dsts:
-        path.check_conversion(prediction, dst, a, b, da, db, t)
+    for dst in dsts:  # score -> velocity through beta beta', finite where beta' is not (VP at t = 1)
+        bdb = path.beta_dbeta(t) if (prediction, dst) == ("score", "velocity") else None
+        path.check_conversion(prediction, dst, a, b, da, db, t, bdb=bdb)

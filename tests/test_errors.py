@@ -218,3 +218,37 @@ def test_sample_refuses_times_outside_the_path_and_an_uncond_without_cond():
             flowsde.sample(lambda x, t: -x, x, **kw)
     with pytest.raises(ValueError, match="uncond is given without cond"):
         flowsde.sample(lambda x, t: -x, x, uncond=torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("method", ["heun", "dopri5"])
+def test_sample_checks_conditioning_and_scales_for_fixed_and_adaptive_methods(method):
+    x, c, u = torch.ones(4, 2), torch.ones(4, 1), torch.zeros(1, 1)
+    model = lambda x, t, *cond: -x  # noqa: E731
+    cases = [(dict(cond=torch.ones(1, 1)), ValueError, "cond has batch 1"),
+             (dict(cond=c, uncond=u, guidance_scale=True), TypeError, "guidance_scale must be a number"),
+             (dict(cond=c, uncond=u, guidance_scale=float("nan")), ValueError, "guidance_scale must be finite"),
+             (dict(cond=c, uncond=u, guidance_scale=torch.tensor(2.0)), TypeError, "guidance_scale must be a number"),
+             (dict(sigma=float("inf")), ValueError, "sigma must be a finite number")]
+    for kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            flowsde.sample(model, x, method=method, **kw)
+    if method == "dopri5":  # a captured loop has a fixed step count
+        with pytest.raises(ValueError, match="cuda_graph=True captures a fixed-step loop"):
+            flowsde.sample(model, x, method=method, cuda_graph=True)
+
+
+def test_numpy_integers_and_floats_are_numbers_but_floats_are_not_seeds():
+    import numpy as np
+
+    from flowsde.solvers.linear import solve_linear_sde
+    a = flowsde.sample(lambda x, t: -x, torch.ones(4, 2), method="euler", steps=np.int64(5), sigma=np.float32(0.5),
+                       seed=np.int64(3))
+    b = flowsde.sample(lambda x, t: -x, torch.ones(4, 2), method="euler", steps=5, sigma=0.5, seed=3)
+    assert torch.equal(a, b)
+    ts = torch.tensor([0.0, 1.0])
+    for seed in (1.9, True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            solve_linear_sde(torch.ones(3), ts, 0.1, seed=seed)
+    for row_start in (-1, 1.5):
+        with pytest.raises(ValueError, match="row_start must be an int >= 0"):
+            flowsde.GridBrownian(t0=0.0, t1=1.0, steps=4, shape=(2, 1), seed=0, stream="philox", row_start=row_start)

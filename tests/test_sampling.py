@@ -213,3 +213,29 @@ def test_adaptive_sampling_reproduces_the_mixture():
     assert float((x - ref).abs().max()) < 1e-3 and st["nfe"] < 800
     with pytest.raises(ValueError, match="singular"):
         flowsde.sample(model, noise(10), path=path, prediction="epsilon", method="dopri5")
+
+
+@pytest.mark.parametrize("method", ["heun", "rk4", "dopri5"])
+def test_score_prediction_reaches_t_1_on_a_vp_path(method):
+    """beta' is infinite at t = 1 on VP paths, but score -> velocity goes through beta beta' (finite): a
+    score model is sampled up to the data end, and lands on the exact flow map of a single Gaussian."""
+    path = flowsde.paths.VPLinear()
+    mix = GaussianMixture([1.0], [[1.0, -2.0]], [0.25])
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t0 = torch.tensor(0.05, dtype=torch.float64)
+    a, b = path.alpha(t0), path.beta(t0)
+    x_init = a * mix.means[0] + (a * a * 0.25 + b * b).sqrt() * x0
+    x1 = flowsde.sample(lambda x, t: mix.score(x, t, path), x_init, path=path, prediction="score",
+                        method=method, steps=200, t_start=0.05, rtol=1e-8, atol=1e-8)
+    exact = mix.means[0] + 0.5 * x0
+    assert float((x1 - exact).abs().max()) < 1e-3
+
+
+def test_schedule_derivatives_and_sampling_under_inference_mode():
+    path = flowsde.paths.Schedule(lambda t: torch.sin(0.5 * torch.pi * t), lambda t: torch.cos(0.5 * torch.pi * t))
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.inference_mode():
+        d = path.dalpha(torch.tensor([0.0, 1.0], dtype=torch.float64))
+        y = flowsde.sample(lambda x, t: -x, x, path=path, steps=4, t_start=0.1)
+    assert torch.allclose(d, torch.tensor([0.5 * torch.pi, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.equal(y, flowsde.sample(lambda x, t: -x, x, path=path, steps=4, t_start=0.1))

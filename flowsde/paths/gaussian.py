@@ -339,8 +339,9 @@ class Schedule(GaussianPath):
     @staticmethod
     def _derivative(fn, t):
         t = _as_time(t)
-        with torch.enable_grad():
-            tt = t.detach().requires_grad_(True)
+        # autograd, also under torch.inference_mode() (which enable_grad alone does not lift)
+        with torch.inference_mode(False), torch.enable_grad():
+            tt = t.detach().clone().requires_grad_(True)
             y = fn(tt)
             if not (isinstance(y, torch.Tensor) and y.requires_grad):  # a constant (e.g. torch.ones_like(t))
                 return torch.zeros_like(t)

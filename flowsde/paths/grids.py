@@ -29,8 +29,9 @@ def time_grid(path: GaussianPath, steps: int, t_start: float = 0.0, t_end: float
     ``sigma(t_end) = 0`` the first ``steps`` times run from ``sigma(t_start)`` to ``sigma_min`` and the last
     step goes to ``t_end`` (as EDM's sampler ends at sigma = 0).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = int(steps)
     t_start, t_end = float(t_start), float(t_end)
     if not (math.isfinite(t_start) and math.isfinite(t_end) and t_start < t_end):
         raise ValueError(f"need finite t_start < t_end, got t_start={t_start}, t_end={t_end}")

@@ -163,8 +163,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ts_host = _checks.host_times("ts", ts, increasing_only=True)
     step = _checks.check_step("dt", dt)
     ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    _checks.check_seed(seed)
     if bm is not None:
         if not callable(bm):
             raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
