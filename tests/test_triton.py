@@ -610,3 +610,49 @@ def test_constexprs_reach_the_fast_launch_in_the_kernels_order(monkeypatch):
         fn = getattr(kernel, "fn", kernel)
         order = [n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)]
         assert names == order, (fn.__name__, names, order)
+
+
+def test_gradients_flow_through_the_triton_backend_as_through_torch():
+    """The fused kernels have no backward: an op whose operands require grad (grad mode on) runs on the
+    PyTorch ops, so odeint, sdeint and the whole-trajectory solver differentiate on either backend."""
+    from flowsde.solvers.linear import solve_linear_sde
+    lin = torch.nn.Linear(3, 3).double()
+    torch.nn.init.normal_(lin.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+
+    class SDE(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return lin(y)
+
+        def g(self, t, y):
+            return 0.3 * torch.sin(y)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    grads = {}
+    for be in ("torch", "triton"):
+        out = []
+        for solve in (lambda y0: flowsde.sdeint(SDE(), y0, ts, bm=torchsde.BrownianInterval(
+                          0.0, 1.0, size=(5, 3), dtype=torch.float64, entropy=2), dt=0.1, method="milstein",
+                          options=dict(backend=be)),
+                      lambda y0: flowsde.odeint(lambda t, y: lin(y), y0, ts, method="rk4",
+                                                options=dict(step_size=0.1, backend=be))):
+            y0 = rnd((5, 3), torch.float64, 1).requires_grad_(True)
+            lin.zero_grad()
+            solve(y0)[-1].pow(2).sum().backward()
+            out += [y0.grad, lin.weight.grad.clone()]
+        x0 = torch.ones(6, dtype=torch.float64, requires_grad=True)
+        solve_linear_sde(x0, ts, 0.1, a=-1.0, c=0.2, d=0.5, seed=1, backend=be)[-1].sum().backward()
+        grads[be] = out + [x0.grad]
+    for a, b in zip(grads["torch"], grads["triton"]):
+        assert b is not None and float(a.abs().max()) > 0.1 and float((a - b).abs().max()) < 1e-12
+    with torch.no_grad():  # without autograd the kernels run (same numbers)
+        y0 = rnd((5, 3), torch.float64, 1)
+        a = flowsde.odeint(lambda t, y: lin(y), y0, ts, method="rk4", options=dict(step_size=0.1, backend="triton"))
+        b = flowsde.odeint(lambda t, y: lin(y), y0, ts, method="rk4", options=dict(step_size=0.1, backend="torch"))
+    assert float((a - b).abs().max()) < 1e-12
+
+
+def test_error_norm_with_tolerances_beyond_the_kernels_coefficient_range(tri):
+    y, e = torch.zeros(2, 3, dtype=torch.float64), torch.full((2, 3), 1e-300, dtype=torch.float64)
+    got, want = tri.error_norm(y, y, e, 1e-3, 1e-200), reference.error_norm(y, y, e, 1e-3, 1e-200)
+    assert torch.allclose(got, want) and torch.allclose(want, torch.full((2,), 1e-100, dtype=torch.float64))

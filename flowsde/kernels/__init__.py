@@ -119,7 +119,7 @@ class TritonOps(TorchOps):
         self._c = _c
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
-        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion):
+        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion) or _records_grad(terms, diffusion, noise):
             return super().combine(terms, diffusion, noise, rowwise, out)
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
         tensor = None if isinstance(noise, PhiloxNoise) else noise
@@ -135,14 +135,16 @@ class TritonOps(TorchOps):
         return self.combine([(1.0, y)] + list(terms))
 
     def error_norm(self, y0, y1, err, rtol, atol):
+        if not _fused_coefficients(y1.dtype, [(rtol, None), (atol, None)]) or _records_grad([(1, y0), (1, y1), (1, err)]):
+            return reference.error_norm(y0, y1, err, rtol, atol)
         return self._c.error_norm(y0, y1, err, float(rtol), float(atol))
 
     def lerp(self, y0, y1, s):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
     def sde_update(self, y, terms, noise, dw, noise_type):
-        if not _fused_coefficients(y.dtype, terms, noise):  # e.g. step sizes held on the device
-            return super().sde_update(y, terms, noise, dw, noise_type)
+        if not _fused_coefficients(y.dtype, terms, noise) or _records_grad([(1, y)], terms, noise, dw):
+            return super().sde_update(y, terms, noise, dw, noise_type)  # e.g. step sizes held on the device
         if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
             host_key = not (isinstance(dw, PhiloxNoise) and isinstance(dw.key, torch.Tensor))
             if y.dim() == 2 and len(terms) <= 2 and 1 <= len(noise) <= 2 and host_key:
@@ -174,6 +176,23 @@ def _fused_coefficients(dtype, *term_lists) -> bool:
             if dtype == torch.float64 and c != 0.0 and not 2.0 ** -100 <= abs(c) <= 2.0 ** 100:
                 return False
     return True
+
+
+def _records_grad(*parts) -> bool:
+    """Whether autograd would record an op on these operands (lists of ``(c, tensor)`` pairs, or a noise
+    tensor): grad mode is on and one of them requires grad. The fused kernels have no backward, so such
+    a call runs on the PyTorch ops, and gradients reach ``y0`` and the model's parameters on either
+    backend (host attribute reads only: no synchronisation)."""
+    if not torch.is_grad_enabled():
+        return False
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            if part.requires_grad:
+                return True
+        elif isinstance(part, (list, tuple)):
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for _, t in part):
+                return True
+    return False
 
 
 def _noise_shape(y, noise_type, noise=()):

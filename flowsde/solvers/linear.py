@@ -42,12 +42,14 @@ def solve_linear_sde(x0: torch.Tensor, ts, dt: float, a: Coefficient = 0.0, b: C
     t0s, hs = grid[:-1], np.diff(grid)
     ev = lambda f: np.array([f(float(t)) for t in t0s]) if callable(f) else np.full(len(t0s), float(f))  # noqa
     coef = np.stack([ev(a), ev(b), ev(c), ev(d), hs], axis=1)
-    seed = default_seed() if seed is None else int(seed)
+    seed = _checks.check_seed(seed)
+    seed = default_seed() if seed is None else seed
     keys = [k & KEY_MASK for k in step_keys(seed, len(hs))]
     dev = x0.device
     coef_t = torch.as_tensor(coef, dtype=torch.float64).to(dev)
     keys_t = torch.as_tensor(keys, dtype=torch.int64).to(dev)
     slots_t = torch.as_tensor(slots, dtype=torch.int64).to(dev)
-    fn = ops._c.linear_trajectory if ops.name == "triton" else kernels.reference.linear_trajectory
+    fused = ops.name == "triton" and not (torch.is_grad_enabled() and x0.requires_grad)  # no backward in the kernel
+    fn = ops._c.linear_trajectory if fused else kernels.reference.linear_trajectory
     rest = fn(x0, coef_t, keys_t, slots_t, len(th) - 1)
     return torch.cat([x0.unsqueeze(0), rest], dim=0)
