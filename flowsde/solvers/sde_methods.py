@@ -100,6 +100,7 @@ def _diffusion_with_derivative(ctx, t0, y):
     Diagonal noise (``g_i`` depends on ``y_i`` only) uses one vector-Jacobian product; scalar noise needs
     the Jacobian-vector product ``(dg/dy) g`` (the Milstein term's direction), taken by double backward.
     """
+    grad_mode = torch.is_grad_enabled()  # the caller's: under no_grad the step builds no graph of its own
     with torch.enable_grad():
         y_ = y if y.requires_grad else y.detach().requires_grad_(True)
         g = ctx.g(t0, y_)
@@ -107,7 +108,7 @@ def _diffusion_with_derivative(ctx, t0, y):
             return g, lambda v: torch.zeros_like(y)
         # the step is differentiated when the state is, or when g depends on a tensor that requires grad
         # (the diffusion's parameters; found once per solve by walking g's graph)
-        create = torch.is_grad_enabled() and (y.requires_grad or _depends_on_other_leaves(ctx, g, y_))
+        create = grad_mode and (y.requires_grad or _depends_on_other_leaves(ctx, g, y_))
         if ctx.noise_type == "diagonal":
             def gdg(v):
                 with torch.enable_grad():
