@@ -156,9 +156,11 @@ def gpu_time(fn, reps=20, device="cuda", flush_bytes=256 << 20):
 def bandwidth(n=1 << 24, reps=20, device="cuda", compile=True) -> tuple:
     """Per step kernel: ``(name, GB/s, fraction of copy bandwidth, speedup over eager, over torch.compile,
     GB/s in a loop of back-to-back calls)`` and the copy bandwidth in GB/s, all device times from
-    :func:`gpu_time`. The deterministic update (RK4) is first checked equal to its eager form. On a CPU
-    device (the test suite, through the interpreter) it runs the same code with wall times, no
-    torch.compile and no loop column."""
+    :func:`gpu_time`. Bytes are the full-size tensors each kernel must read and write once (``n`` float32
+    elements each; general noise reads its ``(batch, d, m)`` matrix, ``m`` of them). The SDE-extension
+    update is the DDIM row's kernel with other coefficients. The updates without drawn noise are first
+    checked equal to their eager forms. On a CPU device (the test suite, through the interpreter) it runs
+    the same code with wall times, no torch.compile and no loop column."""
     cuda = str(device).startswith("cuda")
     tri = kernels.ops("triton", device)
     g_ = torch.Generator(device="cpu").manual_seed(1)
@@ -181,16 +183,43 @@ def bandwidth(n=1 << 24, reps=20, device="cuda", compile=True) -> tuple:
     def eager_ddim():
         return 0.9 * y + 0.5 * (k1 + 2.5 * (k2 - k1)) + 0.1 * torch.randn_like(y)
 
-    cases = [
+    def eager_heun():
+        return y + 0.005 * k1 + 0.005 * k2 + (0.05 * g + 0.05 * k3) * k4
+
+    d, m = 8, 4  # (batch, d) states: scalar noise draws one normal per row; general noise a (batch, d, m) G
+    y2, f2, g2 = y.view(-1, d), k1.view(-1, d), g.view(-1, d, 1)
+    G = torch.randn(n * m, generator=g_).to(device).view(-1, d, m)
+
+    def eager_scalar():
+        return y2 + 0.01 * f2 + 0.1 * g2.squeeze(-1) * torch.randn(y2.shape[0], 1, device=device)
+
+    def eager_general():
+        dw = torch.randn(y2.shape[0], m, 1, device=device)
+        return y2 + 0.01 * f2 + 0.1 * torch.bmm(G, dw).squeeze(-1)
+
+    def eager_norm():
+        return reference.error_norm(y2, f2, k2.view(-1, d), 1e-3, 1e-6)
+
+    cases = [  # (name, full-size tensors moved, fused, eager)
         ("rk4 update", 6, lambda: tri.lincomb(y, [(0.1, k1), (0.3, k2), (0.3, k3), (0.1, k4)]), eager_rk4),
         ("euler-maruyama (noise in kernel)", 4, lambda: tri.sde_update(y, [(0.01, k1)], [(0.1, g)], PhiloxNoise(1),
                                                                         "diagonal"), eager_em),
         ("ddim + cfg (noise in kernel)", 4, lambda: tri.combine([(0.9, y), (-0.75, k1), (1.25, k2)], [(0.1, None)],
                                                                  PhiloxNoise(2)), eager_ddim),
+        ("stochastic heun (given dW)", 7, lambda: tri.sde_update(y, [(0.005, k1), (0.005, k2)],
+                                                                 [(0.05, g), (0.05, k3)], k4, "diagonal"), eager_heun),
+        ("euler-maruyama, scalar noise (in kernel)", 4, lambda: tri.sde_update(y2, [(0.01, f2)], [(0.1, g2)],
+                                                                                PhiloxNoise(3), "scalar"), eager_scalar),
+        ("euler-maruyama, general noise m=4 (in kernel)", 3 + m, lambda: tri.sde_update(
+            y2, [(0.01, f2)], [(0.1, G)], PhiloxNoise(4), "general"), eager_general),
+        ("per-sample error norm", 3, lambda: tri.error_norm(y2, f2, k2.view(-1, d), 1e-3, 1e-6), eager_norm),
     ]
-    err = float((cases[0][2]() - eager_rk4()).abs().max())
-    if err > 1e-5:
-        raise AssertionError(f"rk4 update: fused and eager differ by {err:.2e}")
+    for name, _, fused, eager in cases:  # the updates without drawn noise equal their eager form
+        if "in kernel" not in name:
+            want = eager()
+            err = float((fused() - want).abs().max()) / max(1.0, float(want.abs().max()))
+            if err > 1e-5:
+                raise AssertionError(f"{name}: fused and eager differ by {err:.2e} (relative)")
     rows = []
     for name, tensors, fused, eager in cases:
         t_f, t_e = gpu_time(fused, reps, device), gpu_time(eager, reps, device)

@@ -300,8 +300,10 @@ def test_gpu_benchmark_script_checks_run_in_the_interpreter():
     rows = mod.check_kernels("cpu", n=1 << 11)
     assert len(rows) == 8 and all(err < 1e-5 for _, err in rows)
     rows, copy = mod.bandwidth(n=1 << 10, reps=3, device="cpu", compile=False)
-    assert copy > 0 and [r[0] for r in rows] == ["rk4 update", "euler-maruyama (noise in kernel)",
-                                                 "ddim + cfg (noise in kernel)"]
+    assert copy > 0 and [r[0] for r in rows] == [
+        "rk4 update", "euler-maruyama (noise in kernel)", "ddim + cfg (noise in kernel)", "stochastic heun (given dW)",
+        "euler-maruyama, scalar noise (in kernel)", "euler-maruyama, general noise m=4 (in kernel)",
+        "per-sample error norm"]
     assert all(bw > 0 and frac > 0 and vs_eager > 0 for _, bw, frac, vs_eager, _, _ in rows)
 
 
