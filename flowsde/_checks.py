@@ -97,7 +97,16 @@ def check_options(options: Optional[dict], allowed: Sequence[str], where: str) -
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {where}; known options: {sorted(allowed)}")
+    for key, value in options.items():  # switches are bools and counts ints, never coerced ("no" is truthy)
+        if key in _FLAG_OPTIONS and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"option {key!r} must be True or False, got {value!r}")
+        if key in _COUNT_OPTIONS and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))):
+            raise TypeError(f"option {key!r} must be an int, got {value!r}")
     return dict(options)
+
+
+_FLAG_OPTIONS = ("return_stats", "per_sample", "capturable", "clip_end", "grad_free")
+_COUNT_OPTIONS = ("max_num_steps", "check_every")
 
 
 def check_output(name: str, out, like: torch.Tensor, expected_shape) -> torch.Tensor:

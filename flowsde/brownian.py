@@ -44,9 +44,23 @@ def step_keys(seed: int, n: int) -> list:
     return [int(v) for v in z.tolist()]
 
 
+def _resolved(device) -> torch.device:
+    """``device`` as a tensor on it reports it (``"cuda"`` -> ``cuda:0``, ``"cpu:0"`` -> ``cpu``), so a motion
+    built with either spelling compares equal to its state's device."""
+    return torch.empty(0, device=device).device
+
+
 def default_seed() -> int:
     """A fresh seed drawn from torch's global CPU generator (so ``torch.manual_seed`` makes runs repeat)."""
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+
+
+def _check_grid(grid) -> np.ndarray:
+    """A Brownian grid as float64: finite, strictly increasing, 1-D, at least two times."""
+    grid = np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) > 0) or not np.all(np.isfinite(grid)):
+        raise ValueError("the Brownian grid must be a finite, strictly increasing 1-D sequence of >= 2 times")
+    return grid
 
 
 class BrownianMotion:
@@ -66,7 +80,10 @@ class BrownianMotion:
     def increment(self, ta: float, tb: float) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __call__(self, ta, tb=None):
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        if return_U or return_A:  # torchsde's reverse-time wrapper (sdeint_adjoint) passes both, False
+            raise NotImplementedError("flowsde's Brownian motions give increments only (no space-time Levy "
+                                      "area): levy_area_approximation is 'none'")
         ta = _as_time(ta)
         if tb is None:
             ta, tb = self.t0, ta
@@ -108,15 +125,13 @@ class GridBrownian(BrownianMotion):
                 raise ValueError(f"steps must be a positive integer, got {steps!r}")
             grid = np.linspace(float(t0), float(t1), steps + 1)
             grid[-1] = float(t1)
-        grid = np.asarray(grid, dtype=np.float64)
-        if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) > 0) or not np.all(np.isfinite(grid)):
-            raise ValueError("the Brownian grid must be a finite, strictly increasing 1-D sequence of >= 2 times")
+        grid = _check_grid(grid)
         _checks.check_seed(seed)
         self.grid = grid
         self.t0, self.t1 = float(grid[0]), float(grid[-1])
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = _resolved(device)
         self.seed = default_seed() if seed is None else int(seed)
         self._sqrt_h = np.sqrt(np.diff(grid)).tolist()
         self._keys = step_keys(self.seed, grid.size - 1)
@@ -199,7 +214,9 @@ class SampledPath(BrownianMotion):
     so the many solves of a convergence study share one path without drawing it again."""
 
     def __init__(self, grid, values: torch.Tensor):
-        grid = np.asarray(grid, dtype=np.float64)
+        grid = _check_grid(grid)
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values must be a tensor, got {type(values).__name__}")
         if values.shape[0] != grid.size:
             raise ValueError(f"values must have one row per grid time ({grid.size}), got {values.shape[0]}")
         self.grid, self.values = grid, values
@@ -268,7 +285,7 @@ class VirtualBrownianTree(BrownianMotion):
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) < 1 or self.shape[0] < 1 or int(np.prod(self.shape)) >= 2 ** 32:
             raise ValueError(f"shape must be (batch, ...) with fewer than 2**32 elements, got {self.shape}")
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, _resolved(device)
         self.seed = default_seed() if seed is None else int(seed)
         self.key = step_key(self.seed, -2) & KEY_MASK  # a stream of its own (grid steps use k >= 0)
         self.depth = int(np.ceil(np.log2(span / tol) - 1e-9))
@@ -303,8 +320,11 @@ class VirtualBrownianTree(BrownianMotion):
         t = float(t)
         w = self._recent.get(t)
         if w is None:
-            if not (self.t0 - 1e-12 <= t <= self.t1 + 1e-12):
+            # a time beyond an end by float32 rounding (torchsde passes float32 ts through) is that end
+            tol = 1e-6 * max(1.0, abs(self.t0), abs(self.t1))
+            if not (self.t0 - tol <= t <= self.t1 + tol):
                 raise ValueError(f"time {t} is outside the tree's interval [{self.t0}, {self.t1}]")
+            t = min(max(t, self.t0), self.t1)
             w = self.at(torch.full((), t, dtype=torch.float64, device=self.device))
             if len(self._recent) >= 4:
                 self._recent.pop(next(iter(self._recent)))

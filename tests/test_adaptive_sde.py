@@ -294,3 +294,52 @@ def test_milstein_attempts_share_the_start_points_diffusion_and_derivative():
     _, st = flowsde.sdeint(Counted(mu=0.5, sigma=0.5), y0, ts, seed=0, dt=0.1, adaptive=True, rtol=1e-3, atol=1e-3,
                            method="milstein", options=dict(return_stats=True))
     assert st["nge"] == len(calls) == 2 * st["steps"], (st, len(calls))
+
+
+def test_steps_on_the_leaf_grid_always_advance_from_a_start_that_does_not_divide_exactly():
+    """A tree on [0.3, 1]: t = t0 + k leaf can divide back to k - eps, and the next leaf point must still
+    lie strictly after t (it was t itself: zero-length steps, accepted one after another, for ever)."""
+    from flowsde.brownian import VirtualBrownianTree
+
+    class GBM:
+        noise_type, sde_type = "diagonal", "ito"
+
+        def __init__(self):
+            self.ts = []
+
+        def f(self, t, y):
+            self.ts.append(float(t))
+            return 0.5 * y
+
+        def g(self, t, y):
+            return y
+    sde = GBM()
+    ts = torch.tensor([0.3, 1.0], dtype=torch.float64)
+    bm = VirtualBrownianTree(0.3, 1.0, (4, 1), seed=0, dtype=torch.float64)
+    _, st = flowsde.sdeint(sde, torch.ones(4, 1, dtype=torch.float64), ts, bm=bm, method="milstein", dt=1e-7,
+                           adaptive=True, rtol=1e-10, atol=1e-10, dt_min=1e-9,
+                           options=dict(return_stats=True, max_num_steps=120))
+    starts = sde.ts[::2]  # f at each attempt's start and its midpoint
+    assert st["accepted"] > 40
+    assert len(set(starts)) >= st["accepted"] and max(starts) > 0.3 + 40 * (0.7 * 2.0 ** -bm.depth)
+
+
+def test_a_tree_and_times_in_another_spelling_or_float32_are_accepted():
+    """A tree built on device "cpu:0" serves a state on "cpu"; float32 ts = [0, 0.1] ends at 0.10000000149,
+    past a [0, 0.1] tree or BrownianInterval by float32 rounding only: clipped onto it, as torchsde does."""
+    from flowsde.brownian import VirtualBrownianTree
+    from flowsde.problems import OrnsteinUhlenbeck
+    sde = OrnsteinUhlenbeck(1.0, 0.5)
+    y0 = torch.ones(4, 2, dtype=torch.float64)
+    bm = VirtualBrownianTree(0.0, 1.0, (4, 2), seed=1, dtype=torch.float64, device="cpu:0")
+    a = flowsde.sdeint(sde, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), bm=bm, dt=0.1, adaptive=True)
+    assert torch.isfinite(a).all()
+    y32, ts32 = y0.float(), torch.tensor([0.0, 0.1])
+    for bm in (VirtualBrownianTree(0.0, 0.1, (4, 2), seed=1),
+               torchsde.BrownianInterval(0.0, 0.1, size=(4, 2), entropy=1)):
+        for adaptive in (False, True):
+            ys = flowsde.sdeint(sde, y32, ts32, bm=bm, dt=0.01, adaptive=adaptive)
+            assert ys.shape == (2, 4, 2) and torch.isfinite(ys).all()
+    with pytest.raises(ValueError, match="bm covers"):
+        flowsde.sdeint(sde, y32, torch.tensor([0.0, 0.1001]), bm=VirtualBrownianTree(0.0, 0.1, (4, 2), seed=1),
+                       dt=0.01)

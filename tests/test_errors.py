@@ -252,3 +252,48 @@ def test_numpy_integers_and_floats_are_numbers_but_floats_are_not_seeds():
     for row_start in (-1, 1.5):
         with pytest.raises(ValueError, match="row_start must be an int >= 0"):
             flowsde.GridBrownian(t0=0.0, t1=1.0, steps=4, shape=(2, 1), seed=0, stream="philox", row_start=row_start)
+
+
+def test_option_switches_are_bools_and_counts_are_ints():
+    sde = GeometricBrownianMotion()
+    for opts, match in ((dict(per_sample="no"), "'per_sample' must be True or False"),
+                        (dict(capturable="no", max_num_steps=10), "'capturable' must be True or False"),
+                        (dict(max_num_steps=2.5), "'max_num_steps' must be an int"),
+                        (dict(max_num_steps=True), "'max_num_steps' must be an int"),
+                        (dict(check_every=2.9), "'check_every' must be an int")):
+        with pytest.raises(TypeError, match=match):
+            flowsde.sdeint(sde, Y0, T, dt=0.1, adaptive=True, options=opts)
+        with pytest.raises(TypeError, match=match):
+            flowsde.odeint(LinearODE(), Y0, T, options=opts)
+    with pytest.raises(TypeError, match="'return_stats' must be True or False"):
+        flowsde.odeint(LinearODE(), Y0, T, method="euler", options=dict(return_stats=1))
+
+
+def test_sampled_paths_check_their_grid_and_are_refused_by_the_adaptive_solver():
+    from flowsde.brownian import SampledPath
+    with pytest.raises(ValueError, match="strictly increasing 1-D sequence of >= 2 times"):
+        SampledPath([0.0, 0.5, 0.4], torch.zeros(3, 3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="strictly increasing 1-D sequence of >= 2 times"):
+        SampledPath([0.0], torch.zeros(1, 3, 2, dtype=torch.float64))
+    fine = flowsde.GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(3, 2), seed=0, dtype=torch.float64)
+    bm = SampledPath(fine.grid, fine.path())
+    with pytest.raises(ValueError, match="SampledPath only knows its grid"):
+        flowsde.sdeint(GeometricBrownianMotion(), Y0, T, bm=bm, dt=0.1, adaptive=True)
+
+
+def test_flowsde_brownian_motions_answer_torchsdes_reverse_time_wrapper():
+    """torchsde's sdeint_adjoint calls bm(ta, tb, return_U=False, return_A=False)."""
+    import torchsde
+
+    from flowsde.brownian import VirtualBrownianTree
+    sde = GeometricBrownianMotion()
+    y0 = Y0.clone().requires_grad_(True)
+    for bm in (flowsde.GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(3, 2), seed=0, dtype=torch.float64),
+               VirtualBrownianTree(0.0, 1.0, (3, 2), seed=0, dtype=torch.float64)):
+        ys = torchsde.sdeint_adjoint(sde, y0, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), bm=bm, dt=0.125,
+                                     method="euler", adjoint_method="euler",
+                                     adjoint_params=())
+        (g,) = torch.autograd.grad(ys[-1].sum(), y0)
+        assert torch.isfinite(g).all()
+        with pytest.raises(NotImplementedError, match="increments only"):
+            bm(0.0, 0.5, return_U=True)

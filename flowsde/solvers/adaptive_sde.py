@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from ..brownian import GridBrownian, VirtualBrownianTree
+from ..brownian import GridBrownian, SampledPath, VirtualBrownianTree
 from .adaptive import Controller, loop_budget
 from .sde import StepContext
 from .sde_methods import _diffusion_with_derivative
@@ -157,10 +157,10 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     dev = y0.device
     dt_min, max_steps, check_every, capturable = _controls(rtol, atol, dt_min, opts, dev.type)
     per_sample = bool(opts.get("per_sample", False))
-    if isinstance(bm, GridBrownian):
+    if isinstance(bm, (GridBrownian, SampledPath)):
         raise ValueError("adaptive=True needs a Brownian motion that can be queried at any time (bm=None for "
                          "flowsde's VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree); a "
-                         "GridBrownian only knows its grid")
+                         f"{type(bm).__name__} only knows its grid")
     t_first, t_end = float(ts_host[0]), float(ts_host[-1])
     t_probe = torch.full((y0.shape[0],) if per_sample else (), t_first, dtype=ts.dtype, device=dev)
     shape = noise_shape(sde, y0, t_probe)
@@ -206,8 +206,11 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         g0, leaf = bm.t0, (bm.t1 - bm.t0) * 2.0 ** -bm.depth
 
         def snap(t, h):
-            k = torch.maximum(((t + h - g0) / leaf + 0.5).floor(), ((t - g0) / leaf).floor() + 1)
-            return g0 + k * leaf
+            # the first leaf point strictly after t (t = g0 + k leaf can divide back to k - eps: the +1
+            # would then land on t itself, a step of length zero, accepted forever), or t + h rounded
+            nxt = ((t - g0) / leaf).floor() + 1
+            nxt = torch.where(g0 + nxt * leaf <= t, nxt + 1, nxt)
+            return g0 + torch.maximum(((t + h - g0) / leaf + 0.5).floor(), nxt) * leaf
         # the shortest step the leaf grid allows: taken whatever its error, as a step at dt_min is (a retry
         # would try the same leaf on the same path again, forever)
         h_floor = max(dt_min, leaf * (1.0 + 1e-9))

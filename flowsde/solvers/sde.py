@@ -170,8 +170,15 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
         if hasattr(bm, "dtype") and bm.dtype != y0.dtype:
             raise TypeError(f"bm has dtype {bm.dtype} but y0 has dtype {y0.dtype}")
         span = _bm_interval(bm)
-        if span is not None and not (span[0] <= ts_host[0] + 1e-12 and span[1] >= ts_host[-1] - 1e-12):
-            raise ValueError(f"bm covers [{span[0]}, {span[1]}] but ts spans [{ts_host[0]}, {ts_host[-1]}]")
+        if span is not None:
+            # within the rounding of ts's dtype (float32 0.1 is 0.10000000149): ts is clipped onto the
+            # motion's interval, as torchsde does
+            tol = 4 * torch.finfo(ts.dtype).eps * max(1.0, float(np.abs(ts_host).max()))
+            if not (span[0] <= ts_host[0] + tol and span[1] >= ts_host[-1] - tol):
+                raise ValueError(f"bm covers [{span[0]}, {span[1]}] but ts spans [{ts_host[0]}, {ts_host[-1]}]")
+            ts_host = np.clip(ts_host, span[0], span[1])
+            if not np.all(np.diff(ts_host) > 0):
+                raise ValueError(f"ts is not strictly increasing on the bm's interval [{span[0]}, {span[1]}]")
 
     if adaptive:
         return sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
