@@ -150,7 +150,10 @@ def _run_diffusers(make, field, x0, nfe):
     sched.set_timesteps(steps, device=x0.device)
     x, calls = x0, 0
     for ts in sched.timesteps:
-        sigma = float(ts) / sched.config.num_train_timesteps
+        # the scheduler's own sigma at this step: its timesteps may be rounded (DPM-Solver++ and UniPC with
+        # use_flow_sigmas hold integers), and the model must be asked at the sigma the update assumes
+        i = sched.step_index if sched.step_index is not None else (getattr(sched, "begin_index", None) or 0)
+        sigma = float(sched.sigmas[i])
         t = torch.full((x.shape[0],), 1.0 - sigma, dtype=x.dtype, device=x.device)
         out = -field(x, t)
         calls += 1

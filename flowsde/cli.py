@@ -187,6 +187,10 @@ def _check_outputs(parser, args):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             parser.error(f"--{name} {path}: the folder {folder} does not exist")
+        if os.path.isdir(path):
+            parser.error(f"--{name} {path}: is a folder; give a file name")
+        if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+            parser.error(f"--{name} {path}: not writable")
     if args.plot is not None:
         try:
             fmt = figure_format(args.plot)

@@ -119,6 +119,7 @@ def test_python_dash_m_entry_point():
     (["converge", "--problem", "mixture", "--paths", "100"], "--paths is for SDE problems"),
     (["converge", "--device", "foo"], "--device must be cpu or cuda"),
     (["bench", "--json", "/nonexistent/x.json"], "does not exist"),
+    (["converge", "--problem", "linear", "--json", "/tmp"], "is a folder"),
     (["converge", "--plot", "figure.txt"], "a figure is written as png, pdf, svg"),
 ])
 def test_options_that_cannot_run_are_usage_errors_before_any_work(argv, message, capsys):

@@ -252,3 +252,56 @@ def test_schedule_changing_options_it_does_not_implement_are_refused(cls, key, v
     ref = getattr(diffusers, cls)(**{key: value})
     with pytest.raises(ValueError, match=key):
         FlowSDEScheduler.from_config(ref.config)
+
+
+def test_ddim_step_options_the_pipelines_pass():
+    """use_clipped_model_output (DDIM with clip_sample), a list of generators (one per row, as randn_tensor),
+    and a config eta that the pipeline's default eta=0.0 does not switch off."""
+    ref = diffusers.DDIMScheduler(clip_sample_range=0.5)
+    mine = FlowSDEScheduler.from_config(ref.config)
+    ref.set_timesteps(5)
+    mine.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x, o = torch.randn(2, 4, generator=g), 5 * torch.randn(2, 4, generator=g)
+    for t in ref.timesteps[:3]:
+        want = ref.step(o, t, x, use_clipped_model_output=True).prev_sample
+        got = mine.step(o, t, x, use_clipped_model_output=True).prev_sample
+        assert torch.allclose(got, want, atol=1e-5)
+    for sched in (diffusers.DDIMScheduler(), FlowSDEScheduler()):
+        sched.set_timesteps(5)
+        gens = [torch.Generator().manual_seed(i) for i in (3, 4)]
+        out = sched.step(o, sched.timesteps[0], x, eta=1.0, generator=gens).prev_sample
+        if isinstance(sched, diffusers.DDIMScheduler):
+            want = out
+    assert torch.allclose(out, want, atol=1e-5)
+    sched = FlowSDEScheduler(eta=1.0)
+    sched.set_timesteps(5)
+    a = sched.step(o, sched.timesteps[0], x, eta=0.0, generator=torch.Generator().manual_seed(1)).prev_sample
+    sched.set_timesteps(5)
+    b = sched.step(o, sched.timesteps[0], x, eta=0.0, generator=torch.Generator().manual_seed(2)).prev_sample
+    assert not torch.allclose(a, b)  # the config's eta = 1 draws noise
+
+
+def test_from_config_refuses_options_it_would_drop():
+    cfg = diffusers.EulerDiscreteScheduler().config
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        FlowSDEScheduler.from_config(cfg, method="euler", use_karras_sigmas=True)
+    with pytest.raises(TypeError, match="unknown FlowSDEScheduler option"):
+        FlowSDEScheduler.from_config(cfg, methd="euler")
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
+        FlowSDEScheduler.from_config(diffusers.UniPCMultistepScheduler(use_flow_sigmas=True).config)
+
+
+def test_flow_timesteps_given_with_sigmas_are_kept():
+    sched = FlowSDEScheduler(family="flow", method="euler")
+    sched.set_timesteps(sigmas=[1.0, 0.7, 0.4, 0.1], timesteps=[999.0, 700.0, 400.0, 100.0])
+    assert sched.timesteps.tolist() == [999.0, 700.0, 400.0, 100.0]
+
+
+def test_adaptive_pipeline_sampler_refuses_configs_it_would_misread():
+    from flowsde.integrations.diffusers import AdaptivePipelineSampler
+    unet = tiny_unet()
+    for cfg, match in ((dict(prediction_type="v-prediction"), "prediction_type must be"),
+                       (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True")):
+        with pytest.raises(ValueError, match=match):
+            AdaptivePipelineSampler(unet, diffusers.DDIMScheduler(**cfg).config)

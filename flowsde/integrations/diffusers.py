@@ -61,7 +61,11 @@ def training_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_en
 
 def _randn(x: torch.Tensor, generator) -> torch.Tensor:
     """Standard normals shaped like ``x`` from ``generator`` (drawn on the generator's device, as diffusers'
-    ``randn_tensor`` does, then moved to ``x``'s)."""
+    ``randn_tensor`` does, then moved to ``x``'s); a list of generators draws one batch row from each."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: pass one per row")
+        return torch.cat([_randn(x[i:i + 1], g) for i, g in enumerate(generator)])
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
@@ -72,6 +76,14 @@ UNSUPPORTED_CONFIG = {"thresholding": False, "rescale_betas_zero_snr": False, "u
                       "use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete",
                       "shift_terminal": None, "invert_sigmas": False, "time_shift_type": "exponential",
                       "interpolation_type": "linear", "final_sigmas_type": "zero", "stochastic_sampling": False}
+
+
+def _check_supported(cfg: dict, where: str):
+    """Refuse the options that would change the schedule or the update to a value not implemented here."""
+    for key, default in UNSUPPORTED_CONFIG.items():
+        if key in cfg and cfg[key] != default and cfg[key] is not None and not (default is None and not cfg[key]):
+            raise ValueError(f"{where} has {key}={cfg[key]!r}, which FlowSDEScheduler does not implement (it "
+                             f"changes the schedule or the update); only {key}={default!r} is supported")
 
 
 class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
@@ -125,13 +137,16 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         import inspect
 
         cfg = dict(config or {})
-        for key, default in UNSUPPORTED_CONFIG.items():  # options that would change the schedule: refused
-            if key in cfg and cfg[key] != default and cfg[key] is not None and not (default is None and not cfg[key]):
-                raise ValueError(f"{cfg.get('_class_name', 'the scheduler')} config has {key}={cfg[key]!r}, which "
-                                 f"FlowSDEScheduler does not implement (it changes the schedule or the update); "
-                                 f"only {key}={default!r} is supported")
-        # the replaced scheduler's defaults are its behaviour: carry them over instead of ours
+        _check_supported(cfg, cfg.get("_class_name", "the scheduler") + " config")
+        _check_supported(kwargs, "from_config's keyword arguments")
         params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(k for k in kwargs if k not in params and k not in UNSUPPORTED_CONFIG)
+        if unknown:  # (diffusers would drop them without a word: a typo such as methd= would go unseen)
+            raise TypeError(f"unknown FlowSDEScheduler option(s) {unknown}; known: {sorted(k for k in params if k != 'self')}")
+        if cfg.get("use_flow_sigmas") or kwargs.get("use_flow_sigmas"):
+            raise ValueError("use_flow_sigmas=True (a flow-matching model run by DPM-Solver / UniPC): pass "
+                             "family='flow' and a FlowMatch scheduler's shift instead")
+        # the replaced scheduler's defaults are its behaviour: carry them over instead of ours
         for key in cfg.get("_use_default_values", []) or []:
             if key in params and key in cfg and key not in kwargs:
                 kwargs[key] = cfg[key]
@@ -271,7 +286,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = n
         self._host_sigmas = [float(v) for v in s] + [0.0]
         self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
-        if timesteps is not None and sigmas is None:
+        if timesteps is not None:  # given timesteps are kept as they are (with or without given sigmas)
             self.timesteps = torch.tensor(np.asarray(timesteps, dtype=np.float32))
         else:  # float32 sigmas times T in float32, as diffusers rounds them (timesteps are looked up exactly)
             self.timesteps = torch.tensor(s, dtype=torch.float32) * T
@@ -300,13 +315,14 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             out = self._flow_step(ops, k, model_output, sample, generator)
         elif self.config.method != "ddim" or self.config.family == "flow":  # (DDIM on CondOT is Euler)
             out = self._sigma_step(ops, k, model_output, sample)
-        else:
-            out = self._ddim_step(ops, k, model_output, sample, self.config.eta if eta is None else eta, generator,
-                                  kwargs.get("variance_noise"))
+        else:  # pipelines pass eta=0.0 by default: a nonzero config eta is not overridden by that
+            eta = eta if eta else self.config.eta
+            out = self._ddim_step(ops, k, model_output, sample, eta, generator, kwargs.get("variance_noise"),
+                                  bool(kwargs.get("use_clipped_model_output", False)))
         self._step_index += 1
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
 
-    def _ddim_step(self, ops, k, out, x, eta, generator, variance_noise):
+    def _ddim_step(self, ops, k, out, x, eta, generator, variance_noise, use_clipped=False):
         cfg = self.config
         a2, a2p = self._coefs[k]
         a, b, ap = a2 ** 0.5, (1 - a2) ** 0.5, a2p ** 0.5
@@ -321,9 +337,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         std = eta * max(var, 0.0) ** 0.5
         c = max(1 - a2p - std * std, 0.0) ** 0.5
         x = x.to(out.dtype) if x.dtype != out.dtype else x
-        if cfg.clip_sample:  # the data estimate is clamped; the noise estimate is the unclamped one
+        if cfg.clip_sample:  # the data estimate is clamped; the noise estimate is the unclamped one, or
+            # with use_clipped_model_output the one recomputed from the clamped estimate, (x - a z) / b
             z = ops.combine([(p1, x), (p2, out)]).clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
-            terms = [(ap, z), (c * q1, x), (c * q2, out)]
+            terms = [(ap - c * a / b, z), (c / b, x)] if use_clipped else [(ap, z), (c * q1, x), (c * q2, out)]
         else:
             terms = [(ap * p1 + c * q1, x), (ap * p2 + c * q2, out)]
         if std > 0:
@@ -450,6 +467,11 @@ class AdaptivePipelineSampler:
             "shift" in cfg and "beta_schedule" not in cfg)
         self.T = int(cfg.get("num_train_timesteps", 1000))
         self.prediction = cfg.get("prediction_type", "epsilon") or "epsilon"
+        _check_supported(cfg, cfg.get("_class_name", "the scheduler") + " config")
+        if cfg.get("use_flow_sigmas"):
+            raise ValueError("use_flow_sigmas=True: pass a FlowMatch scheduler's config for a flow model")
+        if not self.flow and self.prediction not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction!r}")
         if not self.flow:
             ac = training_alphas_cumprod(self.T, cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02),
                                          cfg.get("beta_schedule", "linear"), cfg.get("trained_betas"))
