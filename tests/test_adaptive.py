@@ -336,3 +336,57 @@ def test_adaptive_sampling_stays_inside_the_paths_time_interval():
                            t_start=1e-3, t_end=t_end, method="dopri5")
         assert max(seen) <= t_end and bool(torch.isfinite(x).all())
     assert torch.allclose(x, mu.expand_as(x), atol=0.05)
+
+
+def test_edges_of_the_adaptive_loop_review():
+    """Step cuts at and beyond the end, float32 jumps, the budget across pieces and at its last step, no
+    evaluation past the end by the attempts after it, and NaN at min_step: as torchdiffeq, or refused."""
+    import torchdiffeq
+
+    def f(t, y):
+        return torch.where(t < 0.5, -y, 2.0 * y) + torch.sin(3 * t)
+
+    def count(fn):
+        calls = []
+
+        def g(t, y):
+            calls.append(float(t))
+            return fn(t, y)
+        return g, calls
+    y0 = torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0], dtype=torch.float64)
+    for opts in (dict(step_t=t), dict(step_t=torch.tensor([1.0], dtype=torch.float64)),
+                 dict(step_t=torch.tensor([1.3], dtype=torch.float64))):
+        g1, c1 = count(f)
+        g2, c2 = count(f)
+        a = flowsde.odeint(g1, y0, t, rtol=1e-6, atol=1e-8, options=opts)
+        b = torchdiffeq.odeint(g2, y0, t, rtol=1e-6, atol=1e-8, options=opts)
+        assert float((a - b).abs().max()) < 1e-10 and len(c1) == len(c2), opts
+    g1, c1 = count(f)
+    g2, c2 = count(f)
+    jump = torch.tensor([0.5])
+    a = flowsde.odeint(g1, y0.float(), t.float(), rtol=1e-5, atol=1e-6, options=dict(jump_t=jump))
+    b = torchdiffeq.odeint(g2, y0.float(), t.float(), rtol=1e-5, atol=1e-6, options=dict(jump_t=jump))
+    assert len(c1) == len(c2) and 0.5 not in c1 and float((a - b).abs().max()) < 1e-5
+    _, st = flowsde.odeint(f, y0, t, rtol=1e-6, atol=1e-8, options=dict(return_stats=True))
+    n = st["steps"]
+    for extra in range(0, 8):  # the budget runs out anywhere between two host checks: still a success
+        _, s2 = flowsde.odeint(f, y0, t, rtol=1e-6, atol=1e-8,
+                               options=dict(return_stats=True, max_num_steps=n + extra, check_every=8))
+        assert s2["status"] == "success", (extra, s2)
+    _, s3 = flowsde.odeint(f, y0, t, rtol=1e-6, atol=1e-8, options=dict(return_stats=True, step_t=t))
+    m = s3["steps"]
+    _, s3 = flowsde.odeint(f, y0, t, rtol=1e-6, atol=1e-8,
+                           options=dict(return_stats=True, max_num_steps=m - 2, step_t=t))
+    assert s3["status"] == "max_num_steps" and s3["steps"] == m - 2  # one budget over the pieces
+    g1, c1 = count(lambda t, y: -torch.sqrt(1 - t) * y)
+    y = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+    out = flowsde.odeint(g1, y, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-6, atol=1e-8,
+                         options=dict(clip_end=True, check_every=8))
+    (grad,) = torch.autograd.grad(out[-1].sum(), y)
+    assert max(c1) <= 1.0 and torch.isfinite(grad).all()
+    nan_after = lambda t, y: torch.where(t < 0.5, -y, torch.full_like(y, float("nan")))  # noqa: E731
+    _, s4 = flowsde.odeint(nan_after, y0, t, options=dict(min_step=1e-3, return_stats=True))
+    assert s4["status"] == "dt_underflow"
+    with pytest.raises(TypeError, match="rtol must be a number or a tensor"):
+        flowsde.odeint(f, (y0, y0), t, rtol=(1e-6, 1e-6))

@@ -176,7 +176,8 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     ``field_check(out)`` validates a field value. ``f_start`` / ``dt_start``: the derivative at the start
     and the first step (device tensors), carried over from a previous piece (see :func:`integrate_pieces`);
     ``land``: clip the step that would pass ``t_out[-1]`` so it ends there exactly (instead of overshooting
-    and interpolating). ``norm``: of the scaled error (and in the initial step's estimate); RMS, or
+    and interpolating); a float ``>= t_out[-1]`` clips onto that time instead (a ``step_t`` at or beyond
+    the end, as torchdiffeq clips any step that would pass one). ``norm``: of the scaled error (and in the initial step's estimate); RMS, or
     :func:`mixed_norm` for a tuple state.
     Returns ``(ys, stats)``; ``stats["_f"]`` and ``stats["_dt"]`` hold the derivative at the end and the
     next step size, for a following piece.
@@ -221,9 +222,12 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     first_pending = 1
     status, steps = "success", 0
     t_end_t = const(t_end)
+    land_t = None if land is False or land is None else (t_end_t if land is True else const(land))
     while True:
-        if steps >= max_steps:
-            status = "max_num_steps"
+        if steps >= max_steps:  # the budget is spent: did the solve finish since the last check? (one read)
+            if not capturable:
+                t_now, stuck = torch.stack([t0, stalled.to(torch.float64)]).tolist()
+                status = "success" if t_now >= t_end else "dt_underflow" if stuck else "max_num_steps"
             break
         steps += 1
         active = t0 < t_end_t  # False only in the steps between finishing and the next host check
@@ -232,17 +236,26 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         # a step that no longer moves the time (torchdiffeq's "underflow in dt"): the solution or the field
         # is not finite, or the tolerances cannot be met; the host stops at its next check
         stalled = stalled | (active & ~(t0 + dt > t0))
-        if land:  # a step that would pass the end ends on it exactly; the controller sees the clipped step
-            room = t_end_t - t0
+        if land_t is not None:  # a step that would pass the landing time ends on it exactly; the controller
+            # sees the clipped step
+            room = land_t - t0
             clip = dt >= room
             dt = torch.where(clip & active, room, dt)
-            t1 = torch.where(clip & active, t_end_t, t0 + dt)
+            t1 = torch.where(clip & active, land_t, t0 + dt)
         else:
             t1 = t0 + dt
-        dty = dt.to(ydt)
-        ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
+        # a step after the end (before the host has seen it) takes no time: the field is never asked past
+        # the end (where it may not be finite; a NaN there would reach the gradients through the masks)
+        h = torch.where(active, dt, torch.zeros_like(dt))
+        t1 = torch.where(active, t1, t0)
+        dty = h.to(ydt)
+        ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, h, dty, ops)
         ratio = norm(_wide(err) / (atol_t + rtol_t * torch.maximum(_wide(y).abs(), _wide(y1).abs())))
-        accept = ((ratio <= 1) | (dt <= min_step)) & active
+        # a step at min_step is taken whatever its error, unless the error is not finite (a NaN state or
+        # field): then no smaller step exists and the solve has stalled (torchdiffeq: underflow in dt)
+        floor = dt <= min_step
+        accept = ((ratio <= 1) | (floor & torch.isfinite(ratio))) & active
+        stalled = stalled | (active & floor & ~torch.isfinite(ratio))
         # dense output for the output times this step covers (masked: no host read)
         ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
         coeff = _interp_fit(y, y1, ymid, f0, ks[-1], dty)
@@ -295,16 +308,26 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
     jumps = {float(v) for v in jump_t if t0 < v < t1}
     cuts = sorted({float(v) for v in step_t if t0 < v < t1} | jumps)
     clip_end = bool(opts.get("clip_end", False))  # the last step lands on t1: the field is never asked past it
+    # a step_t / jump_t at or beyond the end: the step that would pass it lands on it (torchdiffeq's rule)
+    beyond = [float(v) for v in list(step_t) + list(jump_t) if float(v) >= t1]
+    last_land = True if clip_end else (min(beyond) if beyond else False)
     if not cuts:
-        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check, norm=norm, land=clip_end)
+        return integrate_adaptive(func, y0, t_out, tab, rtol, atol, opts, ops, field_check, norm=norm, land=last_land)
     ends = cuts + [t1]
     outs, y, a, f_start, dt_start = [y0], y0, t0, None, None
     total = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
+    limit = opts.get("max_num_steps")
     for b in ends:
         inner = [float(v) for v in t_out if a < v < b]
         piece = np.array([a] + inner + [b], dtype=np.float64)
-        ys, st = integrate_adaptive(func, y, piece, tab, rtol, atol, opts, ops, field_check, f_start, dt_start,
-                                    land=b != t1 or clip_end, norm=norm)
+        piece_opts = opts
+        if limit is not None:  # one budget for the whole solve, shared by its pieces
+            if total["steps"] >= limit:
+                total["status"], total["_t"] = "max_num_steps", a
+                break
+            piece_opts = dict(opts, max_num_steps=limit - total["steps"])
+        ys, st = integrate_adaptive(func, y, piece, tab, rtol, atol, piece_opts, ops, field_check, f_start,
+                                    dt_start, land=True if b != t1 else last_land, norm=norm)
         for key in ("nfe", "steps", "accepted", "rejected"):
             total[key] += st[key]
         outs.extend(ys[1:len(inner) + 1].unbind(0))
@@ -314,9 +337,10 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
             total["status"], total["_t"] = st["status"], st["_t"]
             break
         y, a, dt_start = ys[-1], b, st["_dt"]
-        if b in jumps:
-            after = torch.as_tensor(np.nextafter(b, np.inf), dtype=torch.float64, device=y0.device)
-            f_start = field_check(func(after.to(y0.dtype), y))
+        if b in jumps:  # the next float after the jump in the dtype the field sees it in (float32: one
+            # float64 ulp after would round back onto the jump, the wrong side of it)
+            bt = torch.full((), b, dtype=_time_dtype(y0.dtype), device=y0.device)
+            f_start = field_check(func(torch.nextafter(bt, bt + 1).to(y0.dtype), y))
             total["nfe"] += 1
         else:
             f_start = st["_f"]
@@ -325,12 +349,24 @@ def integrate_pieces(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTab
     return torch.stack(outs), total
 
 
+def _time_dtype(ydt: torch.dtype) -> torch.dtype:
+    """The dtype in which "the next float" is taken for a field that sees times in ``ydt`` (float32 for
+    float32 states; float64 otherwise — half types, where nextafter is not implemented, included)."""
+    return torch.float32 if ydt == torch.float32 else torch.float64
+
+
+def _just_before(t1: torch.Tensor, ydt: torch.dtype) -> torch.Tensor:
+    """The float just before ``t1`` as the field sees it (in ``ydt``), as a float64 tensor."""
+    t = t1.to(_time_dtype(ydt))
+    return torch.nextafter(t, t - 1).to(torch.float64)
+
+
 def embedded_step(f, tab: EmbeddedTableau, y, f0, t0, t1, dt, dty, ops):
     """One step of the pair from ``y`` (``f0`` its field): ``(ks, y1, err)``. ``dt`` is the float64 step
     (a scalar, or one per row), ``dty`` the same in ``y``'s dtype laid out to broadcast against ``y``."""
     ks = [f0]
     yi = y
-    t1_prev = torch.nextafter(t1, t1 - 1)  # stages at the step's end: just before it, as torchdiffeq's
+    t1_prev = _just_before(t1, dty.dtype)  # stages at the step's end: just before it, as torchdiffeq's
     for ci, row in zip(tab.c, tab.a):
         ti = t1_prev if ci == 1.0 else t0 + ci * dt
         yi = torch.addcmul(y, dty, ops.combine([(w, k) for w, k in zip(row, ks)]))
@@ -453,11 +489,15 @@ def integrate_per_sample(func, y0: torch.Tensor, t_out: np.ndarray, tab: Embedde
             t1 = torch.where(last, t_end, t0 + dt)
         else:
             t1 = t0 + dt
-        dty = _per_row(dt.to(ydt), y)
-        ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, dt, dty, ops)
+        h = torch.where(active, dt, torch.zeros_like(dt))  # see integrate_adaptive: no time after the end
+        t1 = torch.where(active, t1, t0)
+        dty = _per_row(h.to(ydt), y)
+        ks, y1, err = embedded_step(f, tab, y, f0, t0, t1, h, dty, ops)
         n_stage = len(ks) - 1
         ratio = ops.error_norm(y, y1, err, rtol_f, atol_f).to(torch.float64).detach()
-        accept = ((ratio <= 1) | (dt <= min_step)) & active
+        floor = dt <= min_step  # see integrate_adaptive
+        accept = ((ratio <= 1) | (floor & torch.isfinite(ratio))) & active
+        STALLED = STALLED.index_copy(0, idx, STALLED[idx] | (active & floor & ~torch.isfinite(ratio)))
         ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
         coeff = _interp_fit(y, y1, ymid, f0, ks[-1], dty)
         for j in range(1, n_out):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from typing import Dict
 
@@ -147,6 +148,9 @@ UNDERFLOW = ("torchdiffeq's 'underflow in dt': the state or the field is not fin
 
 def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
     for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"{name} must be a number or a tensor, got {type(v).__name__} (per-part tolerances of "
+                            f"a tuple state, as torchdiffeq's, are not supported: pass one number)")
         if isinstance(v, torch.Tensor) and v.requires_grad:
             raise ValueError(f"{name} cannot require gradient")
         bad = ~torch.isfinite(v) | (v < 0) if isinstance(v, torch.Tensor) else not math.isfinite(v) or v < 0
