@@ -296,6 +296,10 @@ def test_flow_timesteps_given_with_sigmas_are_kept():
     sched = FlowSDEScheduler(family="flow", method="euler")
     sched.set_timesteps(sigmas=[1.0, 0.7, 0.4, 0.1], timesteps=[999.0, 700.0, 400.0, 100.0])
     assert sched.timesteps.tolist() == [999.0, 700.0, 400.0, 100.0]
+    import numpy as np
+    for s in (sched, FlowSDEScheduler()):  # a NumPy count is a count
+        s.set_timesteps(np.int64(6))
+        assert len(s.timesteps) == 6
 
 
 def test_adaptive_pipeline_sampler_refuses_configs_it_would_misread():
@@ -305,3 +309,23 @@ def test_adaptive_pipeline_sampler_refuses_configs_it_would_misread():
                        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True")):
         with pytest.raises(ValueError, match=match):
             AdaptivePipelineSampler(unet, diffusers.DDIMScheduler(**cfg).config)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_heun_with_clip_sample_matches_heun_discrete_scheduler(prediction_type):
+    """HeunDiscreteScheduler's clip_sample clamps the data estimate of each stage (here with a range the
+    outputs exceed, so the clamp acts)."""
+    ref = diffusers.HeunDiscreteScheduler(prediction_type=prediction_type, clip_sample=True, clip_sample_range=0.5)
+    ours = FlowSDEScheduler.from_config(ref.config, method="heun")
+    for s in (ref, ours):
+        s.set_timesteps(8)
+
+    def model(x, t):
+        return 3.0 * torch.tanh(0.5 * x + t / 1000.0)
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4)) * float(ours.init_noise_sigma)
+    a, b = _run(ref, x0, model), _run(ours, x0, model)
+    unclipped = diffusers.HeunDiscreteScheduler(prediction_type=prediction_type)
+    unclipped.set_timesteps(8)
+    c = _run(unclipped, x0, model)
+    assert float((a - c).abs().max()) > 1e-2  # the clamp changes the result
+    assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))

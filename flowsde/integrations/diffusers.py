@@ -182,6 +182,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         """Choose the inference timesteps (and the host tables every step reads)."""
         cfg = self.config
         T = cfg.num_train_timesteps
+        if isinstance(num_inference_steps, np.integer):  # (a NumPy count is a count)
+            num_inference_steps = int(num_inference_steps)
         if cfg.family == "flow":
             self._set_flow(num_inference_steps, sigmas, timesteps, mu)
         else:
@@ -361,19 +363,31 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         n = sigma * sigma + 1.0  # v-prediction: x0 = x / n - sigma out / sqrt(n)
         return sigma / n, 1.0 / n ** 0.5
 
+    def _stage(self, ops, sigma: float, x, out):
+        """``(cx, co, o)`` with ``dx/dsigma = cx x + co o``: ``o`` the model output; for Heun on a diffusion
+        model with ``clip_sample`` (HeunDiscreteScheduler's option), the clamped data estimate, the
+        derivative then ``(x - clamp(x0)) / sigma`` as there (one more fused op)."""
+        cx, co = self._derivative(sigma)
+        cfg = self.config
+        if cfg.method == "heun" and cfg.family == "diffusion" and cfg.clip_sample:
+            x0 = ops.combine([(1.0 - sigma * cx, x), (-sigma * co, out)]).clamp_(-cfg.clip_sample_range,
+                                                                                 cfg.clip_sample_range)
+            return 1.0 / sigma, -1.0 / sigma, x0
+        return cx, co, out
+
     def _sigma_step(self, ops, k, out, x):
         """Euler, or Heun's two stages, in sigma: each a single fused update."""
         sg = self._host_sigmas
         if self.config.method == "euler" or self._first is None:
             s, s1 = sg[k], sg[k + 1]
-            cx, co = self._derivative(s)
+            cx, co, out = self._stage(ops, s, x, out)
             dt = s1 - s
             x1 = ops.combine([(1.0 + dt * cx, x), (dt * co, out)])
             if self.config.method == "heun" and s1 != 0.0:
                 self._first = (x, out, cx, co, dt)
             return x1
         x0, out0, cx0, co0, dt = self._first  # second stage at the first stage's end point
-        cx1, co1 = self._derivative(sg[k])
+        cx1, co1, out = self._stage(ops, sg[k], x, out)
         self._first = None
         h = 0.5 * dt
         return ops.combine([(1.0 + h * cx0, x0), (h * co0, out0), (h * cx1, x), (h * co1, out)])
