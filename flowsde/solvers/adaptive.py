@@ -177,8 +177,8 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     and the first step (device tensors), carried over from a previous piece (see :func:`integrate_pieces`);
     ``land``: clip the step that would pass ``t_out[-1]`` so it ends there exactly (instead of overshooting
     and interpolating); a float ``>= t_out[-1]`` clips onto that time instead (a ``step_t`` at or beyond
-    the end, as torchdiffeq clips any step that would pass one). ``norm``: of the scaled error (and in the initial step's estimate); RMS, or
-    :func:`mixed_norm` for a tuple state.
+    the end, as torchdiffeq clips any step that would pass one). ``norm``: of the scaled error (and in
+    the initial step's estimate); RMS, or :func:`mixed_norm` for a tuple state.
     Returns ``(ys, stats)``; ``stats["_f"]`` and ``stats["_dt"]`` hold the derivative at the end and the
     next step size, for a following piece.
     """
@@ -223,10 +223,13 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     status, steps = "success", 0
     t_end_t = const(t_end)
     land_t = None if land is False or land is None else (t_end_t if land is True else const(land))
+
+    def host_check():  # the one host read: (time reached, stalled), every check_every steps and at the end
+        return torch.stack([t0, stalled.to(torch.float64)]).tolist()
     while True:
         if steps >= max_steps:  # the budget is spent: did the solve finish since the last check? (one read)
             if not capturable:
-                t_now, stuck = torch.stack([t0, stalled.to(torch.float64)]).tolist()
+                t_now, stuck = host_check()
                 status = "success" if t_now >= t_end else "dt_underflow" if stuck else "max_num_steps"
             break
         steps += 1
@@ -276,7 +279,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         accepted += accept.to(torch.int64)
         rejected += (~accept & active).to(torch.int64)
         if steps % check_every == 0:
-            t_now, stuck = torch.stack([t0, stalled.to(torch.float64)]).tolist()  # one host read per check
+            t_now, stuck = host_check()
             if t_now >= t_end:
                 break
             if stuck:
