@@ -39,7 +39,7 @@ def test_step_kernels_move_their_data_in_16_byte_accesses_without_spills(tmp_pat
     # out: ~70 instructions per element on the run path (one normal per call, tl.randn, took ~127)
     for name in ("euler-maruyama, in-kernel noise", "ddim + cfg + eta noise"):
         assert rows[name]["run_per_element"] < 90, (name, rows[name]["run_per_element"])
-        assert rows[name]["run_per_element"] < rows[name]["per_element"] / 2
+        assert rows[name]["run_per_element"] < 0.7 * rows[name]["per_element"]  # (3.6: 0.54, 3.9: 0.41)
 
 
 def test_run_path_leaves_out_the_slow_paths_skipped_by_a_predicated_branch():
@@ -53,18 +53,23 @@ def test_run_path_leaves_out_the_slow_paths_skipped_by_a_predicated_branch():
         "        /*0060*/                   BRA 0x0000 ;",
         "        /*10000*/                  EXIT ;"])
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import sass_report as s\n"
-            f"assert s.run_path({sass!r}) == 6, s.run_path({sass!r})\n")
+            f"assert s.run_path({sass!r}) == 6, s.run_path({sass!r})\n"
+            f"assert s.run_path_stack({sass!r}) == 0\n"
+            f"assert s.run_path_stack({sass.replace('FMUL', 'STL')!r}) == 0\n"  # in the slow path
+            f"assert s.run_path_stack({sass.replace('IMAD', 'LDL')!r}) == 1\n")
     p = _run(["-c", code])
     assert p.returncode == 0, p.stderr[-3000:]
 
 
 def test_the_check_rejects_narrow_accesses_and_spills():
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import sass_report as s\n"
-            "ok = dict(case='a', stack=0, local=0, step={}, loads_stores={'LDG.E.128': 4, 'STG.E.128': 2})\n"
+            "ok = dict(case='a', stack=0, run_stack=0, local=0, step={}, loads_stores={'LDG.E.128': 4, 'STG.E.128': 2})\n"
             "narrow = dict(ok, case='b', loads_stores={'LDG.E': 4, 'STG.E.128': 2})\n"
             "spill = dict(ok, case='c', local=16)\n"
-            "reported = dict(ok, case='d', step=None, stack=40, loads_stores={'LDG.E.64': 3})\n"
-            "p = s.problems([ok, narrow, spill, reported])\n"
-            "assert len(p) == 2 and p[0].startswith('b:') and p[1].startswith('c:'), p\n")
+            "reported = dict(ok, case='d', step=None, stack=40, run_stack=3, loads_stores={'LDG.E.64': 3})\n"
+            "slow_path_stack = dict(ok, case='e', stack=32)\n"  # triton 3.6's sin / cos reduction
+            "run_stack = dict(ok, case='f', stack=32, run_stack=2)\n"
+            "p = s.problems([ok, narrow, spill, reported, slow_path_stack, run_stack])\n"
+            "assert len(p) == 3 and [q[:2] for q in p] == ['b:', 'c:', 'f:'], p\n")
     p = _run(["-c", code])
     assert p.returncode == 0, p.stderr[-3000:]
