@@ -6,7 +6,8 @@
 2. for each step kernel at 16M elements: achieved bandwidth as a fraction of a measured device-to-device
    copy, and the speedup over eager PyTorch and over torch.compile of the same update, all in device time
    (L2 flushed, the host's enqueue time kept out: :func:`gpu_time`), plus the bandwidth a loop of
-   back-to-back calls sees;
+   back-to-back calls sees; and under autograd, forward + backward of the RK4 and EM updates (the fused
+   combine with its adjoint) against the PyTorch ops autograd records;
 3. end to end: flowsde.sample (small MLP, 2-D, B=65,536, 100 steps, Euler and RK4, with and without
    CUDA-graph capture) and flowsde.odeint over a hand-written loop and over torchdiffeq;
 4. the whole-trajectory OU kernel (B=10^6, N=1000) over torchsde on the GPU;
@@ -14,7 +15,7 @@
    tree query (kernel against the PyTorch specification).
 Prints a markdown report with the device name and date (paste it into benchmarks/RESULTS.md).
 
-``check_kernels(device)`` (part 1) and ``bandwidth(device=...)`` (part 2) also run on CPU tensors in
+``check_kernels(device)`` (part 1), ``bandwidth(device=...)`` and ``backward(device=...)`` (part 2) also run on CPU tensors in
 Triton's interpreter: the test suite calls them with small sizes, so the script's checking and
 measuring code is itself tested.
 """
@@ -235,6 +236,38 @@ def bandwidth(n=1 << 24, reps=20, device="cuda", compile=True) -> tuple:
     return rows, copy_bw / 1e9
 
 
+def backward(n=1 << 24, reps=20, device="cuda") -> list:
+    """Forward and backward of a step under autograd (training through the solver): the fused combine
+    with its adjoint (``flowsde.kernels.autograd``) against the eager form (PyTorch ops, ``randn_like``
+    noise) autograd records, ``[(name, fused s, eager s, eager / fused)]``, device times of
+    :func:`gpu_time`. The fused gradients are first checked equal to the torch backend's (the same noise,
+    through the mirror, to its float32 rounding)."""
+    tri, ref = kernels.ops("triton", device), kernels.ops("torch", device)
+    g_ = torch.Generator(device="cpu").manual_seed(2)
+    y, k1, k2, k3, k4, g, w = (torch.randn(n, generator=g_).to(device).requires_grad_(True) for _ in range(7))
+    w = w.detach()
+    cases = [  # (name, inputs, the step on an op set, the eager form timed against it)
+        ("rk4 update, forward + backward", [y, k1, k2, k3, k4],
+         lambda o: o.lincomb(y, [(0.1, k1), (0.3, k2), (0.3, k3), (0.1, k4)]),
+         lambda: y + 0.1 * k1 + 0.3 * k2 + 0.3 * k3 + 0.1 * k4),
+        ("euler-maruyama (noise in kernel), forward + backward", [y, k1, g],
+         lambda o: o.sde_update(y, [(0.01, k1)], [(0.1, g)], PhiloxNoise(5), "diagonal"),
+         lambda: y + 0.01 * k1 + 0.1 * g * torch.randn_like(y)),
+    ]
+    rows = []
+    for name, inputs, step, eager in cases:
+        def grads(out, inputs=inputs):
+            return torch.autograd.grad(out, inputs, grad_outputs=w)
+        for a, b in zip(grads(step(tri)), grads(step(ref))):  # the torch backend: the same noise (mirror)
+            err = float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+            if err > 1e-5:
+                raise AssertionError(f"{name}: fused and eager gradients differ by {err:.2e} (relative)")
+        t_f = gpu_time(lambda step=step: grads(step(tri)), reps, device)
+        t_e = gpu_time(lambda eager=eager: grads(eager()), reps, device)
+        rows.append((name, t_f, t_e, t_e / t_f))
+    return rows
+
+
 def tune(n=1 << 24, reps=20) -> list:
     """Sweep the elementwise kernels' launch configuration (elements and warps per program) on the RK4
     update and the in-kernel-noise EM update: ``[(block, warps, rk4 GB/s, em GB/s)]``."""
@@ -401,6 +434,10 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|---:|")
     for name, bw, frac, se, sc, lbw in rows:
         print(f"| {name} | {bw:.0f} | {100 * frac:.0f} % | {se:.2f}× | {sc:.2f}× | {lbw:.0f} |")
+    results["backward"] = backward(1 << (22 if args.quick else 24))
+    print("\n| under autograd (device time) | fused ms | eager ms | eager / fused |\n|---|---:|---:|---:|")
+    for name, t_f, t_e, r in results["backward"]:
+        print(f"| {name} | {1e3 * t_f:.3f} | {1e3 * t_e:.3f} | {r:.2f}× |")
     if args.tune:
         print("\n| block | warps | rk4 GB/s | EM+noise GB/s |\n|---:|---:|---:|---:|")
         results["tune"] = tune(1 << (22 if args.quick else 24))

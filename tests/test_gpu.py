@@ -298,3 +298,24 @@ def test_adaptive_sdeint_with_a_fixed_budget_is_captured_as_a_cuda_graph():
     graph2.replay()
     want2 = flowsde.sdeint(sde, y_static.clone(), ts, seed=5, options=dict(backend="triton", per_sample=True), **kw)
     assert float((out2 - want2).abs().max()) < 1e-12
+
+
+@gpu
+def test_compiled_fused_combine_differentiates_like_the_pytorch_ops():
+    """Backpropagation through odeint and through sdeint's in-kernel noise with the compiled kernels and
+    their adjoint (flowsde.kernels.autograd) against the PyTorch ops on the same noise (the mirror)."""
+    lin = torch.nn.Linear(3, 3).double().to(DEV)
+    y0 = rnd((4096, 3), torch.float64, 0)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64, device=DEV)
+    grads = {}
+    for be in ("triton", "torch"):
+        y = y0.clone().requires_grad_(True)
+        lin.zero_grad()
+        out = flowsde.odeint(lambda s, x: torch.tanh(lin(x)), y, t, method="rk4",
+                             options=dict(step_size=0.05, backend=be))[-1]
+        g = kernels.ops(be, DEV).combine([(1.0, out), (0.1, out ** 2)], [(0.5, out)], PhiloxNoise(7))
+        g.pow(2).sum().backward()
+        grads[be] = [y.grad, lin.weight.grad.clone()]
+        assert be == "torch" or type(g.grad_fn).__name__ == "_FusedCombineBackward"
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), float((a - b).abs().max())

@@ -305,6 +305,10 @@ def test_gpu_benchmark_script_checks_run_in_the_interpreter():
         "euler-maruyama, scalar noise (in kernel)", "euler-maruyama, general noise m=4 (in kernel)",
         "per-sample error norm"]
     assert all(bw > 0 and frac > 0 and vs_eager > 0 for _, bw, frac, vs_eager, _, _ in rows)
+    rows = mod.backward(n=1 << 10, reps=3, device="cpu")
+    assert [r[0] for r in rows] == ["rk4 update, forward + backward",
+                                    "euler-maruyama (noise in kernel), forward + backward"]
+    assert all(t_f > 0 and t_e > 0 for _, t_f, t_e, _ in rows)
 
 
 def test_gpu_timer_keeps_the_host_enqueue_time_out(monkeypatch):
@@ -615,7 +619,7 @@ def test_constexprs_reach_the_fast_launch_in_the_kernels_order(monkeypatch):
 
 
 def test_gradients_flow_through_the_triton_backend_as_through_torch():
-    """The fused kernels have no backward: an op whose operands require grad (grad mode on) runs on the
+    """Under autograd the fused combine runs with its adjoint and the kernels without a backward run the
     PyTorch ops, so odeint, sdeint and the whole-trajectory solver differentiate on either backend."""
     from flowsde.solvers.linear import solve_linear_sde
     lin = torch.nn.Linear(3, 3).double()
@@ -658,3 +662,80 @@ def test_error_norm_with_tolerances_beyond_the_kernels_coefficient_range(tri):
     y, e = torch.zeros(2, 3, dtype=torch.float64), torch.full((2, 3), 1e-300, dtype=torch.float64)
     got, want = tri.error_norm(y, y, e, 1e-3, 1e-200), reference.error_norm(y, y, e, 1e-3, 1e-200)
     assert torch.allclose(got, want) and torch.allclose(want, torch.full((2,), 1e-100, dtype=torch.float64))
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+@pytest.mark.parametrize("case", ["terms", "broadcast", "given-noise", "rowwise", "philox", "philox-rowwise", "unit"])
+def test_the_fused_combine_differentiates_twice_like_the_reference(tri, case):
+    """The kernel's adjoint (flowsde.kernels.autograd) by finite differences (gradcheck, gradgradcheck in
+    float64), and against autograd through the PyTorch ops, which the torch backend records."""
+    d = torch.float64
+    x, k, g, dw = (rnd((3, 4), d, i) for i in range(4))
+    row, one, dwr = rnd((3, 1), d, 5), rnd((1,), d, 6), rnd((3, 1), d, 7)
+    key = PhiloxNoise(99)
+    cases = {  # (tensors, call(ops, *tensors))
+        "terms": ((x, k), lambda o, x, k: o.combine([(1.0, x), (0.3, k), (-0.7, x)])),
+        "broadcast": ((x, row, one), lambda o, x, r, c: o.combine([(1.0, x), (0.5, r), (-2.0, c)])),
+        "given-noise": ((x, k, g, dw), lambda o, x, k, g, w: o.combine([(1.0, x), (0.1, k)], [(0.5, g), (0.2, k)], w)),
+        "rowwise": ((x, g, dwr), lambda o, x, g, w: o.combine([(1.0, x)], [(0.5, g)], w, rowwise=True)),
+        "philox": ((x, g, row), lambda o, x, g, r: o.combine([(1.0, x)], [(0.5, g), (0.25, r)], key)),
+        "philox-rowwise": ((x, g), lambda o, x, g: o.combine([(1.0, x)], [(0.5, g)], key, rowwise=True)),
+        "unit": ((x, dw), lambda o, x, w: o.combine([(1.0, x)], [(0.5, None)], w)),
+    }
+    tensors, call = cases[case]
+    ref = kernels.ops("torch")
+    leaves = _leaves(*tensors)
+    out = call(tri, *leaves)
+    assert type(out.grad_fn).__name__ == "_FusedCombineBackward"  # the kernel ran, not the PyTorch ops
+    assert torch.autograd.gradcheck(lambda *a: call(tri, *a), leaves)
+    if "philox" not in case:  # (the Philox cases' second derivatives: the Hessian-vector products below)
+        assert torch.autograd.gradgradcheck(lambda *a: call(tri, *a), leaves)
+    weight = rnd(out.shape, d, 11)
+    for ops in (tri, ref):  # first and second derivatives: the Hessian-vector product of <w, out>^2
+        lv = _leaves(*tensors)
+        y = call(ops, *lv)
+        grads = torch.autograd.grad((y * weight).sum() ** 2, lv, create_graph=True)
+        hvp = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, tensors)), lv)
+        if ops is tri:
+            got = [t.detach() for t in (y, *grads, *hvp)]
+        else:
+            want = [t.detach() for t in (y, *grads, *hvp)]
+    for a, b in zip(got, want):  # the Philox cases: the mirror equals the kernel's stream to float32 rounding
+        assert a.shape == b.shape and float((a - b).abs().max()) <= (1e-12 if "philox" not in case else 1e-5) * max(
+            1.0, float(b.abs().max())), case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_fused_combine_returns_gradients_in_each_inputs_dtype(tri, dtype):
+    x, k, g = (rnd((33, 4), dtype, i) for i in range(3))
+    lv = _leaves(x, k, g)
+    tri.combine([(1.0, lv[0]), (0.5, lv[1])], [(0.3, lv[2])], PhiloxNoise(3)).float().pow(2).sum().backward()
+    lw = _leaves(x, k, g)
+    kernels.ops("torch").combine([(1.0, lw[0]), (0.5, lw[1])], [(0.3, lw[2])], PhiloxNoise(3)).float().pow(2).sum().backward()
+    for a, b in zip(lv, lw):
+        assert a.grad.dtype == dtype and close(a.grad, b.grad.double(), dtype)
+
+
+def test_the_adjoint_draws_the_noise_of_the_forwards_key_even_if_its_memory_is_rewritten(tri):
+    x, g = _leaves(rnd((5, 4), torch.float64, 0), rnd((5, 4), torch.float64, 1))
+    key = torch.tensor(41, dtype=torch.int64)
+    y = tri.combine([(1.0, x)], [(0.5, g)], PhiloxNoise(key))
+    key.fill_(42)  # a loop's next step
+    y.sum().backward()
+    assert torch.equal(g.grad, 0.5 * tri.normal(41, (5, 4), torch.float64, "cpu"))
+
+
+def test_under_autograd_the_kernels_without_a_backward_run_the_pytorch_ops(tri):
+    x, f = _leaves(rnd((4, 3), torch.float64, 0), rnd((4, 3), torch.float64, 1))
+    G, dw = rnd((4, 3, 2), torch.float64, 2), rnd((4, 2), torch.float64, 3)
+    y = tri.sde_update(x, [(0.1, f)], [(1.0, G)], dw, "general")  # the matrix-noise kernel
+    assert type(y.grad_fn).__name__ != "_FusedCombineBackward"
+    assert torch.allclose(y, reference.sde_update(x, [(0.1, f)], [(1.0, G)], dw, "general"))
+    out = torch.empty(4, 3, dtype=torch.float64)
+    y = tri.combine([(1.0, x), (2.0, f)], out=out)  # out= under autograd: the PyTorch op writes it
+    assert y.grad_fn is not None and torch.allclose(out, x + 2 * f)
+    with torch.no_grad():
+        assert tri.combine([(1.0, x), (2.0, f)]).grad_fn is None

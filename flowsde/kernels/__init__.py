@@ -115,19 +115,24 @@ class TritonOps(TorchOps):
     name = "triton"
 
     def __init__(self):
+        from . import autograd as _grad
         from . import combine as _c  # imported on first use, after TRITON_INTERPRET is set
-        self._c = _c
+        self._c, self._grad = _c, _grad
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
-        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion) or _records_grad(terms, diffusion, noise):
+        grad = _records_grad(terms, diffusion, noise)
+        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion) or (grad and out is not None):
             return super().combine(terms, diffusion, noise, rowwise, out)
+        launch = self._grad.combine if grad else self._c.combine  # autograd: the kernel and its adjoint
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
         tensor = None if isinstance(noise, PhiloxNoise) else noise
         terms = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]  # the first fixes shape and dtype
         if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum
-            head = self._c.combine(terms[:self._c.MAX_TERMS])
+            head = launch(terms[:self._c.MAX_TERMS])
             terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
-        return self._c.combine(terms, diffusion, tensor, rowwise, key, out)
+        if grad:
+            return launch(terms, diffusion, tensor, rowwise, key)
+        return launch(terms, diffusion, tensor, rowwise, key, out)
 
     def lincomb(self, y, terms):
         if not _fused_coefficients(y.dtype, terms):
@@ -143,9 +148,11 @@ class TritonOps(TorchOps):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
     def sde_update(self, y, terms, noise, dw, noise_type):
-        if not _fused_coefficients(y.dtype, terms, noise) or _records_grad([(1, y)], terms, noise, dw):
+        if not _fused_coefficients(y.dtype, terms, noise):
             return super().sde_update(y, terms, noise, dw, noise_type)  # e.g. step sizes held on the device
         if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
+            if _records_grad([(1, y)], terms, noise, dw):  # this kernel has no backward: the PyTorch ops
+                return super().sde_update(y, terms, noise, dw, noise_type)
             host_key = not (isinstance(dw, PhiloxNoise) and isinstance(dw.key, torch.Tensor))
             if y.dim() == 2 and len(terms) <= 2 and 1 <= len(noise) <= 2 and host_key:
                 key = dw.key if isinstance(dw, PhiloxNoise) else 0
@@ -180,9 +187,10 @@ def _fused_coefficients(dtype, *term_lists) -> bool:
 
 def _records_grad(*parts) -> bool:
     """Whether autograd would record an op on these operands (lists of ``(c, tensor)`` pairs, or a noise
-    tensor): grad mode is on and one of them requires grad. The fused kernels have no backward, so such
-    a call runs on the PyTorch ops, and gradients reach ``y0`` and the model's parameters on either
-    backend (host attribute reads only: no synchronisation)."""
+    tensor): grad mode is on and one of them requires grad. Such a call of the fused combine runs the
+    kernel with its adjoint (:mod:`flowsde.kernels.autograd`); the kernels without a backward (matrix
+    noise, the error norm, ``out=`` under autograd) run the PyTorch ops, so gradients reach ``y0`` and the
+    model's parameters on either backend (host attribute reads only: no synchronisation)."""
     if not torch.is_grad_enabled():
         return False
     for part in parts:
