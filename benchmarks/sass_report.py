@@ -124,6 +124,9 @@ def _cases():
         "per-row broadcast operand": (lambda: ops.combine([(1.0, y2), (0.5, g2)]), blk, None),
         "general noise (matrix times dW)": (
             lambda: ops.sde_update(y2[:B // 16], [(0.01, f2[:B // 16])], [(0.1, G)], dwm, "general"), blk, None),
+        "general noise, dW in kernel (m = 3)": (
+            lambda: ops.sde_update(y2[:B // 16], [(0.01, f2[:B // 16])], [(0.1, G)], PhiloxNoise(4), "general"),
+            blk, None),
         "per-sample error norm": (lambda: ops.error_norm(y2, y2, f2, 1e-3, 1e-6), None, None),
         "philox normals": (lambda: ops.normal(5, (N,), torch.float32, "cpu"), blk, None),
         "whole-trajectory linear SDE (per step)": (

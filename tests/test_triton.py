@@ -429,6 +429,24 @@ def test_matrix_noise_kernel_matches_the_reference(tri, dtype, nterms, nnoise, m
         assert float((got.double() - want.double()).abs().max()) < (1e-6 if dtype == torch.float64 else 2e-5)
 
 
+@pytest.mark.parametrize("row", [1, 2, 3, 4, 6, 8, 12, 1030])
+def test_per_row_noise_is_one_draw_per_row_for_every_row_length(tri, row):
+    """Scalar noise draws once per run of 1, 2 or 4 elements (the largest dividing the row) and spreads it
+    over the run: every element of a row sees its row's draw, the Philox stream at the row (the mirror),
+    for row lengths of each run size, blocks that end mid-row and a last block that is not full."""
+    B = 3000 // row + 1
+    y = torch.zeros(B, row, dtype=torch.float64)
+    got = tri.combine([(1.0, y)], [(1.0, None)], PhiloxNoise(2024), rowwise=True)
+    want = philox_randn(2024, B, "cpu").double()
+    assert float((got - want[:, None]).abs().max()) < 1e-6
+    assert torch.equal(got, got[:, :1].expand(B, row))  # one value per row, bit for bit
+    d = row if row <= 12 else 4  # matrix noise: a (batch, d, m) matrix times m draws per batch row
+    G = torch.ones(B, d, 3, dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    got = tri.sde_update(torch.zeros(B, d, dtype=torch.float64), [], [(1.0, G)], PhiloxNoise(7), "general")
+    dw = philox_randn(7, B * 3, "cpu").double().reshape(B, 3)
+    assert float((got - (dw @ torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64))[:, None]).abs().max()) < 1e-4
+
+
 def test_sdeint_additive_noise_drawn_in_the_kernel_equals_the_mirrored_path():
     from flowsde.brownian import GridBrownian
     from flowsde.problems import OrnsteinUhlenbeck

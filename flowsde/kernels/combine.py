@@ -78,6 +78,21 @@ def _normal_at(key, idx):
 
 
 @triton.jit
+def _row_normals(key, row, m, j, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, LARGE: tl.constexpr):
+    """Per element of this program's block: the noise at ``(element // row) m + j`` — one draw per batch
+    row of ``row`` elements (``m`` draws per row, this is the ``j``-th). When ``GROUP`` (1, 2 or 4)
+    divides ``row``, each run of ``GROUP`` consecutive elements lies in one row: the draw is made once per
+    run and spread over it in registers (``tl.interleave``), not once per element."""
+    start = _block_offsets(BLOCK_SIZE // GROUP, LARGE) * GROUP  # the first element of each run
+    z = _normal_at(key, (start // row) * m + j)
+    if GROUP >= 2:
+        z = tl.interleave(z, z)
+    if GROUP >= 4:
+        z = tl.interleave(z, z)
+    return z
+
+
+@triton.jit
 def _index(offs, row, MODE: tl.constexpr):
     """Where element ``offs`` of the result reads an operand: itself (``MODE`` 0, a full tensor), its batch
     row (1: one value per row, broadcast along it) or the one value (2: a scalar broadcast everywhere)."""
@@ -106,10 +121,11 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
                    UNIT: tl.constexpr, F64: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    B0: tl.constexpr = 0, B1: tl.constexpr = 0, B2: tl.constexpr = 0, B3: tl.constexpr = 0,
                    B4: tl.constexpr = 0, B5: tl.constexpr = 0, BG0: tl.constexpr = 0, BG1: tl.constexpr = 0,
-                   LARGE: tl.constexpr = 0):
+                   LARGE: tl.constexpr = 0, GROUP: tl.constexpr = 1):
     """``out = sum_{i<NT} c_i p_i + (sum_{j<NG} s_j g_j) z`` over ``n`` elements (see the module doc);
     ``B<i>`` / ``BG<j>``: how each operand is laid out (:func:`_index`: full, per row of ``row``
-    elements, or one scalar), so a broadcast operand is read where it lies instead of copied out."""
+    elements, or one scalar), so a broadcast operand is read where it lies instead of copied out;
+    ``GROUP``: drawn scalar noise is drawn once per ``GROUP`` elements (:func:`_row_normals`)."""
     offs = _block_offsets(BLOCK_SIZE, LARGE)
     mask = offs < n
     acc = _term(_zeros(BLOCK_SIZE, F64), p0, _index(offs, row, B0), mask, h0, l0, F64)
@@ -143,7 +159,7 @@ def combine_kernel(out_ptr, p0, p1, p2, p3, p4, p5,
             else:
                 k = key
             if ROWWISE:
-                z = _normal_at(k, nidx)
+                z = _row_normals(k, row, 1, 0, BLOCK_SIZE, GROUP, LARGE)
             else:
                 z = _block_normals(k, BLOCK_SIZE, LARGE)
         if F64:
@@ -247,6 +263,11 @@ def _coefficients(cs, f64: bool):
     return [(float(c), 0.0) for c in cs]
 
 
+def _group(row: int) -> int:
+    """Elements per draw of per-row noise (:func:`_row_normals`): the largest of 4, 2, 1 dividing ``row``."""
+    return 4 if row % 4 == 0 else (2 if row % 2 == 0 else 1)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -274,13 +295,14 @@ def _flat(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=512)
-def _combine_consts(nt, ng, noise, rowwise, unit, f64, blk, modes, g_modes, large) -> dict:
+def _combine_consts(nt, ng, noise, rowwise, unit, f64, blk, modes, g_modes, large, group=1) -> dict:
     """The constexprs of :func:`combine_kernel`, all of them, in its signature's order (the fast launch
     passes them positionally); cached, as a loop launches the same few configurations. Read only."""
     consts = dict(NT=nt, NG=ng, NOISE=noise, ROWWISE=rowwise, UNIT=unit, F64=f64, BLOCK_SIZE=blk)
     consts.update({f"B{i}": m for i, m in enumerate(modes + (0,) * (MAX_TERMS - len(modes)))})
     consts.update({f"BG{j}": m for j, m in enumerate(g_modes)})
     consts["LARGE"] = large
+    consts["GROUP"] = group
     return consts
 
 
@@ -357,8 +379,9 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     blk = CONFIG["block"]
     args = [out, *ptrs, *coefs, gs[0], gs[1], ss[0][0], ss[0][1], ss[1][0], ss[1][1], ts[0] if dw is None else dw,
             key if key_in_memory else int(key) & KEY_MASK, n, row]
+    group = _group(row) if rowwise and mode >= 2 else 1
     consts = _combine_consts(len(ts), len(diffusion), mode, bool(rowwise), unit, f64, blk, tuple(modes), tuple(g_modes),
-                             _large(n))
+                             _large(n), group)
     _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
     return out
 
@@ -467,7 +490,7 @@ def linear_trajectory(x0, coef, keys, slots, n_out):
 def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, key,
                         hy, ly, h0, l0, h1, l1, s0h, s0l, s1h, s1l, n, d, m,
                         NF: tl.constexpr, NG: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0):
+                        BLOCK_SIZE: tl.constexpr, LARGE: tl.constexpr = 0, GROUP: tl.constexpr = 1):
     """Additive / general noise in one pass: ``out[b, i] = cy y + sum_k c_k f_k + sum_j (s0 G0 + s1 G1)[b, i, j]
     dW[b, j]`` with ``dW`` read from a ``(batch, m)`` tensor (``NOISE == 1``) or drawn as the Philox stream
     at ``b m + j`` (``NOISE == 2``: the Philox stream laid out like the ``(batch, m)`` increments)."""
@@ -487,7 +510,7 @@ def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, 
         if NOISE == 1:
             z = tl.load(dw_ptr + b * m + j, mask=mask, other=0.0)
         else:
-            z = _normal_at(key, b * m + j)
+            z = _row_normals(key, d, m, j, BLOCK_SIZE, GROUP, LARGE)
         if F64:
             acc = acc + gz * z.to(tl.float64)
         else:
@@ -517,5 +540,6 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
             [out, ys, fs[0], fs[1], gs[0], gs[1], noise, int(key) & KEY_MASK, *_split(1.0), *cs[0], *cs[1],
              *ss[0], *ss[1], n, d, m],
             dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=y.dtype == torch.float64,
-                 BLOCK_SIZE=blk, LARGE=_large(n * m)), CONFIG["num_warps"], out.is_cuda)
+                 BLOCK_SIZE=blk, LARGE=_large(n * m), GROUP=_group(d) if dw is None else 1), CONFIG["num_warps"],
+            out.is_cuda)
     return out
