@@ -60,7 +60,8 @@ class _FusedCombine(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         need_g, need_z = needs[len(cs):len(cs) + len(gs)], has_noise and needs[-1]
         g = grad.to(acc)
-        grads = [_reduce(g * c, *like) if need else None for c, like, need in zip(cs, ctx.terms, needs)]
+        grads = [_reduce(g if c == 1.0 else g * c, *like) if need else None  # (the state: G itself)
+                 for c, like, need in zip(cs, ctx.terms, needs)]
         if any(need_g):
             z = noise.to(acc) if noise is not None else _philox(key, shape, rowwise, acc, grad.device)
             gz = g * (z.reshape((shape[0],) + (1,) * (len(shape) - 1)) if rowwise else z)
