@@ -689,7 +689,8 @@ def _leaves(*tensors):
 @pytest.mark.parametrize("case", ["terms", "broadcast", "given-noise", "rowwise", "philox", "philox-rowwise", "unit"])
 def test_the_fused_combine_differentiates_twice_like_the_reference(tri, case):
     """The kernel's adjoint (flowsde.kernels.autograd) by finite differences (gradcheck, gradgradcheck in
-    float64), and against autograd through the PyTorch ops, which the torch backend records."""
+    float64), and against autograd through the PyTorch ops, which the torch backend records: gradients,
+    Hessian-vector products, forward-mode tangents (jvp) and torch.func.grad."""
     d = torch.float64
     x, k, g, dw = (rnd((3, 4), d, i) for i in range(4))
     row, one, dwr = rnd((3, 1), d, 5), rnd((1,), d, 6), rnd((3, 1), d, 7)
@@ -721,9 +722,19 @@ def test_the_fused_combine_differentiates_twice_like_the_reference(tri, case):
             got = [t.detach() for t in (y, *grads, *hvp)]
         else:
             want = [t.detach() for t in (y, *grads, *hvp)]
+    tangents = [rnd(t.shape, d, 20 + i) for i, t in enumerate(tensors)]
+    for ops in (tri, ref):  # forward mode: dual tensors (no requires_grad), the kernel's jvp
+        with torch.autograd.forward_ad.dual_level():
+            y = call(ops, *[torch.autograd.forward_ad.make_dual(t, v) for t, v in zip(tensors, tangents)])
+            (got if ops is tri else want).append(torch.autograd.forward_ad.unpack_dual(y).tangent)
     for a, b in zip(got, want):  # the Philox cases: the mirror equals the kernel's stream to float32 rounding
         assert a.shape == b.shape and float((a - b).abs().max()) <= (1e-12 if "philox" not in case else 1e-5) * max(
             1.0, float(b.abs().max())), case
+    # torch.func transforms wrap their tensors, which a kernel cannot read: the PyTorch ops run
+    argnums = tuple(range(len(tensors)))
+    for a, b in zip(torch.func.grad(lambda *a: call(tri, *a).sum(), argnums=argnums)(*tensors),
+                    torch.func.grad(lambda *a: call(ref, *a).sum(), argnums=argnums)(*tensors)):
+        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max())), case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -744,6 +755,39 @@ def test_the_adjoint_draws_the_noise_of_the_forwards_key_even_if_its_memory_is_r
     key.fill_(42)  # a loop's next step
     y.sum().backward()
     assert torch.equal(g.grad, 0.5 * tri.normal(41, (5, 4), torch.float64, "cpu"))
+
+
+def test_forward_mode_tangents_flow_through_the_triton_backend_as_through_torch():
+    """Dual tensors (torch.autograd.forward_ad) do not require grad: the triton backend once took them for
+    constants (a zero tangent, silently). Now the fused combine pushes tangents through (jvp) and the
+    kernels without one run the PyTorch ops: odeint (fixed and adaptive), sdeint on a given bm and the
+    whole-trajectory solver give the torch backend's tangents."""
+    import torch.autograd.forward_ad as fwAD
+    from flowsde.solvers.linear import solve_linear_sde
+    from flowsde.problems import OrnsteinUhlenbeck
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    x = rnd((5, 3), torch.float64, 1)
+    out = {}
+    for be in ("torch", "triton"):
+        o = dict(backend=be)
+        with fwAD.dual_level():
+            y = fwAD.make_dual(x, torch.ones_like(x))
+            bm = torchsde.BrownianInterval(0.0, 1.0, size=(5, 3), dtype=torch.float64, entropy=2)
+            runs = [flowsde.odeint(lambda t, z: torch.sin(z) - z, y, ts, method="rk4", options=dict(step_size=0.1, **o)),
+                    flowsde.odeint(lambda t, z: torch.sin(z) - z, y, ts, method="dopri5", options=o),
+                    flowsde.sdeint(OrnsteinUhlenbeck(1.0, 0.5), y, ts, bm=bm, dt=0.1, options=o),
+                    solve_linear_sde(y, ts, 0.1, a=-1.0, c=0.2, d=0.5, seed=1, backend=be)]
+            out[be] = [fwAD.unpack_dual(r[-1]).tangent for r in runs]
+    for a, b in zip(out["torch"], out["triton"]):
+        assert b is not None and float(a.abs().max()) > 0.1 and float((a - b).abs().max()) < 1e-12
+
+
+def test_empty_batches_differentiate(tri):
+    for shape, row in (((0, 4), (0, 1)), ((0,), (0,))):
+        y, g, w = _leaves(torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
+                          torch.zeros(row, dtype=torch.float64))
+        tri.combine([(1.0, y)], [(0.3, g)], w, rowwise=True).sum().backward()
+        assert y.grad.shape == shape and g.grad.shape == shape and w.grad.shape == row
 
 
 def test_under_autograd_the_kernels_without_a_backward_run_the_pytorch_ops(tri):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import reference
 from .philox import KEY_MASK, philox_randn
@@ -121,7 +122,8 @@ class TritonOps(TorchOps):
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
         grad = _records_grad(terms, diffusion, noise)
-        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion) or (grad and out is not None):
+        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion) or (
+                grad and (out is not None or _transformed(terms, diffusion, noise))):
             return super().combine(terms, diffusion, noise, rowwise, out)
         launch = self._grad.combine if grad else self._c.combine  # autograd: the kernel and its adjoint
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
@@ -186,21 +188,38 @@ def _fused_coefficients(dtype, *term_lists) -> bool:
 
 
 def _records_grad(*parts) -> bool:
-    """Whether autograd would record an op on these operands (lists of ``(c, tensor)`` pairs, or a noise
-    tensor): grad mode is on and one of them requires grad. Such a call of the fused combine runs the
-    kernel with its adjoint (:mod:`flowsde.kernels.autograd`); the kernels without a backward (matrix
-    noise, the error norm, ``out=`` under autograd) run the PyTorch ops, so gradients reach ``y0`` and the
-    model's parameters on either backend (host attribute reads only: no synchronisation)."""
-    if not torch.is_grad_enabled():
-        return False
+    """Whether an op on these operands (lists of ``(c, tensor)`` pairs, or tensors) must be differentiable:
+    grad mode is on and one of them requires grad, a forward-mode dual level is open and one carries a
+    tangent, or one is a ``torch.func`` (functorch) wrapper. Such a call of the fused combine runs the
+    kernel with its adjoint (:mod:`flowsde.kernels.autograd`) — under ``torch.func`` transforms, whose
+    wrapped tensors a kernel cannot read, the PyTorch ops (:func:`_transformed`); the kernels without a
+    backward (matrix noise, the error norm, the whole trajectory, ``out=`` under autograd) run the PyTorch
+    ops, so gradients and tangents reach ``y0`` and the model's parameters on either backend (host
+    attribute reads only: no synchronisation)."""
+    grad = torch.is_grad_enabled()
+    dual = getattr(_forward_ad, "_current_level", 0) >= 0  # a dual level is open (unknown: look)
+    for t in _tensors(parts):
+        if (grad and t.requires_grad) or _is_wrapped(t) or (dual and _forward_ad.unpack_dual(t).tangent is not None):
+            return True
+    return False
+
+
+def _transformed(*parts) -> bool:
+    """Whether one of the operands is a ``torch.func`` (functorch) wrapper (``grad``, ``jvp``, ``vmap``)."""
+    return any(_is_wrapped(t) for t in _tensors(parts))
+
+
+def _tensors(parts):
     for part in parts:
         if isinstance(part, torch.Tensor):
-            if part.requires_grad:
-                return True
+            yield part
         elif isinstance(part, (list, tuple)):
-            if any(isinstance(t, torch.Tensor) and t.requires_grad for _, t in part):
-                return True
-    return False
+            for _, t in part:
+                if isinstance(t, torch.Tensor):
+                    yield t
+
+
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
 
 
 def _noise_shape(y, noise_type, noise=()):
@@ -230,5 +249,11 @@ sde_update = reference.sde_update
 lerp = reference.lerp
 hermite = reference.hermite
 
-__all__ = ["resolve_backend", "ops", "TorchOps", "TritonOps", "PhiloxNoise", "lincomb", "noise_prod",
+def needs_autodiff(*tensors) -> bool:
+    """Whether an op on ``tensors`` must be differentiable (reverse or forward mode, or a ``torch.func``
+    transform): a kernel without a backward then runs the PyTorch ops."""
+    return _records_grad(*tensors)
+
+
+__all__ = ["resolve_backend", "needs_autodiff", "ops", "TorchOps", "TritonOps", "PhiloxNoise", "lincomb", "noise_prod",
            "sde_update", "lerp", "hermite", "HAS_TRITON", "BACKENDS", "AUTO_TRITON_MIN_NUMEL", "reference"]

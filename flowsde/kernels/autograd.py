@@ -8,6 +8,9 @@ with ``G`` the gradient of ``out``:
 - ``dg_j = s_j z G`` (``z`` the given noise, or the Philox stream drawn again from its key),
 - ``dz = (sum_j s_j g_j) G`` (given noise only; summed along the row for scalar noise).
 
+Forward mode (``jvp``, for ``torch.autograd.forward_ad`` dual tensors) is the same linear map pushed the
+other way: ``d out = sum c_i dt_i + (sum s_j dg_j) z + (sum s_j g_j) dz``.
+
 The backward is written in differentiable PyTorch ops on the saved operands, so it differentiates again
 (``create_graph=True``: Hessian-vector products, Milstein-style double backward) like the PyTorch ops the
 reference backend records. Arithmetic is in float32 for half types and in the operands' own dtype
@@ -33,29 +36,32 @@ def _reduce(grad, shape, dtype):
 class _FusedCombine(torch.autograd.Function):
     """``apply(spec, *tensors)``: ``spec`` holds the host coefficients, the layout and the Philox key (an
     int or a 0-dim int64 tensor: never differentiated); ``tensors`` are the terms, then the diffusion
-    values (not the unit one), then the noise tensor when one is given."""
+    values (not the unit one), then the noise tensor when one is given. Reverse mode (``backward``) and
+    forward mode (``jvp``: ``torch.autograd.forward_ad`` dual tensors)."""
 
     @staticmethod
-    def forward(ctx, spec, *tensors):
+    def forward(spec, *tensors):
         from . import combine as _c
         cs, ss, unit, rowwise, has_noise, key = spec
-        nt, ng = len(cs), 0 if unit else len(ss)
-        ts, gs = tensors[:nt], tensors[nt:nt + ng]
-        noise = tensors[nt + ng] if has_noise else None
+        ts, gs, noise = _split(spec, tensors)
         diffusion = [(ss[0], None)] if unit else list(zip(ss, gs))
-        out = _c.combine(list(zip(cs, ts)), diffusion, noise, rowwise, key)
+        return _c.combine(list(zip(cs, ts)), diffusion, noise, rowwise, key)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, tensors = inputs[0], inputs[1:]
+        ts, gs, noise = _split(spec, tensors)
         ctx.spec = spec
         ctx.terms = [(t.shape, t.dtype) for t in ts]
-        ctx.save_for_backward(*gs, *(() if noise is None else (noise,)))
-        ctx.out_shape, ctx.out_dtype = out.shape, out.dtype
-        return out
+        ctx.out_shape, ctx.out_dtype = output.shape, output.dtype
+        saved = (*gs, *(() if noise is None else (noise,)))
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad):
         cs, ss, unit, rowwise, has_noise, key = ctx.spec
-        saved = ctx.saved_tensors
-        gs = saved[:len(saved) - int(has_noise)]
-        noise = saved[-1] if has_noise else None
+        gs, noise = _saved(ctx)
         shape, acc = ctx.out_shape, _acc_dtype(ctx.out_dtype)
         needs = ctx.needs_input_grad[1:]
         need_g, need_z = needs[len(cs):len(cs) + len(gs)], has_noise and needs[-1]
@@ -63,19 +69,76 @@ class _FusedCombine(torch.autograd.Function):
         grads = [_reduce(g if c == 1.0 else g * c, *like) if need else None  # (the state: G itself)
                  for c, like, need in zip(cs, ctx.terms, needs)]
         if any(need_g):
-            z = noise.to(acc) if noise is not None else _philox(key, shape, rowwise, acc, grad.device)
-            gz = g * (z.reshape((shape[0],) + (1,) * (len(shape) - 1)) if rowwise else z)
+            gz = g * _z(noise, key, shape, rowwise, acc, grad.device)
             grads += [_reduce(gz * s, d.shape, d.dtype) if need else None for s, d, need in zip(ss, gs, need_g)]
         else:
             grads += [None] * len(gs)
         if need_z:
-            scale = sum((d.reshape(shape) if d.numel() == g.numel() else d).to(acc) * s for s, d in zip(ss, gs)) \
-                if gs else ss[0]
-            dz = g * scale
-            grads.append(_reduce(dz.reshape(shape[0], -1).sum(1) if rowwise else dz, noise.shape, noise.dtype))
+            dz = g * _scale(ss, gs, shape, acc)
+            if rowwise:  # one value per batch row: summed along it
+                dz = dz.flatten(1).sum(1) if dz.dim() > 1 else dz
+            grads.append(_reduce(dz, noise.shape, noise.dtype))
         elif has_noise:
             grads.append(None)
         return (None, *grads)
+
+    @staticmethod
+    def jvp(ctx, _spec_tangent, *tangents):
+        """``d out = sum c_i dt_i + (sum s_j dg_j) z + (sum s_j g_j) dz``, in the result's shape and dtype."""
+        cs, ss, unit, rowwise, has_noise, key = ctx.spec
+        gs, noise = _saved(ctx)
+        shape, acc = ctx.out_shape, _acc_dtype(ctx.out_dtype)
+        device = next(t for t in tangents if t is not None).device
+        out = torch.zeros(shape, dtype=acc, device=device)
+        dts, dgs = tangents[:len(cs)], tangents[len(cs):len(cs) + len(gs)]
+        for c, dt in zip(cs, dts):
+            if dt is not None:
+                out = out + _spread(dt, shape).to(acc) * c
+        if any(dg is not None for dg in dgs):
+            dscale = sum(_spread(dg, shape).to(acc) * s for s, dg in zip(ss, dgs) if dg is not None)
+            out = out + dscale * _z(noise, key, shape, rowwise, acc, device)
+        if has_noise and tangents[-1] is not None:
+            dz = tangents[-1].to(acc)
+            out = out + _scale(ss, gs, shape, acc) * (_per_row(dz, shape) if rowwise else dz)
+        return out.to(ctx.out_dtype)
+
+
+def _split(spec, tensors):
+    """``(terms, diffusion values, noise or None)`` of ``apply``'s tensors."""
+    cs, ss, unit, _, has_noise, _ = spec
+    nt, ng = len(cs), 0 if unit else len(ss)
+    return tensors[:nt], tensors[nt:nt + ng], (tensors[nt + ng] if has_noise else None)
+
+
+def _saved(ctx):
+    saved = ctx.saved_tensors
+    has_noise = ctx.spec[4]
+    return saved[:len(saved) - int(has_noise)], (saved[-1] if has_noise else None)
+
+
+def _spread(t, shape):
+    """An operand as the kernel reads it against the result's ``shape``: reshaped when it has the result's
+    element count, else broadcast."""
+    return t.reshape(shape) if t.numel() == shape.numel() else t
+
+
+def _per_row(z, shape):
+    """One value per batch row, laid out to broadcast along the row."""
+    return z.reshape((shape[0],) + (1,) * (len(shape) - 1)) if len(shape) else z.reshape(())
+
+
+def _z(noise, key, shape, rowwise, dtype, device):
+    """The noise the forward multiplied in, broadcastable to ``shape``: the given tensor, or the Philox
+    stream drawn again."""
+    z = noise.to(dtype) if noise is not None else _philox(key, shape, rowwise, dtype, device)
+    return _per_row(z, shape) if rowwise else z
+
+
+def _scale(ss, gs, shape, dtype):
+    """``sum_j s_j g_j`` (``s_0`` alone for the unit diffusion)."""
+    if not gs:
+        return ss[0]
+    return sum(_spread(d, shape).to(dtype) * s for s, d in zip(ss, gs))
 
 
 def _philox(key, shape, rowwise, dtype, device):

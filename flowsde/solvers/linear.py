@@ -49,7 +49,7 @@ def solve_linear_sde(x0: torch.Tensor, ts, dt: float, a: Coefficient = 0.0, b: C
     coef_t = torch.as_tensor(coef, dtype=torch.float64).to(dev)
     keys_t = torch.as_tensor(keys, dtype=torch.int64).to(dev)
     slots_t = torch.as_tensor(slots, dtype=torch.int64).to(dev)
-    fused = ops.name == "triton" and not (torch.is_grad_enabled() and x0.requires_grad)  # no backward in the kernel
+    fused = ops.name == "triton" and not kernels.needs_autodiff(x0)  # the kernel has no backward
     fn = ops._c.linear_trajectory if fused else kernels.reference.linear_trajectory
     rest = fn(x0, coef_t, keys_t, slots_t, len(th) - 1)
     return torch.cat([x0.unsqueeze(0), rest], dim=0)
