@@ -10,7 +10,7 @@ launch path is asked only to compile (``warmup``), for a CUDA target of the give
 local memory, the width of every global load and store of data (``LDG.E.128`` moves 16 bytes per
 thread, the widest), the static instruction count per element (code of slow paths that never run,
 such as the large-argument reduction of ``cos``, included) and the instructions per element on the path
-a thread runs (those slow paths left out: :func:`run_path`).
+a thread runs (those slow paths left out: :func:`run_path`), and the bytes of registers ptxas spilled.
 
 ``--check`` fails (exit 1) if an elementwise step kernel over full operands moves its data in anything
 narrower than 16-byte accesses or spills to local memory: the test suite runs it, so a change that
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import json
 import os
 import re
@@ -186,6 +188,29 @@ def run_path_stack(sass: str) -> int:
     return sum(1 for a, _, op, _ in ins if op.startswith(("LDL", "STL")) and a not in skipped)
 
 
+_SPILLS = re.compile(r"Function properties for (\w+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                     r"(\d+) bytes spill loads")
+
+
+def _spills(call):
+    """``(compiled kernels of call(), {kernel name: spill bytes (stores + loads)})``: the kernels are compiled
+    afresh (no cache) with ptxas's own report (``-v``, which Triton runs) printed and read here — spilled
+    registers go to the stack frame, so the stack size alone cannot tell a spill from a stack array."""
+    knobs = triton.knobs
+    saved = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = _capture(call)
+    finally:
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = saved
+    spills = collections.Counter()
+    for fn, _, stores, loads in _SPILLS.findall(log.getvalue()):
+        spills[fn] = max(spills[fn], int(stores) + int(loads))
+    return compiled, spills
+
+
 def report(arch: int = 90) -> list:
     """One dict per compiled kernel of every case (see the module docstring)."""
     saved = driver._active
@@ -193,7 +218,8 @@ def report(arch: int = 90) -> list:
     try:
         rows = []
         for name, (call, per_program, step) in _cases().items():
-            for kname, kernel, warps in _capture(call):
+            compiled, spills = _spills(call)
+            for kname, kernel, warps in compiled:
                 sass, res = _sass(kernel.asm["cubin"])
                 ops = [op for _, _, op, _ in _INSTR.findall(sass)]  # any address width (the tree: > 0xffff)
                 usage = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", res))
@@ -204,19 +230,23 @@ def report(arch: int = 90) -> list:
                                  loads_stores=dict(mem), instructions=len(ops),
                                  per_element=len(ops) / per_thread if per_thread else None,
                                  run_per_element=run_path(sass) / per_thread if per_thread else None,
-                                 run_stack=run_path_stack(sass), step=step))
+                                 run_stack=run_path_stack(sass), spill=spills.get(kname), step=step))
         return rows
     finally:
         driver._active = saved
 
 
 def problems(rows) -> list:
-    """What ``--check`` rejects: a full-operand step kernel with stack accesses on its run path
-    (:func:`run_path_stack`), or a global access narrower than 16 bytes beyond those its case allows; any
-    kernel with local memory (spilled registers). (The tree kernel's float64 ``cos`` keeps a small stack
-    array for its large-argument reduction, a path its arguments in [0, 2 pi) never take.)"""
+    """What ``--check`` rejects: any kernel that spills registers (ptxas's report) or has local memory; a
+    full-operand step kernel with stack accesses on its run path (:func:`run_path_stack`), or a global
+    access narrower than 16 bytes beyond those its case allows. (The tree kernel's float64 ``cos`` keeps a
+    small stack array for its large-argument reduction, a path its arguments in [0, 2 pi) never take.)"""
     out = []
     for r in rows:
+        if r.get("spill") is None:
+            out.append(f"{r['case']}: ptxas reported no spill figures for {r['kernel']}")
+        elif r["spill"]:
+            out.append(f"{r['case']}: {r['kernel']} spills {r['spill']} bytes of registers (stores + loads)")
         if r["local"] or (r["step"] is not None and r["run_stack"]):
             out.append(f"{r['case']}: {r['run_stack']} stack accesses on the run path ({r['stack']} B stack), "
                        f"{r['local']} B local memory")
@@ -235,13 +265,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = report(args.arch)
     print(f"## sm_{args.arch} SASS of flowsde's kernels (triton {triton.__version__}, compile only, no GPU)\n")
-    print("| case | kernel | warps | regs | stack / local B | global data accesses | SASS instr. | per element "
+    print("| case | kernel | warps | regs | stack / local / spilled B | global data accesses | SASS instr. | per element "
           "| run per element |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         acc = ", ".join(f"{v} {k}" for k, v in sorted(r["loads_stores"].items()))
         pe, rpe = ("" if r[k] is None else f"{r[k]:.0f}" for k in ("per_element", "run_per_element"))
-        print(f"| {r['case']} | {r['kernel']} | {r['warps']} | {r['regs']} | {r['stack']} / {r['local']} | {acc} "
+        print(f"| {r['case']} | {r['kernel']} | {r['warps']} | {r['regs']} | {r['stack']} / {r['local']} / {r['spill']} | {acc} "
               f"| {r['instructions']} | {pe} | {rpe} |")
     if args.json:
         with open(args.json, "w") as fh:
