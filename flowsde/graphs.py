@@ -42,27 +42,30 @@ class CapturedLoop:
         self.field, self.run = build(self.x, self.cond, self.uncond, DeviceKeys(self.keys))
         run = self.run
 
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(warmup):
-                run(self.x)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        nfe0 = self.field.nfe
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.out = run(self.x)
+        self.device = dev
+        with torch.cuda.device(dev):  # capture on the state's device, not whichever is current
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(warmup):
+                    run(self.x)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            nfe0 = self.field.nfe
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph):
+                self.out = run(self.x)
         self.nfe = self.field.nfe - nfe0
 
     def __call__(self, x_init: torch.Tensor, cond=None, uncond=None, keys=None) -> torch.Tensor:
         """Replay on new inputs; returns a fresh tensor (the static output is copied out)."""
-        self.x.copy_(x_init)
-        if cond is not None:
-            self.field.set_condition(cond, uncond)
-        if keys is not None:
-            self.keys.copy_(torch.as_tensor(keys, dtype=torch.int64))
-        self.graph.replay()
-        return self.out.clone()
+        with torch.cuda.device(self.device):  # replay on the stream of the device it was captured on
+            self.x.copy_(x_init)
+            if cond is not None:
+                self.field.set_condition(cond, uncond)
+            if keys is not None:
+                self.keys.copy_(torch.as_tensor(keys, dtype=torch.int64))
+            self.graph.replay()
+            return self.out.clone()
 
 
 def captured(key: tuple, refs: tuple, build, x_init, cond=None, uncond=None, n_keys: int = 0) -> CapturedLoop:

@@ -832,3 +832,44 @@ def test_backpropagation_through_sample_runs_the_fused_steps_and_matches_the_tor
         grads[be] = (lin.weight.grad.clone(), lin.bias.grad.clone())
     for a, b in zip(grads["triton"], grads["torch"]):
         assert float(b.abs().max()) > 1e-3 and float((a - b).abs().max()) < 1e-5 * float(b.abs().max())
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not on its arguments': each launcher makes the output's
+    device current first (a state on cuda:1 while cuda:0 is current), as PyTorch's ops do."""
+    import contextlib
+
+    from flowsde.brownian import VirtualBrownianTree
+    from flowsde.kernels import combine as C
+    from flowsde.solvers.linear import solve_linear_sde
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("left")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    for same in (torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda")):
+        assert isinstance(C._on_device(same), contextlib.nullcontext)
+    with C._on_device(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    assert entered[-1] == "left"
+    monkeypatch.undo()
+    guarded = []
+    real = C._on_device
+    monkeypatch.setattr(C, "_on_device", lambda device: (guarded.append(device), real(device))[1])
+    tri = kernels.ops("triton", "cpu")
+    y, f, g = (rnd((40, 3), torch.float32, i) for i in range(3))
+    tri.sde_update(y, [(0.1, f)], [(0.2, g)], PhiloxNoise(3), "diagonal")
+    tri.error_norm(y, f, g, 1e-3, 1e-6)
+    tri.sde_update(y[:8], [(0.1, f[:8])], [(0.2, rnd((8, 3, 2), torch.float32, 5))], PhiloxNoise(4), "general")
+    tri.normal(5, (7,), torch.float32, "cpu")
+    solve_linear_sde(y[:, 0], torch.tensor([0.0, 1.0]), 0.5, a=-1.0, d=0.5, seed=1, backend="triton")
+    VirtualBrownianTree(0.0, 1.0, (8, 2), seed=1).at(torch.rand(8, dtype=torch.float64), ops=tri)
+    assert len(guarded) == 6 and all(d == torch.device("cpu") for d in guarded)

@@ -184,6 +184,7 @@ def randn_kernel(out_ptr, key, n, KEY_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.co
 
 # ---- launch wrappers ---------------------------------------------------------------------------------
 
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -215,9 +216,25 @@ def _spec(a):
     return type(a).__name__
 
 
-def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, cuda: bool, **options):
-    """``kernel[(n_programs,)](*args, **consts, num_warps=num_warps, **options)``, through the fast path on
-    CUDA (``options``: compile options such as ``enable_fp_fusion``)."""
+def _on_device(device):
+    """A context making ``device`` the current CUDA device for a launch when it is another one. Triton
+    launches on the current device's current stream, not on its arguments' device: a state on ``cuda:1``
+    while ``cuda:0`` is current would be read by a kernel on the wrong device, unordered with the stream
+    that wrote it (PyTorch's own ops switch to their tensors' device; so does flowsde)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, device, **options):
+    """``kernel[(n_programs,)](*args, **consts, num_warps=num_warps, **options)`` on ``device`` (the
+    output's: :func:`_on_device`), through the fast path on CUDA (``options``: compile options such as
+    ``enable_fp_fusion``)."""
+    with _on_device(device):
+        _launch_here(kernel, n_programs, args, consts, num_warps, device.type == "cuda", **options)
+
+
+def _launch_here(kernel, n_programs, args, consts, num_warps, cuda, **options):
     grid = (n_programs, 1, 1)
     if not (FAST_LAUNCH and cuda):
         kernel[grid](*args, **consts, num_warps=num_warps, **options)
@@ -382,7 +399,7 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     group = _group(row) if rowwise and mode >= 2 else 1
     consts = _combine_consts(len(ts), len(diffusion), mode, bool(rowwise), unit, f64, blk, tuple(modes), tuple(g_modes),
                              _large(n), group)
-    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], out.is_cuda)
+    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], out.device)
     return out
 
 
@@ -393,8 +410,9 @@ def randn(key, shape, dtype, device) -> torch.Tensor:
     n = out.numel()
     in_memory = isinstance(key, torch.Tensor)
     blk = CONFIG["block"]
-    randn_kernel[(_cdiv(n, blk),)](out, key if in_memory else int(key) & KEY_MASK, n, KEY_IN_MEMORY=in_memory,
-                                         BLOCK_SIZE=blk, LARGE=_large(n), num_warps=CONFIG["num_warps"])
+    with _on_device(out.device):
+        randn_kernel[(_cdiv(n, blk),)](out, key if in_memory else int(key) & KEY_MASK, n, KEY_IN_MEMORY=in_memory,
+                                       BLOCK_SIZE=blk, LARGE=_large(n), num_warps=CONFIG["num_warps"])
     return out
 
 
@@ -444,7 +462,7 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
     rows = BLOCK // block  # about BLOCK elements per program
     _launch(error_norm_kernel, _cdiv(B, rows), [out, y0, y1, err, B, row, rh, rl, ah, al],
             dict(F64=acc_dtype == torch.float64, ROWS=rows, BLOCK_SIZE=block, LARGE=_large(y1.numel())), 4,
-            out.is_cuda)
+            out.device)
     return out
 
 
@@ -480,9 +498,10 @@ def linear_trajectory(x0, coef, keys, slots, n_out):
     x0c = x0 if x0.is_contiguous() else x0.contiguous()
     out = torch.empty((n_out,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device)
     n = x0c.numel()
-    linear_trajectory_kernel[(_cdiv(n, BLOCK),)](out, x0c, coef, keys, slots, n, coef.shape[0],
-                                                       F64=x0.dtype == torch.float64, BLOCK_SIZE=BLOCK,
-                                                       LARGE=_large(n, out.numel()))
+    with _on_device(out.device):
+        linear_trajectory_kernel[(_cdiv(n, BLOCK),)](out, x0c, coef, keys, slots, n, coef.shape[0],
+                                                     F64=x0.dtype == torch.float64, BLOCK_SIZE=BLOCK,
+                                                     LARGE=_large(n, out.numel()))
     return out
 
 
@@ -541,5 +560,5 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
              *ss[0], *ss[1], n, d, m],
             dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=y.dtype == torch.float64,
                  BLOCK_SIZE=blk, LARGE=_large(n * m), GROUP=_group(d) if dw is None else 1), CONFIG["num_warps"],
-            out.is_cuda)
+            out.device)
     return out

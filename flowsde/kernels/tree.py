@@ -72,5 +72,5 @@ def brownian_tree(key: int, leaf, frac, rows, n_rows: int, per_row: int, std, de
             [out, leaf_c, frac_c, rows_c, std, int(key), n, per_row, int(depth)],
             dict(PER_ROW_TIME=leaf_c.numel() > 1 or n_rows == 1, ROWS=rows is not None, BLOCK_SIZE=blk,
                  LARGE=_large(n)),
-            CONFIG["num_warps"], out.is_cuda, enable_fp_fusion=False)  # no FMA: the spec's roundings
+            CONFIG["num_warps"], out.device, enable_fp_fusion=False)  # no FMA: the spec's roundings
     return out
