@@ -873,3 +873,24 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     solve_linear_sde(y[:, 0], torch.tensor([0.0, 1.0]), 0.5, a=-1.0, d=0.5, seed=1, backend="triton")
     VirtualBrownianTree(0.0, 1.0, (8, 2), seed=1).at(torch.rand(8, dtype=torch.float64), ops=tri)
     assert len(guarded) == 6 and all(d == torch.device("cpu") for d in guarded)
+
+
+def test_operands_on_another_device_are_refused_by_name(tri, monkeypatch):
+    """A kernel would dereference another device's pointer (an illegal address, or garbage) where PyTorch
+    raises: every launcher checks its operands' devices; a 0-dim CPU tensor is taken, as PyTorch takes it."""
+    from flowsde.kernels import combine as C
+    y, f = rnd((6, 2), torch.float64, 0), rnd((6, 2), torch.float64, 1)
+    meta = torch.empty(6, 2, dtype=torch.float64, device="meta")  # stands for a tensor on another device
+    for call, what in ((lambda: C.combine([(1.0, y), (0.5, meta)]), "a term"),
+                       (lambda: C.combine([(1.0, y)], [(0.5, meta)], None), "a diffusion value"),
+                       (lambda: C.combine([(1.0, y)], [(0.5, f)], meta), "the noise"),
+                       (lambda: C.combine([(1.0, y)], out=meta), "out must be"),
+                       (lambda: C.error_norm(meta, y, f, 1e-3, 1e-6), "y0"),
+                       (lambda: C.matrix_noise_update(y, [], [(1.0, torch.empty(6, 2, 3, dtype=torch.float64,
+                                                                                   device="meta"))]),
+                        "a diffusion matrix")):
+        with pytest.raises(ValueError, match=what):
+            call()
+    got = C.combine([(1.0, y), (0.5, torch.tensor(2.0, dtype=torch.float64))])  # a scalar: broadcast
+    assert torch.allclose(got, y + 1.0)
+    assert C._on(torch.device("meta"), torch.tensor(2.0), "x").device.type == "meta"  # a CPU scalar: moved

@@ -337,6 +337,17 @@ def _unaliased(t: torch.Tensor, mode: int, out: torch.Tensor) -> torch.Tensor:
     return t if mode == 0 and t.data_ptr() == out.data_ptr() else t.clone()
 
 
+def _on(device, t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` if it lies on ``device``; a 0-dim CPU tensor (a scalar, which PyTorch's ops take beside
+    CUDA tensors) copied there; else a ``ValueError``: a kernel would dereference another device's
+    pointer (an illegal address, or garbage) where PyTorch raises."""
+    if t.device == device:
+        return t
+    if t.dim() == 0 and t.device.type == "cpu":
+        return t.to(device)
+    raise ValueError(f"{what} is on {t.device} but the state is on {device}: every operand must be on one device")
+
+
 def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
     """Launch :func:`combine_kernel`: ``sum c_i t_i + (sum s_j g_j) z`` (see the module docstring).
 
@@ -348,7 +359,10 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     inputs; an input that overlaps it otherwise is copied first), so a loop need not allocate per step.
     """
     like = terms[0][1]
-    shape, dtype = tuple(like.shape), like.dtype
+    shape, dtype, dev = tuple(like.shape), like.dtype, like.device
+    terms = [(c, _on(dev, t, "a term")) for c, t in terms]
+    diffusion = [(s, None if g is None else _on(dev, g, "a diffusion value")) for s, g in diffusion]
+    noise = None if noise is None else _on(dev, noise, "the noise")
     if not 1 <= len(terms) <= MAX_TERMS or len(diffusion) > MAX_NOISE:
         raise ValueError(f"combine takes 1..{MAX_TERMS} terms and 0..{MAX_NOISE} diffusion terms")
     unit = len(diffusion) == 1 and diffusion[0][1] is None
@@ -360,8 +374,8 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     given = out is not None
     if not given:
         out = torch.empty(shape, dtype=dtype, device=like.device)
-    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != dev:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {dev}")
     n = out.numel()
     batch = shape[0] if shape else 1
     if diffusion and noise is not None:
@@ -447,6 +461,7 @@ def error_norm_kernel(out_ptr, y0_ptr, y1_ptr, e_ptr, n_rows, row, rtol_h, rtol_
 def error_norm(y0, y1, err, rtol: float, atol: float):
     """Launch :func:`error_norm_kernel`: the per-sample scaled RMS error, shape ``(batch,)``."""
     shape = tuple(y1.shape)
+    y0, err = _on(y1.device, y0, "y0"), _on(y1.device, err, "the error estimate")
     y0, y1, err = (_flat(t, shape) for t in (y0, y1, err))
     B = shape[0]
     row = max(1, math.prod(shape[1:]))
@@ -544,6 +559,9 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
     if y.dim() != 2 or len(terms) > 2 or not 1 <= len(diffusion) <= 2:
         raise ValueError("matrix_noise_update takes y (batch, d), 0..2 drift terms and 1..2 diffusion matrices")
     B, d = y.shape
+    terms = [(c, _on(y.device, f, "a term")) for c, f in terms]
+    diffusion = [(s, _on(y.device, g, "a diffusion matrix")) for s, g in diffusion]
+    dw = None if dw is None else _on(y.device, dw, "the noise")
     m = diffusion[0][1].shape[-1]
     ys = _flat(y, (B, d))
     fs = [_flat(f, (B, d)) for _, f in terms]
