@@ -249,6 +249,7 @@ sde_update = reference.sde_update
 lerp = reference.lerp
 hermite = reference.hermite
 
+
 def needs_autodiff(*tensors) -> bool:
     """Whether an op on ``tensors`` must be differentiable (reverse or forward mode, or a ``torch.func``
     transform): a kernel without a backward then runs the PyTorch ops."""
