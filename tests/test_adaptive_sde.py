@@ -343,3 +343,17 @@ def test_a_tree_and_times_in_another_spelling_or_float32_are_accepted():
     with pytest.raises(ValueError, match="bm covers"):
         flowsde.sdeint(sde, y32, torch.tensor([0.0, 0.1001]), bm=VirtualBrownianTree(0.0, 0.1, (4, 2), seed=1),
                        dt=0.01)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_states_with_no_elements_return_at_once(shape, per_sample):
+    """An empty batch was refused with a misleading message (from the tree's shape check) and rows of no
+    elements looped for ever (no error norm to accept a step on); now, as odeint, nothing is integrated."""
+    y0 = torch.zeros(shape, dtype=torch.float64)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    ys, stats = flowsde.sdeint(OrnsteinUhlenbeck(1.0, 0.5), y0, ts, dt=0.25, seed=1, adaptive=True, method="milstein",
+                               options=dict(per_sample=per_sample, return_stats=True))
+    assert ys.shape == (3, *shape) and stats["steps"] == 0
+    assert stats["status"] == (["success"] * shape[0] if per_sample else "success")
+    assert flowsde.sdeint(OrnsteinUhlenbeck(1.0, 0.5), y0, ts, adaptive=True, seed=1).shape == (3, *shape)

@@ -152,6 +152,24 @@ def _controls(rtol, atol, dt_min, opts, dev_type):
     return (_checks.check_step("dt_min", dt_min),) + loop_budget(opts, dev_type)
 
 
+def _empty_solve(y0, n_out, per_sample, capturable, opts):
+    """The result for a state with no elements (an empty batch, or rows of no elements): every sample
+    reaches the end at once, with no evaluations."""
+    ys = y0.new_empty((n_out, *y0.shape))
+    if not opts.get("return_stats", False):
+        return ys
+    rows = y0.shape[0]
+    zero = torch.zeros(rows, dtype=torch.int64, device=y0.device) if per_sample else 0
+    stats = {"nfe": zero, "nge": 0, "steps": 0, "accepted": zero, "rejected": zero}
+    if capturable:
+        stats.update(status="budget", finished=torch.ones((), dtype=torch.bool, device=y0.device))
+    elif per_sample:
+        stats.update(status=["success"] * rows, rows=0)
+    else:
+        stats.update(status="success")
+    return ys, stats
+
+
 def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, seed, opts, ops):
     """The adaptive driver behind ``sdeint(..., adaptive=True)`` (see the module docstring)."""
     dev = y0.device
@@ -161,6 +179,8 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         raise ValueError("adaptive=True needs a Brownian motion that can be queried at any time (bm=None for "
                          "flowsde's VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree); a "
                          f"{type(bm).__name__} only knows its grid")
+    if y0.numel() == 0:  # nothing to integrate, no tree to build, no error norm to take (as odeint)
+        return _empty_solve(y0, len(ts_host), per_sample, capturable, opts)
     t_first, t_end = float(ts_host[0]), float(ts_host[-1])
     t_probe = torch.full((y0.shape[0],) if per_sample else (), t_first, dtype=ts.dtype, device=dev)
     shape = noise_shape(sde, y0, t_probe)
