@@ -30,11 +30,33 @@ def axpy_(out: torch.Tensor, k: torch.Tensor, c) -> torch.Tensor:
     return out.addcmul_(k, c) if isinstance(c, torch.Tensor) else out.add_(k, alpha=c)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _half_result(*tensors):
+    """The dtype PyTorch gives a result of these operands if it is a half type (float16 / bfloat16), else
+    None. Half results are accumulated in float32 and rounded once, as the kernels do: rounding each
+    partial sum (or a large coefficient times an operand) to the half type loses the small difference
+    of large terms, and float16 refuses a coefficient beyond 65504."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype if dtype in _HALF else None
+
+
+def _f32(t):
+    return t.float() if t is not None and t.dtype in _HALF else t
+
+
 def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     """Return ``y + sum(c * k for c, k in terms)`` as a new tensor (zero host coefficients are skipped).
 
     A coefficient is a Python float, or a tensor on the device that broadcasts against ``k`` (the adaptive
-    SDE driver's step sizes, one per row); neither is ever read back."""
+    SDE driver's step sizes, one per row); neither is ever read back. Half types accumulate in float32."""
+    half = _half_result(y, *(k for _, k in terms))
+    if half is not None:
+        return lincomb(_f32(y), [(c, _f32(k)) for c, k in terms]).to(half)
     out = None
     for c, k in terms:
         if is_zero(c):
@@ -65,8 +87,12 @@ def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[flo
 
     ``terms`` are drift terms ``(c, k)`` (``c`` already holds the step ``dt``), ``noise`` are pairs
     ``(s, g)`` of a scale and a diffusion value all applied to the same increment ``dw``. Coefficients
-    are floats or device tensors, as in :func:`lincomb`.
+    are floats or device tensors, as in :func:`lincomb` (half types accumulate in float32).
     """
+    half = _half_result(y, *(k for _, k in terms), *(g for _, g in noise), dw)
+    if half is not None:
+        return sde_update(_f32(y), [(c, _f32(k)) for c, k in terms], [(s, _f32(g)) for s, g in noise], _f32(dw),
+                          noise_type).to(half)
     out = lincomb(y, terms)
     for s, g in noise:
         if noise_type == "diagonal" and not isinstance(s, torch.Tensor):
@@ -103,6 +129,10 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
 
     if out is not None:
         return out.copy_(combine(terms, diffusion, noise, rowwise, key))
+    half = _half_result(*(t for _, t in terms), *(g for _, g in diffusion), noise)
+    if half is not None:  # accumulate in float32, round once (as the kernel)
+        return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
+                       rowwise, key).to(half)
     out = lincomb(terms[0][1] * terms[0][0], terms[1:])
     if not diffusion:
         return out
