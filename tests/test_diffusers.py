@@ -1,5 +1,7 @@
 """FlowSDEScheduler inside diffusers: real pipelines with tiny random models (no downloads), step-by-step
 parity with the schedulers it replaces, save/load, no host sync in step, and the flow SDE sampler's law."""
+import inspect
+
 import pytest
 import torch
 
@@ -329,3 +331,34 @@ def test_heun_with_clip_sample_matches_heun_discrete_scheduler(prediction_type):
     c = _run(unclipped, x0, model)
     assert float((a - c).abs().max()) > 1e-2  # the clamp changes the result
     assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cls,method,kw", [("DDIMScheduler", "ddim", dict(eta=1.0)),
+                                           ("EulerDiscreteScheduler", "euler", {}),
+                                           ("HeunDiscreteScheduler", "heun", {}),
+                                           ("FlowMatchEulerDiscreteScheduler", "euler", {})])
+def test_a_float32_sample_with_a_float16_model_output_keeps_the_replaced_schedulers_dtype(cls, method, kw, backend):
+    """DDIM and Heun promote (float32 out), Euler returns the model output's dtype, as diffusers' schedulers
+    do; the DDIM noise is drawn in the output's dtype, as DDIMScheduler draws it. (The DDIM step used to
+    cast the sample to float16 first; the triton backend returned the first operand's dtype.)"""
+    from flowsde import kernels
+    if backend == "triton" and not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    ref = getattr(diffusers, cls)()
+    ours = FlowSDEScheduler.from_config(ref.config, method=method, backend=backend)
+    for s in (ref, ours):
+        s.set_timesteps(6)
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for s in (ref, ours):
+        x, g = x0, torch.Generator().manual_seed(5)
+        for t in s.timesteps:
+            x32 = x.float()
+            model_in = s.scale_model_input(x32, t) if hasattr(s, "scale_model_input") else x32
+            extra = dict(kw, generator=g) if "generator" in inspect.signature(s.step).parameters else kw
+            x = s.step(_fake_model(model_in, t).half(), t, x32, **extra).prev_sample
+        outs.append(x)
+    a, b = outs
+    assert a.dtype == b.dtype
+    assert float((a.double() - b.double()).abs().max()) <= 2e-3 * max(1.0, float(a.abs().max()))

@@ -554,13 +554,54 @@ def test_device_keys_use_all_64_bits_on_both_backends():
     assert not torch.equal(a, b)  # the top bit is part of the key
 
 
-def test_the_first_term_fixes_shape_and_dtype_even_with_a_zero_coefficient():
+def test_the_first_term_fixes_the_shape_even_with_a_zero_coefficient():
     y53, f53, p51 = rnd((5, 3), torch.float64, 0), rnd((5, 3), torch.float64, 1), rnd((5, 1), torch.float64, 2)
     a, b = _both(lambda o: o.combine([(0.0, y53), (1.0, p51), (1.0, f53)]))
     assert a.shape == b.shape == (5, 3) and torch.allclose(a, b)
     inf = torch.tensor([float("inf"), 1.0], dtype=torch.float64)
     a, b = _both(lambda o: o.combine([(0.0, inf), (1.0, torch.ones(2, dtype=torch.float64))]))
     assert torch.equal(a.isnan(), b.isnan()) and bool(a[0].isnan())
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float16, None, None),      # a half model output
+                                    (torch.float16, torch.float32, None, None),      # a half state first
+                                    (torch.bfloat16, torch.float16, None, None),     # two halves: float32
+                                    (torch.float32, torch.float32, torch.float64, None),  # a float64 diffusion
+                                    (torch.float16, torch.float16, torch.float16, torch.float32),  # given noise
+                                    (torch.float64, torch.float32, torch.float16, torch.float16)])
+def test_mixed_dtypes_promote_as_pytorch_on_both_backends(dtypes):
+    """The result's dtype is PyTorch's promotion over every operand (the triton kernel took the first term's:
+    a float16 state with a float32 derivative gave float16 there, float32 on torch)."""
+    ty, tk, tg, tz = dtypes
+    y, k = rnd((6, 5), ty, 0), rnd((6, 5), tk, 1)
+    want = torch.promote_types(ty, tk)
+    a, b = _both(lambda o: o.combine([(1.0, y), (0.3, k)]))
+    assert a.dtype == b.dtype == want and torch.allclose(a.double(), b.double(), rtol=0, atol=TOL[want])
+    a, b = _both(lambda o: o.lincomb(y, [(0.3, k)]))
+    assert a.dtype == b.dtype == want and torch.allclose(a.double(), b.double(), rtol=0, atol=TOL[want])
+    a, b = _both(lambda o: o.combine([(1.0, y), (0.0, k)]))  # a zero coefficient still promotes
+    assert a.dtype == b.dtype == want and torch.equal(a, y.to(want)) and torch.equal(b, y.to(want))
+    if tg is None:
+        return
+    g = rnd((6, 5), tg, 2)
+    noise = rnd((6, 5), tz, 3) if tz is not None else PhiloxNoise(7)
+    want = reference.result_dtype(y, k, g, noise if tz is not None else None)
+    exact = y.double() + 0.3 * k.double() + 0.5 * g.double() * (
+        noise.double() if tz is not None else philox_randn(7, 30, "cpu").double().reshape(6, 5))
+    for nt in ("diagonal", "scalar"):
+        gg, dw = (g, noise) if nt == "diagonal" else (g[..., None], noise if tz is None else noise[:, :1])
+        if nt == "scalar":
+            exact = y.double() + 0.3 * k.double() + 0.5 * g.double() * (
+                dw.double() if tz is not None else philox_randn(7, 6, "cpu").double().reshape(6, 1))
+        a, b = _both(lambda o: o.sde_update(y, [(0.3, k)], [(0.5, gg)], dw, nt))
+        assert a.dtype == b.dtype == want, nt
+        # drawn noise is float32 (the kernel's Box-Muller and the mirror's differ in the last bit)
+        tol = want if tz is not None or want != torch.float64 else torch.float32
+        assert close(a, exact, tol) and close(b, exact, tol), nt
+    G, dw = rnd((6, 5, 2), tg, 4), (rnd((6, 2), tz, 5) if tz is not None else PhiloxNoise(9))
+    a, b = _both(lambda o: o.sde_update(y, [(0.3, k)], [(0.5, G)], dw, "general"))
+    assert a.dtype == b.dtype == reference.result_dtype(y, k, G, dw if tz is not None else None)
+    assert torch.allclose(a.double(), b.double(), rtol=0, atol=TOL[tol] * 4)
 
 
 def test_coefficients_the_kernel_cannot_hold_go_to_the_reference():

@@ -321,6 +321,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             eta = eta if eta else self.config.eta
             out = self._ddim_step(ops, k, model_output, sample, eta, generator, kwargs.get("variance_noise"),
                                   bool(kwargs.get("use_clipped_model_output", False)))
+        if self.config.method == "euler" and out.dtype != model_output.dtype:
+            out = out.to(model_output.dtype)  # EulerDiscrete / FlowMatchEulerDiscrete return the output's dtype
         self._step_index += 1
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
 
@@ -338,7 +340,6 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         var = (1 - a2p) / (1 - a2) * (1 - a2 / a2p) if eta else 0.0
         std = eta * max(var, 0.0) ** 0.5
         c = max(1 - a2p - std * std, 0.0) ** 0.5
-        x = x.to(out.dtype) if x.dtype != out.dtype else x
         if cfg.clip_sample:  # the data estimate is clamped; the noise estimate is the unclamped one, or
             # with use_clipped_model_output the one recomputed from the clamped estimate, (x - a z) / b
             z = ops.combine([(p1, x), (p2, out)]).clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
@@ -346,7 +347,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         else:
             terms = [(ap * p1 + c * q1, x), (ap * p2 + c * q2, out)]
         if std > 0:
-            noise = variance_noise if variance_noise is not None else _randn(x, generator)
+            # drawn in the model output's dtype, as DDIMScheduler draws it (same generator, same numbers)
+            noise = variance_noise if variance_noise is not None else _randn(out, generator)
             return ops.combine(terms, [(std, None)], noise)
         return ops.combine(terms)
 

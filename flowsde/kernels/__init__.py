@@ -97,7 +97,8 @@ class TorchOps:
     def sde_update(self, y, terms, noise, dw, noise_type):
         """``y + sum c k + sum s (g dW)`` for any noise type (``dw`` a tensor or :class:`PhiloxNoise`)."""
         if isinstance(dw, PhiloxNoise):
-            dw = self.normal(dw.key, _noise_shape(y, noise_type, noise), y.dtype, y.device)
+            dtype = reference.result_dtype(y, *(k for _, k in terms), *(g for _, g in noise))
+            dw = self.normal(dw.key, _noise_shape(y, noise_type, noise), dtype, y.device)
         return reference.sde_update(y, terms, noise, dw, noise_type)
 
     def normal(self, key, shape, dtype, device):
@@ -122,13 +123,16 @@ class TritonOps(TorchOps):
 
     def combine(self, terms, diffusion=(), noise=None, rowwise=False, out=None):
         grad = _records_grad(terms, diffusion, noise)
-        if not _fused_coefficients(terms[0][1].dtype, terms, diffusion) or (
+        dtype = reference.result_dtype(*(t for _, t in terms), *(g for _, g in diffusion), noise)
+        if not _fused_coefficients(dtype, terms, diffusion) or (
                 grad and (out is not None or _transformed(terms, diffusion, noise))):
             return super().combine(terms, diffusion, noise, rowwise, out)
         launch = self._grad.combine if grad else self._c.combine  # autograd: the kernel and its adjoint
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
         tensor = None if isinstance(noise, PhiloxNoise) else noise
-        terms = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]  # the first fixes shape and dtype
+        kept = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]  # the first fixes the shape
+        if reference.result_dtype(*(t for _, t in kept), *(g for _, g in diffusion), tensor) == dtype:
+            terms = kept  # (a zero term of a wider dtype still widens the result, as in PyTorch)
         if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum
             head = launch(terms[:self._c.MAX_TERMS])
             terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
@@ -137,7 +141,7 @@ class TritonOps(TorchOps):
         return launch(terms, diffusion, tensor, rowwise, key, out)
 
     def lincomb(self, y, terms):
-        if not _fused_coefficients(y.dtype, terms):
+        if not _fused_coefficients(reference.result_dtype(y, *(k for _, k in terms)), terms):
             return reference.lincomb(y, terms)
         return self.combine([(1.0, y)] + list(terms))
 
@@ -150,7 +154,9 @@ class TritonOps(TorchOps):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
     def sde_update(self, y, terms, noise, dw, noise_type):
-        if not _fused_coefficients(y.dtype, terms, noise):
+        dtype = reference.result_dtype(y, *(k for _, k in terms), *(g for _, g in noise),
+                                       dw if isinstance(dw, torch.Tensor) else None)
+        if not _fused_coefficients(dtype, terms, noise):
             return super().sde_update(y, terms, noise, dw, noise_type)  # e.g. step sizes held on the device
         if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
             if _records_grad([(1, y)], terms, noise, dw):  # this kernel has no backward: the PyTorch ops

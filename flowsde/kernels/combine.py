@@ -192,6 +192,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from . import reference  # noqa: E402
 from .philox import KEY_MASK  # noqa: E402
 
 # Triton's own launch path (binding every argument, building a specialisation key) costs ~75 µs of host
@@ -348,10 +349,17 @@ def _on(device, t: torch.Tensor, what: str) -> torch.Tensor:
     raise ValueError(f"{what} is on {t.device} but the state is on {device}: every operand must be on one device")
 
 
+def result_dtype(terms, diffusion=(), noise=None) -> torch.dtype:
+    """The dtype of a combine's result: PyTorch's promotion over every tensor operand (the terms, the
+    diffusion values, the given noise; :func:`flowsde.kernels.reference.result_dtype`)."""
+    return reference.result_dtype(*(t for _, t in terms), *(g for _, g in diffusion), noise)
+
+
 def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
     """Launch :func:`combine_kernel`: ``sum c_i t_i + (sum s_j g_j) z`` (see the module docstring).
 
-    ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes shape and dtype), ``diffusion``:
+    ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes the shape; the dtype is PyTorch's promotion
+    over every operand, :func:`result_dtype`), ``diffusion``:
     ``[(s, g or None)]`` (0 to 2; ``None`` means ``g = 1``, allowed alone), ``noise``: a tensor (the
     increments: broadcastable to the result, or one value per batch row with ``rowwise``) or ``None`` to
     draw the Philox stream at element ``i`` (:func:`_block_normals`); ``key`` an int, or a 0-dim int64 tensor on the data's device that the
@@ -359,7 +367,7 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     inputs; an input that overlaps it otherwise is copied first), so a loop need not allocate per step.
     """
     like = terms[0][1]
-    shape, dtype, dev = tuple(like.shape), like.dtype, like.device
+    shape, dtype, dev = tuple(like.shape), result_dtype(terms, diffusion, noise), like.device
     terms = [(c, _on(dev, t, "a term")) for c, t in terms]
     diffusion = [(s, None if g is None else _on(dev, g, "a diffusion value")) for s, g in diffusion]
     noise = None if noise is None else _on(dev, noise, "the noise")
@@ -570,13 +578,14 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
     ss = [_split(float(s)) for s, _ in diffusion] + [(0.0, 0.0)] * (2 - len(diffusion))
     fs, gs = fs + [ys] * (2 - len(fs)), gs + [gs[0]] * (2 - len(gs))
     noise = ys if dw is None else _flat(dw, (B, m))
-    out = torch.empty_like(ys)
+    dtype = reference.result_dtype(y, *(f for _, f in terms), *(g for _, g in diffusion), dw)
+    out = torch.empty(ys.shape, dtype=dtype, device=ys.device)
     n = out.numel()
     blk = CONFIG["block"]
     _launch(matrix_noise_kernel, _cdiv(n, blk),
             [out, ys, fs[0], fs[1], gs[0], gs[1], noise, int(key) & KEY_MASK, *_split(1.0), *cs[0], *cs[1],
              *ss[0], *ss[1], n, d, m],
-            dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=y.dtype == torch.float64,
+            dict(NF=len(terms), NG=len(diffusion), NOISE=2 if dw is None else 1, F64=dtype == torch.float64,
                  BLOCK_SIZE=blk, LARGE=_large(n * m), GROUP=_group(d) if dw is None else 1), CONFIG["num_warps"],
             out.device)
     return out

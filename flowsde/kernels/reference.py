@@ -33,15 +33,23 @@ def axpy_(out: torch.Tensor, k: torch.Tensor, c) -> torch.Tensor:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _half_result(*tensors):
-    """The dtype PyTorch gives a result of these operands if it is a half type (float16 / bfloat16), else
-    None. Half results are accumulated in float32 and rounded once, as the kernels do: rounding each
-    partial sum (or a large coefficient times an operand) to the half type loses the small difference
-    of large terms, and float16 refuses a coefficient beyond 65504."""
+def result_dtype(*tensors):
+    """The dtype PyTorch's promotion gives a result of these operands (``None`` entries skipped): what
+    every op here returns, on either backend — a float32 state with a float16 model output gives
+    float32, as ``x + h * out`` written in PyTorch ops does."""
     dtype = None
     for t in tensors:
-        if t is not None:
+        if isinstance(t, torch.Tensor):
             dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _half_result(*tensors):
+    """:func:`result_dtype` if it is a half type (float16 / bfloat16), else None. Half results are
+    accumulated in float32 and rounded once, as the kernels do: rounding each partial sum (or a large
+    coefficient times an operand) to the half type loses the small difference of large terms, and
+    float16 refuses a coefficient beyond 65504."""
+    dtype = result_dtype(*tensors)
     return dtype if dtype in _HALF else None
 
 
@@ -57,10 +65,10 @@ def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     half = _half_result(y, *(k for _, k in terms))
     if half is not None:
         return lincomb(_f32(y), [(c, _f32(k)) for c, k in terms]).to(half)
+    y = y.to(result_dtype(y, *(k for _, k in terms)))  # (a term of a wider dtype: y widened first)
+    terms = [(c, k) for c, k in terms if not is_zero(c)]
     out = None
     for c, k in terms:
-        if is_zero(c):
-            continue
         if out is None:
             out = torch.addcmul(y, k, c) if isinstance(c, torch.Tensor) else torch.add(y, k, alpha=c)
         else:
@@ -93,8 +101,11 @@ def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[flo
     if half is not None:
         return sde_update(_f32(y), [(c, _f32(k)) for c, k in terms], [(s, _f32(g)) for s, g in noise], _f32(dw),
                           noise_type).to(half)
-    out = lincomb(y, terms)
+    dtype = result_dtype(y, *(k for _, k in terms), *(g for _, g in noise), dw)
+    out = lincomb(y.to(dtype), terms)  # (no copy where the dtype is already the result's)
+    dw = dw.to(dtype)
     for s, g in noise:
+        g = g.to(dtype)
         if noise_type == "diagonal" and not isinstance(s, torch.Tensor):
             out.addcmul_(g, dw, value=s)
         else:
@@ -133,7 +144,8 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
     if half is not None:  # accumulate in float32, round once (as the kernel)
         return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
                        rowwise, key).to(half)
-    out = lincomb(terms[0][1] * terms[0][0], terms[1:])
+    dtype = result_dtype(*(t for _, t in terms), *(g for _, g in diffusion), noise)
+    out = lincomb(terms[0][1].to(dtype) * terms[0][0], terms[1:])
     if not diffusion:
         return out
     shape = out.shape
