@@ -953,3 +953,48 @@ def test_half_states_accumulate_in_float32_on_both_backends(dtype):
         for be in ("torch", "triton"):
             got = flowsde.sample(model, x0.to(dtype), backend=be, **kw)
             assert got.dtype == dtype and float((got.double() - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_channels_last_states_run_in_memory_order_without_copies(dtype, monkeypatch):
+    """A channels_last state (dense, batch outermost) is computed in its memory order: operands laid out as
+    it are read in place (not copied per step), the result keeps its strides as PyTorch's ops do, and the
+    numbers (the drawn noise too, defined in logical order) equal the contiguous state's bit for bit."""
+    from flowsde.kernels import combine as C
+    cl = dict(memory_format=torch.channels_last)
+    x, k = rnd((2, 3, 4, 5), dtype, 0).to(**cl), rnd((2, 3, 4, 5), dtype, 1).to(**cl)
+    kc, row = rnd((2, 3, 4, 5), dtype, 2), rnd((2, 1, 1, 1), dtype, 3)
+    read = []
+    launch = C._launch
+    monkeypatch.setattr(C, "_launch", lambda kern, n, args, *a, **kw: (
+        read.append({t.data_ptr() for t in args if isinstance(t, torch.Tensor)}), launch(kern, n, args, *a, **kw))[1])
+    tri, ref = kernels.ops("triton", "cpu"), kernels.ops("torch")
+    cases = [([(1.0, x), (0.5, k)], (), None, False),
+             ([(1.0, x), (0.5, kc), (2.0, row)], [(0.3, k)], PhiloxNoise(3), False),   # a contiguous term
+             ([(1.0, x)], [(0.3, None)], rnd((2, 1), dtype, 4), True),                # per-row noise
+             ([(1.0, x)], [(0.2, k)], rnd((2, 3, 4, 5), dtype, 5).to(**cl), False),  # given noise
+             ([(1.0, x), (0.1, k)], [(0.3, row)], PhiloxNoise(5), True)]              # drawn per row
+    for terms, diffusion, noise, rowwise in cases:
+        read.clear()
+        a = tri.combine(terms, diffusion, noise, rowwise)
+        assert {x.data_ptr(), k.data_ptr()} & set().union(*read) == {x.data_ptr(), k.data_ptr()} & {
+            t.data_ptr() for _, t in terms + [d for d in diffusion if d[1] is not None]}
+        flat = tri.combine([(c, t.contiguous()) for c, t in terms],
+                           [(s, None if g is None else g.contiguous()) for s, g in diffusion],
+                           noise.contiguous() if isinstance(noise, torch.Tensor) else noise, rowwise)
+        b = ref.combine(terms, diffusion, noise, rowwise)
+        assert a.stride() == b.stride() == x.stride() and torch.equal(a, flat)
+        drawn = isinstance(noise, PhiloxNoise) and dtype == torch.float64  # float32 draws: last-bit differences
+        assert close(a, b.double(), torch.float32 if drawn else dtype)
+    out = torch.empty_like(x)  # a preallocated result laid out as the state, the state itself too
+    assert tri.combine([(1.0, x), (0.5, k)], out=out) is out and torch.equal(out, x + 0.5 * k.to(x.dtype))
+    y = x.clone()
+    tri.combine([(1.0, y), (-1.0, y)], out=y)
+    assert y.stride() == x.stride() and not bool(y.any())
+    e0, e1 = (tri.error_norm(x, k, kc.to(**cl), 1e-3, 1e-6), tri.error_norm(x.contiguous(), k.contiguous(), kc, 1e-3, 1e-6))
+    assert torch.allclose(e0, e1, rtol=1e-6, atol=0)
+    ys = flowsde.odeint(lambda t, v: -v, x.float(), torch.linspace(0, 1, 3), method="rk4",
+                        options=dict(step_size=0.25, backend="triton"))
+    want = flowsde.odeint(lambda t, v: -v, x.float().contiguous(), torch.linspace(0, 1, 3), method="rk4",
+                          options=dict(step_size=0.25, backend="triton"))
+    assert ys[-1].is_contiguous(memory_format=torch.channels_last) and torch.equal(ys, want)

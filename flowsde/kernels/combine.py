@@ -305,6 +305,29 @@ def _operand(t: torch.Tensor, shape):
     return te.contiguous(), 0
 
 
+def _layout(t: torch.Tensor):
+    """The order of ``t``'s dimensions in memory, outermost first, when ``t`` is dense but not contiguous
+    with its batch dimension outermost (``channels_last``, or any permuted layout of that kind): then
+    ``t.permute(order)`` is contiguous, and the kernels run over memory in that order — each batch row
+    still one block — instead of copying ``t`` out. ``None`` for a contiguous tensor, or one laid out
+    otherwise (copied, as before)."""
+    if t.dim() < 3 or t.is_contiguous():
+        return None
+    order = [0] + sorted(range(1, t.dim()), key=lambda i: -t.stride(i))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _in_layout(t: torch.Tensor, shape, order) -> torch.Tensor:
+    """Operand ``t`` broadcast to ``shape`` (or reshaped to it: one with the result's element count) and
+    viewed in the state's memory order ``order`` (:func:`_layout`): a view, never a copy — an operand laid
+    out as the state is then contiguous, a broadcast one keeps its zero strides."""
+    if t.dim() == 0:  # a scalar (perhaps a CPU one beside CUDA tensors, which is moved as it is)
+        return t
+    n = math.prod(shape)
+    t = t.reshape(shape) if t.numel() == n and tuple(t.shape) != tuple(shape) else t.expand(shape)
+    return t.permute(order)
+
+
 def _flat(t: torch.Tensor, shape) -> torch.Tensor:
     """A contiguous tensor of ``shape`` (broadcast and copied only where the input is not already one)."""
     if tuple(t.shape) != tuple(shape):
@@ -349,13 +372,17 @@ def _on(device, t: torch.Tensor, what: str) -> torch.Tensor:
     raise ValueError(f"{what} is on {t.device} but the state is on {device}: every operand must be on one device")
 
 
+def _operands(terms, diffusion):
+    return [t for _, t in terms] + [g for _, g in diffusion if g is not None]
+
+
 def result_dtype(terms, diffusion=(), noise=None) -> torch.dtype:
     """The dtype of a combine's result: PyTorch's promotion over every tensor operand (the terms, the
     diffusion values, the given noise; :func:`flowsde.kernels.reference.result_dtype`)."""
     return reference.result_dtype(*(t for _, t in terms), *(g for _, g in diffusion), noise)
 
 
-def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None):
+def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0, out=None, *, dtype=None):
     """Launch :func:`combine_kernel`: ``sum c_i t_i + (sum s_j g_j) z`` (see the module docstring).
 
     ``terms``: ``[(c, tensor)]`` (1 to 6; the first fixes the shape; the dtype is PyTorch's promotion
@@ -364,10 +391,34 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     increments: broadcastable to the result, or one value per batch row with ``rowwise``) or ``None`` to
     draw the Philox stream at element ``i`` (:func:`_block_normals`); ``key`` an int, or a 0-dim int64 tensor on the data's device that the
     kernel reads when it runs. ``out``: an optional preallocated contiguous result (it may be one of the
-    inputs; an input that overlaps it otherwise is copied first), so a loop need not allocate per step.
+    inputs; an input that overlaps it otherwise is copied first), so a loop need not allocate per step;
+    ``dtype``: the result's, when the caller has fixed it (else :func:`result_dtype`).
+
+    A state laid out densely in another memory order with its batch dimension outermost (``channels_last``)
+    is computed in that order, without copying the operands laid out as it (:func:`_layout`); the result
+    (and an ``out`` laid out as the state) has the state's strides, as PyTorch's elementwise ops give.
     """
     like = terms[0][1]
-    shape, dtype, dev = tuple(like.shape), result_dtype(terms, diffusion, noise), like.device
+    order = _layout(like)
+    if order is not None and (out is None or out.stride() == like.stride()):  # run in the state's memory order
+        shape = tuple(like.shape)
+        if all(_broadcasts(tuple(t.shape), shape) or t.numel() == like.numel() for t in _operands(terms, diffusion)) \
+                and (noise is None or rowwise or _broadcasts(tuple(noise.shape), shape)):
+            dtype = result_dtype(terms, diffusion, noise)
+            if out is None:  # laid out as the state (empty_like keeps a dense tensor's strides)
+                out = torch.empty_like(like, dtype=dtype)
+            if diffusion and noise is None and not rowwise:
+                # the stream is defined in the logical (row-major) order, which memory order is not here:
+                # drawn into a tensor first (float32, the kernel's own draws: the same values), so the
+                # numbers do not depend on the layout
+                noise = randn(key, shape, torch.float32, like.device)
+            combine([(c, _in_layout(t, shape, order)) for c, t in terms],
+                    [(s, None if g is None else _in_layout(g, shape, order)) for s, g in diffusion],
+                    noise if noise is None or rowwise else _in_layout(noise, shape, order), rowwise, key,
+                    out.permute(order), dtype=dtype)
+            return out
+    shape, dev = tuple(like.shape), like.device
+    dtype = result_dtype(terms, diffusion, noise) if dtype is None else dtype
     terms = [(c, _on(dev, t, "a term")) for c, t in terms]
     diffusion = [(s, None if g is None else _on(dev, g, "a diffusion value")) for s, g in diffusion]
     noise = None if noise is None else _on(dev, noise, "the noise")
@@ -470,6 +521,10 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
     """Launch :func:`error_norm_kernel`: the per-sample scaled RMS error, shape ``(batch,)``."""
     shape = tuple(y1.shape)
     y0, err = _on(y1.device, y0, "y0"), _on(y1.device, err, "the error estimate")
+    order = _layout(y1)
+    if order is not None:  # each row is still one block of memory: reduced in memory order, not copied
+        y0, y1, err = (_in_layout(t, shape, order) for t in (y0, y1, err))
+        shape = tuple(y1.shape)
     y0, y1, err = (_flat(t, shape) for t in (y0, y1, err))
     B = shape[0]
     row = max(1, math.prod(shape[1:]))
