@@ -319,3 +319,20 @@ def test_compiled_fused_combine_differentiates_like_the_pytorch_ops():
         assert be == "torch" or type(g.grad_fn).__name__ == "_FusedCombineBackward"
     for a, b in zip(grads["triton"], grads["torch"]):
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()), float((a - b).abs().max())
+
+
+@gpu
+def test_compiled_channels_last_and_mixed_dtype_steps():
+    """A channels_last state steps in memory order (strides kept, values equal the contiguous state's bit for
+    bit, drawn noise too); a float32 state with a float16 output promotes to float32 as on torch."""
+    tri = kernels.ops("triton", DEV)
+    cl = dict(memory_format=torch.channels_last)
+    x, k, g = (rnd((4, 8, 16, 16), torch.float32, i) for i in range(3))
+    for noise in (None, PhiloxNoise(11)):
+        diffusion = [] if noise is None else [(0.3, g)]
+        a = tri.combine([(1.0, x.to(**cl)), (0.5, k.to(**cl))], [(s, v.to(**cl)) for s, v in diffusion], noise)
+        b = tri.combine([(1.0, x), (0.5, k)], diffusion, noise)
+        assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+    a = tri.combine([(1.0, x), (0.5, k.half())])
+    b = kernels.ops("torch").combine([(1.0, x), (0.5, k.half())])
+    assert a.dtype == b.dtype == torch.float32 and float((a - b).abs().max()) < 1e-6
