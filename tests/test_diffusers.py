@@ -337,10 +337,11 @@ def test_heun_with_clip_sample_matches_heun_discrete_scheduler(prediction_type):
 @pytest.mark.parametrize("cls,method,kw", [("DDIMScheduler", "ddim", dict(eta=1.0)),
                                            ("EulerDiscreteScheduler", "euler", {}),
                                            ("HeunDiscreteScheduler", "heun", {}),
-                                           ("FlowMatchEulerDiscreteScheduler", "euler", {})])
+                                           ("FlowMatchEulerDiscreteScheduler", "euler", {}),
+                                           ("FlowMatchHeunDiscreteScheduler", "heun", {})])
 def test_a_float32_sample_with_a_float16_model_output_keeps_the_replaced_schedulers_dtype(cls, method, kw, backend):
-    """DDIM and Heun promote (float32 out), Euler returns the model output's dtype, as diffusers' schedulers
-    do; the DDIM noise is drawn in the output's dtype, as DDIMScheduler draws it. (The DDIM step used to
+    """DDIM and the diffusion Heun promote (float32 out), Euler and the flow schedulers return the model
+    output's dtype, as diffusers' schedulers do; the DDIM noise is drawn in the output's dtype, as DDIMScheduler draws it. (The DDIM step used to
     cast the sample to float16 first; the triton backend returned the first operand's dtype.)"""
     from flowsde import kernels
     if backend == "triton" and not kernels.HAS_TRITON:

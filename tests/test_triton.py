@@ -998,3 +998,41 @@ def test_channels_last_states_run_in_memory_order_without_copies(dtype, monkeypa
     want = flowsde.odeint(lambda t, v: -v, x.float().contiguous(), torch.linspace(0, 1, 3), method="rk4",
                           options=dict(step_size=0.25, backend="triton"))
     assert ys[-1].is_contiguous(memory_format=torch.channels_last) and torch.equal(ys, want)
+
+
+def test_dtype_edge_cases_of_the_review_agree_with_pytorch_on_both_backends():
+    """Zero terms of a wider dtype widen but are not read (0 * inf); out= of a narrower dtype is written
+    as PyTorch's out= writes it; a 0-dim float64 tensor leaves a float32 result float32; a first partial
+    sum of more than six terms is held in the accumulation dtype; a half state's drawn noise is float32 on
+    the torch backend too (rounded once)."""
+    x, inf = rnd((2, 3), torch.float32, 0), torch.full((2, 3), float("inf"), dtype=torch.float64)
+    a, b = _both(lambda o: o.combine([(1.0, x), (0.0, inf)]))
+    assert a.dtype == b.dtype == torch.float64 and torch.equal(a, x.double()) and torch.equal(b, x.double())
+    h, f = rnd((2, 3), torch.float16, 1), rnd((2, 3), torch.float32, 2)
+    outs = [h.clone(), h.clone()]
+    for o, out in zip((kernels.ops("triton", "cpu"), kernels.ops("torch")), outs):
+        assert o.combine([(1.0, out), (0.1, f)], out=out) is out
+        assert out.dtype == torch.float16 and torch.equal(out, (h.float() + 0.1 * f).half())
+        with pytest.raises(ValueError, match="cannot be written"):
+            o.combine([(1.0, h), (0.1, f)], out=torch.empty(2, 3, dtype=torch.int64))
+    s64 = torch.tensor(0.25, dtype=torch.float64)
+    a, b = _both(lambda o: o.combine([(1.0, x), (2.0, s64)]))
+    assert a.dtype == b.dtype == (x + 2.0 * s64).dtype == torch.float32 and torch.equal(a, b)
+    y, ks = torch.ones(4), [(1e-9, torch.ones(4))] * 6  # f32 terms, a float64 diffusion: a float64 head
+    a, b = _both(lambda o: o.sde_update(y, ks, [(1.0, torch.ones(4, dtype=torch.float64))], torch.zeros(4), "diagonal"))
+    assert a.dtype == torch.float64 and torch.allclose(a - 1, b - 1, rtol=1e-6, atol=0) and float(a[0] - 1) > 5e-9
+    y16 = torch.full((2,), 1000.0).half()
+    ks = [(1.0, torch.full((2,), 0.05).half())] * 5 + [(1.0, torch.zeros(2).half()), (-1.0, y16)]
+    a, b = _both(lambda o: o.lincomb(y16, ks))
+    assert torch.equal(a, b) and float(a[0]) == 0.25
+    yh, gh = rnd((8, 5), torch.float16, 3), rnd((8, 5), torch.float16, 4)
+    got = kernels.ops("torch").sde_update(yh, [], [(0.5, gh)], PhiloxNoise(9), "diagonal")
+    want = (yh.float() + 0.5 * gh.float() * philox_randn(9, 40).reshape(8, 5)).half()
+    assert torch.equal(got, want)
+
+
+def test_channels_last_path_refuses_terms_that_do_not_broadcast():
+    x = rnd((2, 3, 4, 5), torch.float32, 0).to(memory_format=torch.channels_last)
+    for o in (kernels.ops("triton", "cpu"), kernels.ops("torch")):
+        with pytest.raises((ValueError, RuntimeError)):
+            o.combine([(1.0, x), (1.0, rnd((2, 60), torch.float32, 1))])

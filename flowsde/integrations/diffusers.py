@@ -321,8 +321,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             eta = eta if eta else self.config.eta
             out = self._ddim_step(ops, k, model_output, sample, eta, generator, kwargs.get("variance_noise"),
                                   bool(kwargs.get("use_clipped_model_output", False)))
-        if self.config.method == "euler" and out.dtype != model_output.dtype:
-            out = out.to(model_output.dtype)  # EulerDiscrete / FlowMatchEulerDiscrete return the output's dtype
+        if (self.config.method == "euler" or self.config.family == "flow") and out.dtype != model_output.dtype:
+            # EulerDiscrete and the FlowMatch schedulers return the model output's dtype (DDIM and the
+            # diffusion Heun promote)
+            out = out.to(model_output.dtype)
         self._step_index += 1
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
 

@@ -96,9 +96,12 @@ class TorchOps:
 
     def sde_update(self, y, terms, noise, dw, noise_type):
         """``y + sum c k + sum s (g dW)`` for any noise type (``dw`` a tensor or :class:`PhiloxNoise`)."""
-        if isinstance(dw, PhiloxNoise):
-            dtype = reference.result_dtype(y, *(k for _, k in terms), *(g for _, g in noise))
-            dw = self.normal(dw.key, _noise_shape(y, noise_type, noise), dtype, y.device)
+        if isinstance(dw, PhiloxNoise):  # drawn in float32 for a half result (the kernels' draws), kept out
+            dtype = reference.result_dtype(y, *(k for _, k in terms), *(g for _, g in noise))  # of the dtype
+            half = dtype in (torch.float16, torch.bfloat16)
+            dw = self.normal(dw.key, _noise_shape(y, noise_type, noise), torch.float32 if half else dtype, y.device)
+            out = reference.sde_update(y, terms, noise, dw, noise_type)
+            return out.to(dtype) if half else out
         return reference.sde_update(y, terms, noise, dw, noise_type)
 
     def normal(self, key, shape, dtype, device):
@@ -130,15 +133,15 @@ class TritonOps(TorchOps):
         launch = self._grad.combine if grad else self._c.combine  # autograd: the kernel and its adjoint
         key = noise.key if isinstance(noise, PhiloxNoise) else 0
         tensor = None if isinstance(noise, PhiloxNoise) else noise
-        kept = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]  # the first fixes the shape
-        if reference.result_dtype(*(t for _, t in kept), *(g for _, g in diffusion), tensor) == dtype:
-            terms = kept  # (a zero term of a wider dtype still widens the result, as in PyTorch)
-        if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum
-            head = launch(terms[:self._c.MAX_TERMS])
+        # zero terms are not read (the first, which fixes the shape, is kept), but still widen the dtype
+        terms = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]
+        if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum, held in the
+            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # accumulation dtype
+            head = launch(terms[:self._c.MAX_TERMS], dtype=acc)
             terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
         if grad:
-            return launch(terms, diffusion, tensor, rowwise, key)
-        return launch(terms, diffusion, tensor, rowwise, key, out)
+            return launch(terms, diffusion, tensor, rowwise, key, dtype=dtype)
+        return launch(terms, diffusion, tensor, rowwise, key, out, dtype=dtype)
 
     def lincomb(self, y, terms):
         if not _fused_coefficients(reference.result_dtype(y, *(k for _, k in terms)), terms):

@@ -42,10 +42,10 @@ class _FusedCombine(torch.autograd.Function):
     @staticmethod
     def forward(spec, *tensors):
         from . import combine as _c
-        cs, ss, unit, rowwise, has_noise, key = spec
+        cs, ss, unit, rowwise, has_noise, key, dtype = spec
         ts, gs, noise = _split(spec, tensors)
         diffusion = [(ss[0], None)] if unit else list(zip(ss, gs))
-        return _c.combine(list(zip(cs, ts)), diffusion, noise, rowwise, key)
+        return _c.combine(list(zip(cs, ts)), diffusion, noise, rowwise, key, dtype=dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -60,7 +60,7 @@ class _FusedCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        cs, ss, unit, rowwise, has_noise, key = ctx.spec
+        cs, ss, unit, rowwise, has_noise, key, _ = ctx.spec
         gs, noise = _saved(ctx)
         shape, acc = ctx.out_shape, _acc_dtype(ctx.out_dtype)
         needs = ctx.needs_input_grad[1:]
@@ -85,7 +85,7 @@ class _FusedCombine(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _spec_tangent, *tangents):
         """``d out = sum c_i dt_i + (sum s_j dg_j) z + (sum s_j g_j) dz``, in the result's shape and dtype."""
-        cs, ss, unit, rowwise, has_noise, key = ctx.spec
+        cs, ss, unit, rowwise, has_noise, key, _ = ctx.spec
         gs, noise = _saved(ctx)
         shape, acc = ctx.out_shape, _acc_dtype(ctx.out_dtype)
         device = next(t for t in tangents if t is not None).device
@@ -105,7 +105,7 @@ class _FusedCombine(torch.autograd.Function):
 
 def _split(spec, tensors):
     """``(terms, diffusion values, noise or None)`` of ``apply``'s tensors."""
-    cs, ss, unit, _, has_noise, _ = spec
+    cs, ss, unit, _, has_noise, _, _ = spec
     nt, ng = len(cs), 0 if unit else len(ss)
     return tensors[:nt], tensors[nt:nt + ng], (tensors[nt + ng] if has_noise else None)
 
@@ -148,8 +148,8 @@ def _philox(key, shape, rowwise, dtype, device):
     return _c.randn(key, (shape[0],) if rowwise else tuple(shape), dtype, device)
 
 
-def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key=0):
-    """:func:`flowsde.kernels.combine.combine` (no ``out=``) recorded by autograd."""
+def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key=0, *, dtype=None):
+    """:func:`flowsde.kernels.combine.combine` (no ``out=``; ``dtype`` the result's) recorded by autograd."""
     cs = tuple(float(c) for c, _ in terms)
     ss = tuple(float(s) for s, _ in diffusion)
     unit = len(diffusion) == 1 and diffusion[0][1] is None
@@ -159,4 +159,4 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key=0):
         tensors.append(noise)
     if isinstance(key, torch.Tensor):  # a key in device memory may be rewritten (the next step's) before the
         key = key.clone()              # backward draws the stream again: keep this step's (8 bytes, no sync)
-    return _FusedCombine.apply((cs, ss, unit, bool(rowwise), has_noise, key), *tensors)
+    return _FusedCombine.apply((cs, ss, unit, bool(rowwise), has_noise, key, dtype), *tensors)

@@ -402,9 +402,11 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     order = _layout(like)
     if order is not None and (out is None or out.stride() == like.stride()):  # run in the state's memory order
         shape = tuple(like.shape)
-        if all(_broadcasts(tuple(t.shape), shape) or t.numel() == like.numel() for t in _operands(terms, diffusion)) \
-                and (noise is None or rowwise or _broadcasts(tuple(noise.shape), shape)):
-            dtype = result_dtype(terms, diffusion, noise)
+        n = like.numel()
+        if all(_broadcasts(tuple(t.shape), shape) for _, t in terms) and all(  # (a diffusion value may be
+                g is None or g.numel() == n or _broadcasts(tuple(g.shape), shape) for _, g in diffusion) and (  # reshaped)
+                noise is None or rowwise or _broadcasts(tuple(noise.shape), shape)):
+            dtype = result_dtype(terms, diffusion, noise) if dtype is None else dtype
             if out is None:  # laid out as the state (empty_like keeps a dense tensor's strides)
                 out = torch.empty_like(like, dtype=dtype)
             if diffusion and noise is None and not rowwise:
@@ -432,9 +434,11 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
         raise ValueError(f"a tensor key must be one int64 element on {like.device}")
     given = out is not None
     if not given:
-        out = torch.empty(shape, dtype=dtype, device=like.device)
-    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != dev:
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {dev}")
+        out = torch.empty(shape, dtype=dtype, device=dev)
+    elif tuple(out.shape) != shape or not out.is_contiguous() or out.device != dev:
+        raise ValueError(f"out must be a contiguous tensor of shape {shape} on {dev}")
+    elif not torch.can_cast(dtype, out.dtype):  # computed in ``dtype``, stored in out's (PyTorch's out= rule)
+        raise ValueError(f"a {dtype} result cannot be written to a {out.dtype} out")
     n = out.numel()
     batch = shape[0] if shape else 1
     if diffusion and noise is not None:

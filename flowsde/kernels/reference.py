@@ -34,14 +34,23 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def result_dtype(*tensors):
-    """The dtype PyTorch's promotion gives a result of these operands (``None`` entries skipped): what
-    every op here returns, on either backend — a float32 state with a float16 model output gives
-    float32, as ``x + h * out`` written in PyTorch ops does."""
-    dtype = None
+    """The dtype PyTorch's promotion gives a result of these operands (``None`` and non-tensors skipped):
+    what every op here returns, on either backend — a float32 state with a float16 model output gives
+    float32, as ``x + h * out`` written in PyTorch ops does. As there, a 0-dim tensor only widens the
+    result when the dimensioned operands are not floating point (a float64 scalar tensor beside float32
+    tensors leaves float32)."""
+    dim = zero = None
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    return dtype
+            if t.dim():
+                dim = t.dtype if dim is None else torch.promote_types(dim, t.dtype)
+            else:
+                zero = t.dtype if zero is None else torch.promote_types(zero, t.dtype)
+    if dim is None or zero is None:
+        return zero if dim is None else dim
+    if dim.is_floating_point or dim.is_complex or not (zero.is_floating_point or zero.is_complex):
+        return dim if dim != torch.bool else torch.promote_types(dim, zero)
+    return torch.promote_types(dim, zero)
 
 
 def _half_result(*tensors):
@@ -139,7 +148,10 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
     from .philox import philox_randn
 
     if out is not None:
-        return out.copy_(combine(terms, diffusion, noise, rowwise, key))
+        res = combine(terms, diffusion, noise, rowwise, key)
+        if not torch.can_cast(res.dtype, out.dtype):
+            raise ValueError(f"a {res.dtype} result cannot be written to a {out.dtype} out")
+        return out.copy_(res)
     half = _half_result(*(t for _, t in terms), *(g for _, g in diffusion), noise)
     if half is not None:  # accumulate in float32, round once (as the kernel)
         return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
