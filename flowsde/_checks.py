@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
@@ -20,17 +21,17 @@ def check_state(name: str, y0) -> torch.Tensor:
     return y0
 
 
-def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False) -> torch.Tensor:
+def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False, at_least_two: bool = True) -> torch.Tensor:
     """Validate a time grid against the state ``y0`` and return it as a tensor.
 
-    ``t`` must be 1-D with at least two finite, strictly monotone points, on ``y0``'s device or the CPU
+    ``t`` must be 1-D with at least one (two when ``at_least_two``) finite, strictly monotone points, on ``y0``'s device or the CPU
     (host times are read without a device round trip: the way to call a solver inside a captured CUDA
     graph), with a
     floating dtype at least as precise as ``y0``'s (float64 times with a float32 state are fine; float32
     times with a float64 state would silently lose precision, so they are refused).
     """
     if isinstance(t, (list, tuple)):
-        if not all(isinstance(v, (int, float)) for v in t):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in t):
             raise TypeError(f"{name} must be a 1-D tensor or a list of floats")
         t = torch.tensor(t, dtype=y0.dtype)  # on the host: read there without a device round trip
     if not isinstance(t, torch.Tensor):
@@ -39,8 +40,9 @@ def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
-    if t.numel() < 2:
-        raise ValueError(f"{name} must hold at least two time points (start and end), got {t.numel()}")
+    if t.numel() < (2 if at_least_two else 1):
+        raise ValueError(f"{name} must hold at least {'two time points (start and end)' if at_least_two else 'one time point'}"
+                         f", got {t.numel()}")
     if t.requires_grad and torch.is_grad_enabled():  # the grid is read on the host: no gradient would flow
         raise ValueError(f"gradients with respect to {name} are not supported (the time grid is read on the "
                          f"host); pass {name}.detach()")
@@ -73,12 +75,29 @@ def check_step(name: str, dt) -> float:
         if dt.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(dt.shape)}")
         dt = float(dt.detach().cpu())
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+    if isinstance(dt, (bool, np.bool_)) or not isinstance(dt, numbers.Real):  # (NumPy numbers are Real)
         raise TypeError(f"{name} must be a positive float, got {type(dt).__name__}")
     dt = float(dt)
     if not math.isfinite(dt) or dt <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {dt}")
     return dt
+
+
+def check_resolvable(rtol, atol, dtype, where: str) -> None:
+    """Refuse tolerances far below what the state's dtype resolves (host numbers only: device tolerances
+    are never read). Below them an adaptive step cannot change the state — ``y + h f`` rounds back to
+    ``y``, the error estimate is rounding noise, steps alternate between "too small to move" and "too
+    large to accept" and the time creeps on while the state stays put (a bfloat16 solve at torchdiffeq's
+    defaults ended at y(1) = 1 for y' = -y, reported as a success). The bound is 1/16 of the dtype's
+    epsilon (float32: 7.5e-9, so torchdiffeq's defaults rtol=1e-7, atol=1e-9 pass; float16: 6.1e-5;
+    bfloat16: 4.9e-4)."""
+    if isinstance(rtol, torch.Tensor) or isinstance(atol, torch.Tensor) or dtype not in _FLOAT_RANK:
+        return
+    floor = torch.finfo(dtype).eps / 16
+    if rtol < floor and atol < floor:
+        raise ValueError(f"{where}: rtol={rtol!r} and atol={atol!r} are below what a {dtype} state resolves "
+                         f"(relative precision {torch.finfo(dtype).eps:.1e}): its steps could not change the state. "
+                         f"Pass rtol or atol >= {floor:.1e}, or integrate in float32")
 
 
 def check_seed(seed):

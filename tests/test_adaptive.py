@@ -390,3 +390,17 @@ def test_edges_of_the_adaptive_loop_review():
     assert s4["status"] == "dt_underflow"
     with pytest.raises(TypeError, match="rtol must be a number or a tensor"):
         flowsde.odeint(f, (y0, y0), t, rtol=(1e-6, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tolerances_below_the_states_precision_are_refused(dtype):
+    """bfloat16 at torchdiffeq's defaults (rtol=1e-7) ended y' = -y at y(1) = 1, 'success': no step could
+    change the state. Such tolerances are refused; float32 at the defaults is not."""
+    y0, t = torch.ones(1, dtype=dtype), torch.tensor([0.0, 1.0])
+    with pytest.raises(ValueError, match="below what a"):
+        flowsde.odeint(lambda t, y: -y, y0, t, method="bosh3")
+    from flowsde.problems import OrnsteinUhlenbeck
+    with pytest.raises(ValueError, match="below what a"):
+        flowsde.sdeint(OrnsteinUhlenbeck(), y0.reshape(1, 1), t, dt=0.1, adaptive=True, rtol=1e-6, atol=1e-6)
+    ys = flowsde.odeint(lambda t, y: -y, torch.ones(1), t)  # float32 at the defaults: fine
+    assert abs(float(ys[-1]) - math.exp(-1)) < 1e-5

@@ -122,3 +122,34 @@ def test_adaptive_tuple_states_use_torchdiffeqs_mixed_norm(method):
     assert calls[0] == calls[1]
     for p, q in zip(a, b):
         assert torch.allclose(p, q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,options", [("rk4", None), ("rk4", dict(step_size=0.1)), ("dopri5", None),
+                                            ("dopri5", dict(per_sample=True))])
+def test_a_single_time_returns_y0_as_torchdiffeq(method, options):
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.5], dtype=torch.float64)
+    ours = flowsde.odeint(nonlinear, y0, t, method=method, options=options)
+    ref = torchdiffeq.odeint(nonlinear, y0, t, method=method if options is None else method,
+                             options={k: v for k, v in (options or {}).items() if k != "per_sample"})
+    assert ours.shape == ref.shape == (1, 3, 2) and torch.equal(ours, ref.detach())
+    assert ours.data_ptr() != y0.data_ptr()  # a copy, never y0 itself
+    ours.sum().backward()
+    assert torch.equal(y0.grad, torch.ones_like(y0))
+
+
+def test_tuple_states_whose_field_returns_a_list_as_torchdiffeq():
+    y0 = (torch.ones(2, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64))
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    f = lambda t, y: [-y[0], 0.5 * y[1]]  # noqa: E731
+    ours, ref = flowsde.odeint(f, y0, t, method="rk4"), torchdiffeq.odeint(f, y0, t, method="rk4")
+    assert all(torch.allclose(a, b, rtol=1e-14, atol=0) for a, b in zip(ours, ref))
+
+
+def test_numpy_step_sizes_count_as_numbers():
+    import numpy as np
+    y0, t = torch.ones(2, 1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    a = flowsde.odeint(nonlinear, y0.repeat(1, 2), t, method="rk4", options=dict(step_size=np.float32(0.125)))
+    b = flowsde.odeint(nonlinear, y0.repeat(1, 2), t, method="rk4", options=dict(step_size=0.125))
+    assert torch.equal(a, b)
+    flowsde.odeint(nonlinear, y0.repeat(1, 2), t, options=dict(first_step=np.float32(0.01)))

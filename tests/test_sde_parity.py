@@ -169,3 +169,69 @@ def test_milstein_under_no_grad_builds_no_double_backward_graph(noise_type, monk
     # products themselves, and the diagonal form's, keep no graph
     assert flags and not any(flags[1::2] if noise_type == "scalar" else flags), flags
     assert not out.requires_grad and float((out - with_grad.detach()).abs().max()) < 1e-14
+
+
+class _Renamed:
+    """torchsde's ``names``: the drift and diffusion under other method names."""
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self):
+        self.inner = Nonlinear("diagonal", "ito")
+
+    def drift(self, t, y):
+        return self.inner.f(t, y)
+
+    def diff(self, t, y):
+        return self.inner.g(t, y)
+
+
+class _Joint:
+    """An SDE defined by ``f_and_g`` alone (torchsde accepts it)."""
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self):
+        self.inner, self.calls = Nonlinear("diagonal", "ito"), 0
+
+    def f_and_g(self, t, y):
+        self.calls += 1
+        return self.inner.f(t, y), self.inner.g(t, y)
+
+
+def test_torchsde_names_and_f_and_g_and_their_refusals():
+    import numpy as np
+    y0 = torch.rand(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    bm = lambda: torchsde.BrownianInterval(0.0, 1.0, (B, D), dtype=torch.float64, entropy=7)  # noqa: E731
+    names = {"drift": "drift", "diffusion": "diff"}
+    ref = torchsde.sdeint(_Renamed(), y0, ts, bm=bm(), dt=2 ** -6, method="euler", names=names)
+    ours = flowsde.sdeint(_Renamed(), y0, ts, bm=bm(), dt=np.float32(2 ** -6), method="euler", names=names)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-13)
+    for method in ("euler", "milstein"):  # (torchsde's milstein needs f itself: compared on the plain SDE)
+        ref = torchsde.sdeint(_Joint() if method == "euler" else Nonlinear("diagonal", "ito"), y0, ts, bm=bm(),
+                              dt=2 ** -6, method=method)
+        joint = _Joint()
+        ours = flowsde.sdeint(joint, y0, ts, bm=bm(), dt=2 ** -6, method=method)
+        assert torch.allclose(ours, ref, rtol=0, atol=1e-13), method
+    assert joint.calls <= 2 * 64 + 1  # one f_and_g per point asked (not one for f and one for g)
+    one = flowsde.sdeint(_Joint(), y0, ts[:1], dt=0.1)
+    assert one.shape == (1, B, D) and torch.equal(one[0], y0)
+    assert torch.equal(flowsde.sdeint(_Joint(), y0, ts[:1], dt=0.1, adaptive=True)[0], y0)
+    got = flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, adaptive=True, rtol=torch.tensor(1e-3),
+                         atol=np.float32(1e-3), seed=0)
+    assert torch.equal(got, flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, adaptive=True, rtol=1e-3,
+                                           atol=float(np.float32(1e-3)), seed=0))
+    for kw, err in ((dict(logqp=True), NotImplementedError), (dict(extra=True), NotImplementedError),
+                    (dict(names={"drifts": "f"}), ValueError)):
+        with pytest.raises(err):
+            flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, **kw)
+
+    class GProdOnly:
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return -y
+
+        def g_prod(self, t, y, v):
+            return v
+    with pytest.raises(TypeError, match="g_prod alone is not supported"):
+        flowsde.sdeint(GProdOnly(), y0, ts, dt=0.1)

@@ -27,6 +27,7 @@ query; shared steps only).
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import numpy as np
@@ -143,19 +144,31 @@ def _brownian_query(bm, shape, device, t_first: float, ops, per_sample: bool):
     return lambda ta, tb, rows: (host_value(ta), host_value(tb))
 
 
+def _tolerance(name, v) -> float:
+    """A tolerance as a host float: a number (NumPy ones too), or a one-element tensor (read once, before
+    the loop: the error norm takes it as a kernel coefficient)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be one number (or a one-element tensor), got shape {tuple(v.shape)}")
+        v = float(v.detach().cpu())
+    elif isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(v).__name__}")
+    if not (v >= 0 and np.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
 def _controls(rtol, atol, dt_min, opts, dev_type):
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and np.isfinite(v)):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    rtol, atol = _tolerance("rtol", rtol), _tolerance("atol", atol)
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be 0")
-    return (_checks.check_step("dt_min", dt_min),) + loop_budget(opts, dev_type)
+    return (rtol, atol, _checks.check_step("dt_min", dt_min)) + loop_budget(opts, dev_type)
 
 
 def _empty_solve(y0, n_out, per_sample, capturable, opts):
     """The result for a state with no elements (an empty batch, or rows of no elements): every sample
     reaches the end at once, with no evaluations."""
-    ys = y0.new_empty((n_out, *y0.shape))
+    ys = y0.clone().unsqueeze(0) if n_out == 1 else y0.new_empty((n_out, *y0.shape))
     if not opts.get("return_stats", False):
         return ys
     rows = y0.shape[0]
@@ -173,14 +186,16 @@ def _empty_solve(y0, n_out, per_sample, capturable, opts):
 def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, seed, opts, ops):
     """The adaptive driver behind ``sdeint(..., adaptive=True)`` (see the module docstring)."""
     dev = y0.device
-    dt_min, max_steps, check_every, capturable = _controls(rtol, atol, dt_min, opts, dev.type)
+    rtol, atol, dt_min, max_steps, check_every, capturable = _controls(rtol, atol, dt_min, opts, dev.type)
+    _checks.check_resolvable(rtol, atol, y0.dtype, "sdeint(adaptive=True)")
     per_sample = bool(opts.get("per_sample", False))
+    n_times = len(ts_host)
     if isinstance(bm, (GridBrownian, SampledPath)):
         raise ValueError("adaptive=True needs a Brownian motion that can be queried at any time (bm=None for "
                          "flowsde's VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree); a "
                          f"{type(bm).__name__} only knows its grid")
-    if y0.numel() == 0:  # nothing to integrate, no tree to build, no error norm to take (as odeint)
-        return _empty_solve(y0, len(ts_host), per_sample, capturable, opts)
+    if y0.numel() == 0 or n_times == 1:  # nothing to integrate, no tree to build, no error norm to take
+        return _empty_solve(y0, n_times, per_sample, capturable, opts)  # (as odeint)
     t_first, t_end = float(ts_host[0]), float(ts_host[-1])
     t_probe = torch.full((y0.shape[0],) if per_sample else (), t_first, dtype=ts.dtype, device=dev)
     shape = noise_shape(sde, y0, t_probe)

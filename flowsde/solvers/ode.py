@@ -77,7 +77,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
         def func(tt, y, _f=user_func):
             parts = _split(y, shapes)
             outs = _f(tt, parts)
-            if not isinstance(outs, tuple) or len(outs) != len(shapes):
+            if not isinstance(outs, (tuple, list)) or len(outs) != len(shapes):
                 raise TypeError(f"func must return a tuple of {len(shapes)} tensors for a tuple y0")
             for i, (o, s) in enumerate(zip(outs, shapes)):
                 if not isinstance(o, torch.Tensor) or o.shape != s:
@@ -87,7 +87,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
 
         y0 = torch.cat([v.reshape(-1) for v in y0])
     y0 = _checks.check_state("y0", y0)
-    t = _checks.check_times("t", t, y0)
+    t = _checks.check_times("t", t, y0, at_least_two=False)  # one time: y0 alone, as torchdiffeq
     t_host = _checks.host_times("t", t)
     ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
     if adaptive:
@@ -97,6 +97,14 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     gc = opts.get("grid_constructor")
     if step_size is not None and gc is not None:
         raise ValueError("options step_size and grid_constructor are mutually exclusive")
+    if len(t_host) == 1:  # nothing to integrate: y0 (a copy), as torchdiffeq returns it
+        if step_size is not None:
+            _checks.check_step("step_size", step_size)
+        ys = y0.clone().unsqueeze(0)
+        if shapes is not None:
+            ys = tuple(p.reshape(1, *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+        stats = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
+        return (ys, stats) if opts.get("return_stats", False) else ys
     if step_size is not None:
         grid = fixed.uniform_grid(t_host[0], t_host[-1], _checks.check_step("step_size", step_size))
     elif gc is not None:
@@ -159,6 +167,7 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
     host = not isinstance(rtol, torch.Tensor) and not isinstance(atol, torch.Tensor)  # (device ones: not read)
     if host and rtol == 0 and atol == 0:
         raise ValueError("rtol and atol cannot both be 0: no step would ever be accepted")
+    _checks.check_resolvable(rtol, atol, y0.dtype, "odeint")
     bounds = {}
     for name in ("min_step", "max_step"):
         v = opts.get(name)
@@ -193,8 +202,8 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         raise ValueError("step_t and jump_t are supported with per_sample=False")
     if opts.get("capturable") and (per_sample or stops["step_t"].size or stops["jump_t"].size):
         raise ValueError("capturable=True is supported without per_sample, step_t and jump_t")
-    if y0.numel() == 0:  # nothing to integrate (and no error norm to take)
-        ys = y0.new_empty((len(t_host), *y0.shape))
+    if y0.numel() == 0 or len(t_host) == 1:  # nothing to integrate (and no error norm to take)
+        ys = y0.clone().unsqueeze(0) if len(t_host) == 1 else y0.new_empty((len(t_host), *y0.shape))
         if shapes is not None:
             ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
         empty = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}

@@ -111,8 +111,60 @@ class StepContext:
         return z if scale == 1.0 else z.mul_(scale)
 
 
+_NAMES = ("drift", "diffusion", "prior_drift", "drift_and_diffusion", "drift_and_diffusion_prod")
+
+
+class _Renamed:
+    """An SDE seen through torchsde's ``names`` (its methods under other names) and/or defined by
+    ``f_and_g`` alone: ``f`` and ``g`` for the solvers. ``f_and_g`` is called once per ``(t, y)``: the
+    solvers ask for the drift and then the diffusion at the same point, and the pair is kept for it."""
+
+    def __init__(self, sde, names):
+        self.noise_type, self.sde_type = sde.noise_type, sde.sde_type
+        pick = lambda key, default: getattr(sde, names.get(key, default), None)  # noqa: E731
+        self._f, self._g = pick("drift", "f"), pick("diffusion", "g")
+        self._fg = pick("drift_and_diffusion", "f_and_g")
+        self._last = None
+        for attr, fn in (("f", self._f), ("g", self._g)):
+            if not callable(fn) and not callable(self._fg):
+                raise TypeError(f"sde must define a method {names.get('drift' if attr == 'f' else 'diffusion', attr)}"
+                                f"(t, y) or f_and_g(t, y) (a g_prod alone is not supported: flowsde's steps need "
+                                f"the diffusion itself)")
+
+    def _pair(self, t, y):
+        last = self._last
+        if last is None or last[0] is not t or last[1] is not y:
+            self._last = last = (t, y, self._fg(t, y))
+        return last[2]
+
+    def f(self, t, y):
+        return self._f(t, y) if callable(self._f) else self._pair(t, y)[0]
+
+    def g(self, t, y):
+        return self._g(t, y) if callable(self._g) else self._pair(t, y)[1]
+
+
+def _torchsde_arguments(sde, names, logqp, extra, extra_solver_state):
+    """torchsde's ``names``, ``logqp``, ``extra`` and ``extra_solver_state``: ``names`` maps its keys to
+    the SDE's method names; the others (the latent-SDE KL term, solver state for resuming) are refused
+    with a clear error rather than ignored."""
+    if logqp:
+        raise NotImplementedError("logqp=True (the KL term of latent SDEs) is not supported by flowsde.sdeint; "
+                                  "use torchsde.sdeint for it")
+    if extra or extra_solver_state is not None:
+        raise NotImplementedError("extra / extra_solver_state (torchsde's solver state, to resume a solve) are "
+                                  "not supported by flowsde.sdeint")
+    if names is not None:
+        if not isinstance(names, dict) or any(k not in _NAMES or not isinstance(v, str) for k, v in names.items()):
+            raise ValueError(f"names must map some of {_NAMES} to method names of the sde, got {names!r}")
+    names = names or {}
+    if names or not all(callable(getattr(sde, a, None)) for a in ("f", "g")):
+        return _Renamed(sde, names)
+    return sde
+
+
 def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5, atol=1e-4, dt_min=1e-5,
-           options=None, seed=None):
+           options=None, names=None, logqp=False, extra=False, extra_solver_state=None, seed=None):
     """Integrate the SDE ``dY = f(t, Y) dt + g(t, Y) dW`` and return ``Y`` at every time in ``ts``.
 
     Same arguments and result layout as ``torchsde.sdeint``: ``sde`` has methods ``f(t, y)`` and
@@ -139,9 +191,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             raise ValueError(f"sde has no attribute {attr}: set it to one of {allowed}")
         if getattr(sde, attr) not in allowed:
             raise ValueError(f"sde.{attr} must be one of {allowed}, got {getattr(sde, attr)!r}")
-    for attr in ("f", "g"):
-        if not callable(getattr(sde, attr, None)):
-            raise TypeError(f"sde must define a method {attr}(t, y)")
+    sde = _torchsde_arguments(sde, names, logqp, extra, extra_solver_state)
     if method is None:
         method = DEFAULT_SDE_METHOD[sde.sde_type]
     if not isinstance(method, str) or method not in SDE_METHODS:
@@ -159,7 +209,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
         raise ValueError(f"y0 must have shape (batch, d), got shape {tuple(y0.shape)}")
     if sde.noise_type in ("additive", "general") and y0.dim() != 2:
         raise ValueError(f"{sde.noise_type} noise needs y0 of shape (batch, d), got {tuple(y0.shape)}")
-    ts = _checks.check_times("ts", ts, y0)
+    ts = _checks.check_times("ts", ts, y0, at_least_two=False)  # one time: y0 alone, as torchsde
     ts_host = _checks.host_times("ts", ts, increasing_only=True)
     step = _checks.check_step("dt", dt)
     ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
@@ -182,6 +232,10 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
 
     if adaptive:
         return sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
+    if len(ts_host) == 1:  # nothing to integrate: y0 (a copy), as torchsde returns it
+        ys = y0.clone().unsqueeze(0)
+        stats = {"nfe": 0, "nge": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
+        return (ys, stats) if opts.get("return_stats", False) else ys
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
     return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
                          bool(opts.get("return_stats", False)), ops)
