@@ -124,7 +124,7 @@ def check_options(options: Optional[dict], allowed: Sequence[str], where: str) -
     return dict(options)
 
 
-_FLAG_OPTIONS = ("return_stats", "per_sample", "capturable", "clip_end", "grad_free")
+_FLAG_OPTIONS = ("return_stats", "per_sample", "capturable", "clip_end", "grad_free", "perturb")
 _COUNT_OPTIONS = ("max_num_steps", "check_every")
 
 

@@ -153,3 +153,25 @@ def test_numpy_step_sizes_count_as_numbers():
     b = flowsde.odeint(nonlinear, y0.repeat(1, 2), t, method="rk4", options=dict(step_size=0.125))
     assert torch.equal(a, b)
     flowsde.odeint(nonlinear, y0.repeat(1, 2), t, options=dict(first_step=np.float32(0.01)))
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_perturb_evaluates_one_sided_at_grid_points_as_torchdiffeq(method, dtype):
+    """A field that jumps at t = 0.5, a grid point: with perturb=True each step sees its own side of the
+    jump (a stage at a step's start just after it, at its end just before it), as torchdiffeq's option."""
+    def f(t, y):
+        return torch.where(t < 0.5, torch.ones_like(y), -torch.ones_like(y)) * (1 + y)
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=dtype)
+    y0 = torch.ones(3, dtype=dtype)
+    ref_method = "rk4" if method == "rk4_classic" else method
+    for perturb in (False, True):
+        ours = flowsde.odeint(f, y0, t, method=method, options=dict(perturb=perturb))
+        if method != "rk4_classic":
+            ref = torchdiffeq.odeint(f, y0, t, method=ref_method, options=dict(perturb=perturb))
+            assert torch.allclose(ours, ref, rtol=4 * torch.finfo(dtype).eps, atol=0), perturb
+        if perturb and method in ("heun2", "rk4", "rk4_classic"):  # a stage at the step's end: the left value
+            left = flowsde.odeint(f, y0, torch.tensor([0.0, 0.25, 0.5], dtype=dtype), method=method)
+            smooth = flowsde.odeint(lambda t, y: 1 + y, y0, torch.tensor([0.0, 0.25, 0.5], dtype=dtype),
+                                    method=method)
+            assert not torch.equal(left[-1], smooth[-1]) and torch.equal(ours[2], smooth[-1])

@@ -50,14 +50,25 @@ class StageTimes:
     """Per step ``k``, the times ``t_k + c_i h_k`` as 0-dim tensors: ``times[k] -> (t_k0, t_k1, ...)``.
 
     The whole table moves to the device once, before the loop; a step only takes views of it. A stage at
-    ``c == 1`` gets the grid point itself, not ``t_k + h_k``, so it is exact.
+    ``c == 1`` gets the grid point itself, not ``t_k + h_k``, so it is exact. ``perturb`` (torchdiffeq's
+    option of that name, for fields with jumps at grid points): a stage at ``c == 0`` sees the next time
+    after ``t_k`` in ``dtype`` (towards the step's end) and one at ``c == 1`` the one before ``t_{k+1}``, so
+    each step sees the field's one-sided values of its own interval.
     """
 
-    def __init__(self, grid: np.ndarray, c: Sequence[float], dtype: torch.dtype, device: torch.device):
+    def __init__(self, grid: np.ndarray, c: Sequence[float], dtype: torch.dtype, device: torch.device,
+                 perturb: bool = False):
         t0, h = grid[:-1], np.diff(grid)
         cols = [grid[1:] if ci == 1.0 else t0 + ci * h for ci in c]
         table = np.stack(cols, axis=1)
         host = torch.as_tensor(table, dtype=torch.float64)
+        if perturb:  # one-sided times, in the dtype the field sees
+            host = host.to(dtype)
+            start = torch.as_tensor(t0, dtype=torch.float64).to(dtype)
+            end = torch.as_tensor(grid[1:], dtype=torch.float64).to(dtype)
+            for i, ci in enumerate(c):
+                if ci in (0.0, 1.0):
+                    host[:, i] = torch.nextafter(host[:, i], end if ci == 0.0 else start)
         if torch.device(device).type == "cuda":  # an asynchronous copy from pinned memory: no host sync
             host = host.pin_memory()
         self.table = host.to(device=device, non_blocking=True).to(dtype)

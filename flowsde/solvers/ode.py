@@ -27,7 +27,7 @@ ODE_METHODS: Dict[str, ButcherTableau] = {
 #: Adaptive methods (embedded pairs), see :mod:`flowsde.solvers.adaptive`.
 ADAPTIVE_ODE_METHODS = tuple(ADAPTIVE_TABLEAUX)
 
-ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "return_stats", "backend")
+ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "return_stats", "backend")
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
@@ -123,7 +123,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
         stats["nfe"] += 1
         return _checks.check_output("func", func(tt, y), y0, shape)
 
-    times = fixed.StageTimes(grid, tab.c, y0.dtype, y0.device)
+    times = fixed.StageTimes(grid, tab.c, y0.dtype, y0.device, bool(opts.get("perturb", False)))
     h_all = np.diff(grid).tolist()
 
     def step(k, y):
