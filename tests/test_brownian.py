@@ -205,3 +205,17 @@ def test_slivers_offsets_and_shapes_of_grid_brownian_motions():
     small = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(2, 1), seed=3, dtype=torch.float64, stream="philox")
     with pytest.raises(ValueError, match=r"bm \(Brownian increment\) returned shape \(2, 1\), expected \(4, 1\)"):
         flowsde.sdeint(sde, y0, ts, bm=small, dt=1 / 8)
+
+
+def test_fixed_steps_below_the_trees_leaves_warn():
+    """Inside a leaf the tree is linear: increments of steps shorter than a leaf have too little variance
+    (a 1e-7 step on a [0, 1] tree: Var/dt ~ 0.1), so sdeint warns."""
+    import warnings
+    from flowsde.problems import OrnsteinUhlenbeck
+    y0, ts = torch.ones(4, 1, dtype=torch.float64), torch.tensor([0.0, 1e-3], dtype=torch.float64)
+    bm = flowsde.VirtualBrownianTree(0.0, 1e-3, (4, 1), seed=0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=1e-5)  # above the leaves: silent
+    with pytest.warns(UserWarning, match="below the VirtualBrownianTree's resolution"):
+        flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=1e-10)

@@ -1,11 +1,13 @@
 """``flowsde.sdeint``: torchsde's entry point, on flowsde's fixed-step driver."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from .. import _checks, kernels
-from ..brownian import GridBrownian
+from ..brownian import GridBrownian, VirtualBrownianTree
 from ..kernels import PhiloxNoise
 from . import fixed
 from .sde_methods import DEFAULT_SDE_METHOD, NOISE_TYPES, SDE_METHODS, SDE_TYPES
@@ -237,6 +239,12 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
         stats = {"nfe": 0, "nge": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
         return (ys, stats) if opts.get("return_stats", False) else ys
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
+    if isinstance(bm, VirtualBrownianTree):  # below a leaf the tree is linear: too little variance
+        leaf = (bm.t1 - bm.t0) / 2 ** bm.depth
+        if float(np.diff(grid).min()) < leaf:
+            warnings.warn(f"dt={step!r} is below the VirtualBrownianTree's resolution (its leaves are {leaf:.3g} "
+                          f"long, inside which W is linear: increments there have too little variance); build "
+                          f"it with a smaller tol", UserWarning, stacklevel=2)
     return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
                          bool(opts.get("return_stats", False)), ops)
 
