@@ -213,9 +213,9 @@ def test_fixed_steps_below_the_trees_leaves_warn():
     import warnings
     from flowsde.problems import OrnsteinUhlenbeck
     y0, ts = torch.ones(4, 1, dtype=torch.float64), torch.tensor([0.0, 1e-3], dtype=torch.float64)
-    bm = flowsde.VirtualBrownianTree(0.0, 1e-3, (4, 1), seed=0, dtype=torch.float64)
+    bm = flowsde.VirtualBrownianTree(0.0, 1e-3, (4, 1), seed=0, tol=2.5e-4, dtype=torch.float64)  # 4 leaves
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=1e-5)  # above the leaves: silent
+        flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=2.5e-4)  # a leaf per step: silent
     with pytest.warns(UserWarning, match="below the VirtualBrownianTree's resolution"):
-        flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=1e-10)
+        flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=1.25e-4)

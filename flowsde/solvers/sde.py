@@ -241,7 +241,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
     if isinstance(bm, VirtualBrownianTree):  # below a leaf the tree is linear: too little variance
         leaf = (bm.t1 - bm.t0) / 2 ** bm.depth
-        if float(np.diff(grid).min()) < leaf:
+        if float(np.diff(grid).min()) < leaf * (1 - 1e-9):  # (a step of one leaf, up to rounding: fine)
             warnings.warn(f"dt={step!r} is below the VirtualBrownianTree's resolution (its leaves are {leaf:.3g} "
                           f"long, inside which W is linear: increments there have too little variance); build "
                           f"it with a smaller tol", UserWarning, stacklevel=2)
