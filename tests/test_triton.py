@@ -1036,3 +1036,13 @@ def test_channels_last_path_refuses_terms_that_do_not_broadcast():
     for o in (kernels.ops("triton", "cpu"), kernels.ops("torch")):
         with pytest.raises((ValueError, RuntimeError)):
             o.combine([(1.0, x), (1.0, rnd((2, 60), torch.float32, 1))])
+
+
+def test_the_fast_launch_signature_is_the_specialisation_of_every_argument():
+    """``_signature`` (inline, on every launch) gives what ``_spec`` gives for each argument: tensors (a
+    Parameter too) by dtype and 16-byte alignment, floats alike, ints by divisibility, one and width."""
+    from flowsde.kernels import combine as C
+    x = torch.randn(9)
+    args = [x, x[1:], torch.nn.Parameter(torch.randn(3)), 0.5, 0.0, 7, 16, 1, 2 ** 40, True, x.half()]
+    assert C._signature(args) == tuple(C._spec(a) for a in args)
+    assert C._signature([x])[0] != C._signature([x[1:]])[0]  # alignment is part of it

@@ -207,6 +207,8 @@ def _records_grad(*parts) -> bool:
     attribute reads only: no synchronisation)."""
     grad = torch.is_grad_enabled()
     dual = getattr(_forward_ad, "_current_level", 0) >= 0  # a dual level is open (unknown: look)
+    if not grad and not dual and _no_transform():  # (the common case of a sampling loop: nothing to look at)
+        return False
     for t in _tensors(parts):
         if (grad and t.requires_grad) or _is_wrapped(t) or (dual and _forward_ad.unpack_dual(t).tangent is not None):
             return True
@@ -229,6 +231,12 @@ def _tensors(parts):
 
 
 _is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False)
+_peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def _no_transform() -> bool:
+    """Whether no ``torch.func`` transform is active (then no operand can be a functorch wrapper)."""
+    return _peek is not None and _peek() is None
 
 
 def _noise_shape(y, noise_type, noise=()):

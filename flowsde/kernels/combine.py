@@ -217,6 +217,16 @@ def _spec(a):
     return type(a).__name__
 
 
+_Tensor = torch.Tensor
+
+
+def _signature(args) -> tuple:
+    """``tuple(_spec(a) for a in args)``, with the two common kinds (tensors, floats) inline: this runs on
+    every launch (a loop's host time per step)."""
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if type(a) is _Tensor else 0 if type(a) is float else _spec(a)
+                  for a in args])
+
+
 def _on_device(device):
     """A context making ``device`` the current CUDA device for a launch when it is another one. Triton
     launches on the current device's current stream, not on its arguments' device: a state on ``cuda:1``
@@ -241,7 +251,7 @@ def _launch_here(kernel, n_programs, args, consts, num_warps, cuda, **options):
         kernel[grid](*args, **consts, num_warps=num_warps, **options)
         return
     key = (kernel, num_warps, tuple(consts.values()), tuple(options.items()), torch.cuda.current_device(),
-           tuple(_spec(a) for a in args))
+           _signature(args))
     compiled = _COMPILED.get(key)
     if compiled is None:  # Triton's path compiles (or finds) the kernel and launches it
         _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps, **options)
@@ -294,7 +304,7 @@ def _operand(t: torch.Tensor, shape):
     """``(tensor, mode)`` for a combine operand broadcast to ``shape`` without copying it out: mode 0 a
     contiguous tensor of ``shape`` (copied only when the input is laid out otherwise), 1 one value per
     batch row (``(batch, 1, ...)`` or an expanded view of one), 2 a single value."""
-    if tuple(t.shape) == tuple(shape) and t.is_contiguous():
+    if t.shape == shape and t.is_contiguous():  # (torch.Size equals a tuple)
         return t, 0
     te = t.expand(shape)
     if all(te.stride(i) == 0 or shape[i] == 1 for i in range(len(shape))):
