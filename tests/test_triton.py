@@ -1046,3 +1046,41 @@ def test_the_fast_launch_signature_is_the_specialisation_of_every_argument():
     args = [x, x[1:], torch.nn.Parameter(torch.randn(3)), 0.5, 0.0, 7, 16, 1, 2 ** 40, True, x.half()]
     assert C._signature(args) == tuple(C._spec(a) for a in args)
     assert C._signature([x])[0] != C._signature([x[1:]])[0]  # alignment is part of it
+
+
+def test_the_combines_launch_key_separates_exactly_what_triton_specialises_on(monkeypatch):
+    """combine keys its cached compiled kernels on the distinct tensors' dtypes and alignment and its ints
+    (not every argument): two launches share a key exactly when their full argument specialisation (and
+    constexprs) agree — misaligned views, other dtypes, sizes divisible by 16 or not, tensor keys."""
+    from flowsde.kernels import combine as C
+    seen = []
+    real = C._launch_here
+
+    class Record(dict):
+        def get(self, key, default=None):
+            return None
+
+        def __setitem__(self, key, value):
+            pass
+
+    def here(kernel, n, args, consts, nw, cuda, index=None, sig=None, **options):
+        full = (tuple(consts.values()), C._signature(args))
+        mine = (tuple(consts.values()), sig if sig is not None else C._signature(args))
+        seen.append((full, mine))
+        return real(kernel, n, args, consts, nw, False, None, sig, **options)
+    monkeypatch.setattr(C, "_launch_here", here)
+    monkeypatch.setattr(C, "_COMPILED", Record())
+    tri = kernels.ops("triton", "cpu")
+    base = rnd((65,), torch.float32, 0)
+    for x in (base[:64], base[1:], base[:48].double(), base[:47]):
+        k = torch.ones_like(x)
+        tri.combine([(1.0, x), (0.5, k)])
+        tri.combine([(1.0, x), (0.5, k[:]), (2.0, x)])
+        tri.combine([(1.0, x)], [(0.3, None)], PhiloxNoise(7))
+        tri.combine([(1.0, x)], [(0.3, None)], PhiloxNoise(16))
+        tri.combine([(1.0, x)], [(0.3, k)], PhiloxNoise(torch.tensor(3)))
+        tri.combine([(1.0, x)], [(0.3, k)], torch.zeros_like(x))
+    assert len(seen) == 24
+    for fa, ma in seen:
+        for fb, mb in seen:
+            assert (fa == fb) == (ma == mb)

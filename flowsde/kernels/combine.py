@@ -237,26 +237,40 @@ def _on_device(device):
     return torch.cuda.device(device)
 
 
-def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, device, **options):
+def _launch(kernel, n_programs: int, args: list, consts: dict, num_warps: int, device, sig=None, **options):
     """``kernel[(n_programs,)](*args, **consts, num_warps=num_warps, **options)`` on ``device`` (the
     output's: :func:`_on_device`), through the fast path on CUDA (``options``: compile options such as
-    ``enable_fp_fusion``)."""
+    ``enable_fp_fusion``). ``sig``: the arguments' specialisation when the caller has it cheaper than
+    :func:`_signature` (it must determine ``_signature(args)`` given ``consts``)."""
     with _on_device(device):
-        _launch_here(kernel, n_programs, args, consts, num_warps, device.type == "cuda", **options)
+        _launch_here(kernel, n_programs, args, consts, num_warps, device.type == "cuda", device.index, sig, **options)
 
 
-def _launch_here(kernel, n_programs, args, consts, num_warps, cuda, **options):
+def _launch_here(kernel, n_programs, args, consts, num_warps, cuda, device_index=None, sig=None, **options):
     grid = (n_programs, 1, 1)
     if not (FAST_LAUNCH and cuda):
         kernel[grid](*args, **consts, num_warps=num_warps, **options)
         return
-    key = (kernel, num_warps, tuple(consts.values()), tuple(options.items()), torch.cuda.current_device(),
-           _signature(args))
+    values = consts.values_key if type(consts) is _Consts else tuple(consts.values())
+    key = (kernel, num_warps, values, tuple(options.items()) if options else (),
+           torch.cuda.current_device() if device_index is None else device_index,
+           _signature(args) if sig is None else sig)
     compiled = _COMPILED.get(key)
     if compiled is None:  # Triton's path compiles (or finds) the kernel and launches it
         _COMPILED[key] = kernel[grid](*args, **consts, num_warps=num_warps, **options)
         return
-    compiled[grid](*args, *consts.values())
+    compiled[grid](*args, *values)
+
+
+class _Consts(dict):
+    """A kernel's constexprs (a read-only dict, in its signature's order) with their values as a tuple,
+    made once: the fast launch keys on it and passes it positionally."""
+
+    __slots__ = ("values_key",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.values_key = tuple(self.values())
 
 
 # indexed tensors of this many elements or more are indexed in int64 (``LARGE``); tests lower it
@@ -354,7 +368,7 @@ def _combine_consts(nt, ng, noise, rowwise, unit, f64, blk, modes, g_modes, larg
     consts.update({f"BG{j}": m for j, m in enumerate(g_modes)})
     consts["LARGE"] = large
     consts["GROUP"] = group
-    return consts
+    return _Consts(consts)
 
 
 def _broadcasts(a, shape) -> bool:
@@ -486,7 +500,11 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     group = _group(row) if rowwise and mode >= 2 else 1
     consts = _combine_consts(len(ts), len(diffusion), mode, bool(rowwise), unit, f64, blk, tuple(modes), tuple(g_modes),
                              _large(n), group)
-    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], out.device)
+    # the specialisation from the distinct tensors (the padding slots repeat ts[0], as consts fix) and ints
+    tensors = [out, *ts, *(g for g, _ in g_ops)] + ([] if dw is None else [dw]) + ([key] if key_in_memory else [])
+    sig = (tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), None if key_in_memory else _spec(args[-3]),
+           _spec(n), _spec(row))
+    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], dev, sig=sig)
     return out
 
 
