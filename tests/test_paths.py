@@ -167,3 +167,17 @@ def test_review_edge_cases_of_conversions_and_schedules():
             assert bool(torch.isfinite(out).all())
             if kw["method"] == "ddim":  # the last DDIM step lands on the predicted data exactly
                 assert torch.allclose(out, mu.expand_as(out), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_states_take_their_coefficients_from_a_float32_time(dtype):
+    """A host time beside a half state is held in float32, not rounded to the half type (0.9999 is 1.0 in
+    float16, where VP conversions are singular): the result is the float32 conversion, rounded."""
+    path = VPCosine()
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    for t, src in itertools.product((0.9999, 0.5, 1e-4), ("epsilon", "data")):  # (data at 0.9999 raised)
+        want = path.convert(out.to(dtype).float(), x.to(dtype).float(), t, src, "velocity")
+        got = path.convert(out.to(dtype), x.to(dtype), t, src, "velocity")
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert float((got.float() - want).abs().max()) <= 4 * torch.finfo(dtype).eps * float(want.abs().max())

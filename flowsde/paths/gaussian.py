@@ -26,8 +26,9 @@ PREDICTIONS = ("velocity", "epsilon", "data", "score", "v")
 def _as_time(t, like=None) -> torch.Tensor:
     if isinstance(t, torch.Tensor):
         return t if t.is_floating_point() else t.to(torch.float64)
-    if like is not None:
-        return torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if like is not None:  # (half states: the time and the coefficients in float32, rounded once at the end)
+        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        return torch.as_tensor(t, dtype=dtype, device=like.device)
     return torch.as_tensor(t, dtype=torch.float64)
 
 
