@@ -9,8 +9,9 @@ side of a launch costs *is* the step time. This script measures that side — fl
 (:func:`flowsde.kernels.combine.combine`) and the fast launch's specialisation key
 (:func:`flowsde.kernels.combine._launch_here`) — with only the final call of the compiled kernel
 replaced by a no-op, and CUDA's current device faked: the same Python runs as on a GPU machine. For
-scale it times the eager PyTorch ops of the same update on tiny CPU tensors (their dispatch, what the
-torch backend costs per op). Medians of interleaved rounds, µs per call; CPU figures are noisy: compare
+scale it times the same calls through combine's general path (``FAST_PATH`` off: what every call cost
+before the common case got its short path) and the eager PyTorch ops of the same update on tiny CPU
+tensors (their dispatch, what the torch backend costs per op). Medians of interleaved rounds, µs per call; CPU figures are noisy: compare
 ratios from one run.
 """
 from __future__ import annotations
@@ -98,18 +99,22 @@ def main(argv=None):
     for fn in list(fused.values()) + list(eager.values()):  # warm: first launches register the kernels
         for _ in range(50):
             fn()
-    times = {name: ([], []) for name in fused}
-    for _ in range(args.rounds):  # interleaved: a slow spell of the host hits both columns
+    from flowsde.kernels import combine as C
+    times = {name: ([], [], []) for name in fused}
+    for _ in range(args.rounds):  # interleaved: a slow spell of the host hits every column
         for name in fused:
             times[name][0].append(per_call(fused[name], args.calls))
-            times[name][1].append(per_call(eager[name], args.calls))
-    print("| update | fused launch, host µs | eager PyTorch ops, host µs | ratio |")
-    print("|---|---|---|---|")
+            C.FAST_PATH = False  # the same calls through combine's general path
+            times[name][1].append(per_call(fused[name], args.calls))
+            C.FAST_PATH = True
+            times[name][2].append(per_call(eager[name], args.calls))
+    print("| update | fused launch, host µs | general path | eager PyTorch ops | fused / eager |")
+    print("|---|---|---|---|---|")
     rows = []
-    for name, (a, b) in times.items():
-        fa, fb = statistics.median(a), statistics.median(b)
-        rows.append((name, fa, fb))
-        print(f"| {name} | {fa:.1f} | {fb:.1f} | {fa / fb:.2f} |")
+    for name, cols in times.items():
+        fa, fg, fb = (statistics.median(c) for c in cols)
+        rows.append((name, fa, fg, fb))
+        print(f"| {name} | {fa:.1f} | {fg:.1f} | {fb:.1f} | {fa / fb:.2f} |")
     return rows
 
 

@@ -1084,3 +1084,47 @@ def test_the_combines_launch_key_separates_exactly_what_triton_specialises_on(mo
     for fa, ma in seen:
         for fb, mb in seen:
             assert (fa == fb) == (ma == mb)
+
+
+def test_the_fast_path_makes_the_general_paths_launch_argument_for_argument(monkeypatch):
+    """combine's common case (contiguous operands of the state's shape, no out) takes a short path; its
+    launch must equal the general path's exactly: arguments (the same tensors, the same floats and ints),
+    constexprs and specialisation key — and so its result."""
+    from flowsde.kernels import combine as C
+    calls = []
+    real = C._launch
+
+    def spy(kernel, n, args, consts, nw, device, sig=None, **options):
+        out = args[0]
+        calls.append(([("out", a.dtype, tuple(a.shape)) if a is out else a for a in args], dict(consts), sig, nw, n))
+        return real(kernel, n, args, consts, nw, device, sig=sig, **options)
+    monkeypatch.setattr(C, "_launch", spy)
+    tri = kernels.ops("triton", "cpu")
+    y, f, g, h = (rnd((33, 3), torch.float32, i) for i in range(4))
+    d = [t.double() for t in (y, f, g, h)]
+    key7, yh, gh, v7 = torch.tensor(7), y.half(), g.half(), rnd((7,), torch.float64, 9)
+    cases = [
+        lambda: C.combine([(1.0, y), (0.5, f)]),
+        lambda: C.combine([(1.0, y), (0.1, f), (0.2, g), (0.3, h), (0.4, y), (0.5, f)]),
+        lambda: C.combine([(1.0, d[0]), (1 / 3, d[1])], [(0.2, d[2]), (0.1, d[3])], None, False, 12345),
+        lambda: C.combine([(1.0, y)], [(0.3, None)], None, False, key7),
+        lambda: C.combine([(1.0, y), (0.1, f)], [(0.3, g)], None, True, 3),                 # per-row draws
+        lambda: C.combine([(1.0, y)], [(0.3, g)], h),                                      # given noise
+        lambda: C.combine([(1.0, yh), (0.1, f)], [(0.2, gh)], None, False, 2 ** 40),
+        lambda: C.combine([(1.0, y)], (), h),                                              # noise, no diffusion
+        lambda: C.combine([(2.0, v7)], [(1.0, None)], None, False, 1),
+    ]
+    for case in cases:
+        calls.clear()
+        monkeypatch.setattr(C, "FAST_PATH", False)
+        slow = case()
+        monkeypatch.setattr(C, "FAST_PATH", True)
+        fast = case()
+        assert len(calls) == 2 and torch.equal(slow, fast)
+        (a_args, a_consts, a_sig, a_nw, a_n), (b_args, b_consts, b_sig, b_nw, b_n) = calls
+        assert a_consts == b_consts and a_sig == b_sig and (a_nw, a_n) == (b_nw, b_n)
+        assert len(a_args) == len(b_args)
+        for a, b in zip(a_args, b_args):  # tensors: the same memory (a flat view of it is the same operand)
+            same = (a.data_ptr(), a.dtype, a.numel()) == (b.data_ptr(), b.dtype, b.numel()) \
+                if isinstance(a, torch.Tensor) else (type(a) is type(b) and a == b)
+            assert same

@@ -207,10 +207,12 @@ def _records_grad(*parts) -> bool:
     attribute reads only: no synchronisation)."""
     grad = torch.is_grad_enabled()
     dual = getattr(_forward_ad, "_current_level", 0) >= 0  # a dual level is open (unknown: look)
-    if not grad and not dual and _no_transform():  # (the common case of a sampling loop: nothing to look at)
+    wrapped = not _no_transform()  # a torch.func transform is active: operands may be its wrappers
+    if not (grad or dual or wrapped):  # (a sampling loop under no_grad: nothing to look at)
         return False
     for t in _tensors(parts):
-        if (grad and t.requires_grad) or _is_wrapped(t) or (dual and _forward_ad.unpack_dual(t).tangent is not None):
+        if (grad and t.requires_grad) or (wrapped and _is_wrapped(t)) or (
+                dual and _forward_ad.unpack_dual(t).tangent is not None):
             return True
     return False
 
