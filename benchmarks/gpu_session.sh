@@ -7,7 +7,8 @@
 # 1. the machine (nvidia-smi, torch / triton versions);
 # 2. tests/test_gpu.py: compiled kernels against the reference, Philox = mirror, backend parity, CUDA-graph
 #    replays, CUDA's sync detector;
-# 3. python benchmarks/gpu_kernels.py: the report to paste into benchmarks/RESULTS.md (also as JSON);
+# 3. python benchmarks/host_overhead.py (the host's Python per launch, the kernel call stubbed) and
+#    python benchmarks/gpu_kernels.py: the reports to paste into benchmarks/RESULTS.md (also as JSON);
 # 4. the launch-configuration sweep (--tune), if time is left.
 # Logs and the JSON go to $OUT (the device tool brings them back), or to ./gpu_out elsewhere. Each part has
 # its own time limit, so one that hangs does not take the others with it; the last lines printed are a
@@ -51,6 +52,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 } 2>&1 | tee "$OUT/machine.log"
 
 part test_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+part host_overhead 60 python3 benchmarks/host_overhead.py --calls 2000 --rounds 5  # this host's Python per launch
 part gpu_kernels 300 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
 if [ "${FLOWSDE_TUNE:-0}" = 1 ]; then
     part tune 240 python3 benchmarks/gpu_kernels.py --quick --tune

@@ -1128,3 +1128,16 @@ def test_the_fast_path_makes_the_general_paths_launch_argument_for_argument(monk
             same = (a.data_ptr(), a.dtype, a.numel()) == (b.data_ptr(), b.dtype, b.numel()) \
                 if isinstance(a, torch.Tensor) else (type(a) is type(b) and a == b)
             assert same
+
+
+def test_the_host_overhead_benchmark_runs():
+    """benchmarks/host_overhead.py stubs flowsde's launch internals, so it runs in a process of its own."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_overhead.py"), "--calls", "20",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "µs" not in line and "---" not in line]
+    assert len(rows) == 4 and all(float(r.split("|")[2]) > 0 for r in rows)
