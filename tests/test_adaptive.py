@@ -404,3 +404,5 @@ def test_tolerances_below_the_states_precision_are_refused(dtype):
         flowsde.sdeint(OrnsteinUhlenbeck(), y0.reshape(1, 1), t, dt=0.1, adaptive=True, rtol=1e-6, atol=1e-6)
     ys = flowsde.odeint(lambda t, y: -y, torch.ones(1), t)  # float32 at the defaults: fine
     assert abs(float(ys[-1]) - math.exp(-1)) < 1e-5
+    ys = flowsde.odeint(lambda t, y: -y, torch.ones(2), t, rtol=1e-10, atol=1e-10)  # and below its epsilon
+    assert abs(float(ys[-1, 0]) - math.exp(-1)) < 1e-6

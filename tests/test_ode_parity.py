@@ -175,3 +175,13 @@ def test_perturb_evaluates_one_sided_at_grid_points_as_torchdiffeq(method, dtype
             smooth = flowsde.odeint(lambda t, y: 1 + y, y0, torch.tensor([0.0, 0.25, 0.5], dtype=dtype),
                                     method=method)
             assert not torch.equal(left[-1], smooth[-1]) and torch.equal(ours[2], smooth[-1])
+
+
+def test_single_time_stats_are_those_of_the_mode():
+    y0, t = torch.ones(3, 2, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    _, st = flowsde.odeint(nonlinear, y0, t, options=dict(per_sample=True, return_stats=True))
+    assert st["status"] == ["success"] * 3
+    _, st = flowsde.odeint(nonlinear, y0, t, options=dict(capturable=True, max_num_steps=4, return_stats=True))
+    assert st["status"] == "budget" and bool(st["finished"]) and not bool(st["dt_underflow"])
+    with pytest.raises(ValueError, match="max_num_steps"):
+        flowsde.odeint(nonlinear, y0, t, options=dict(capturable=True))

@@ -235,3 +235,22 @@ def test_torchsde_names_and_f_and_g_and_their_refusals():
             return v
     with pytest.raises(TypeError, match="g_prod alone is not supported"):
         flowsde.sdeint(GProdOnly(), y0, ts, dt=0.1)
+
+
+def test_f_and_g_pairs_are_not_reused_across_grad_modes():
+    """A pair computed without grad has no graph: Milstein's dg/dy, asked at the same (t, y) with grad on,
+    must get a fresh one (the cached pair silently dropped the correction on the first step)."""
+    y0 = torch.rand(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    bm = lambda: torchsde.BrownianInterval(0.0, 1.0, (B, D), dtype=torch.float64, entropy=3)  # noqa: E731
+    with torch.no_grad():
+        joint = flowsde.sdeint(_Joint(), y0, ts, bm=bm(), dt=2 ** -4, method="milstein")
+        plain = flowsde.sdeint(Nonlinear("diagonal", "ito"), y0, ts, bm=bm(), dt=2 ** -4, method="milstein")
+    assert torch.equal(joint, plain)
+
+    class Missing(_Joint):
+        pass
+    with pytest.raises(TypeError, match="does not define"):
+        flowsde.sdeint(Missing(), y0.detach(), ts, dt=0.1, names={"drift": "nope"})
+    with pytest.raises(NotImplementedError, match="g_prod"):
+        flowsde.sdeint(_Renamed(), y0.detach(), ts, dt=0.1, names={"drift_and_diffusion_prod": "drift"})

@@ -1141,3 +1141,10 @@ def test_the_host_overhead_benchmark_runs():
     assert run.returncode == 0, run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "µs" not in line and "---" not in line]
     assert len(rows) == 4 and all(float(r.split("|")[2]) > 0 for r in rows)
+
+
+def test_twelve_or_more_terms_fold_as_often_as_needed():
+    ys = [rnd((5, 3), torch.float64, i) for i in range(14)]
+    terms = [(0.1 * (i + 1), y) for i, y in enumerate(ys)]
+    a, b = _both(lambda o: o.combine(terms))
+    assert torch.allclose(a, b, rtol=0, atol=1e-13)

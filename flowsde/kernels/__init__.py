@@ -135,8 +135,8 @@ class TritonOps(TorchOps):
         tensor = None if isinstance(noise, PhiloxNoise) else noise
         # zero terms are not read (the first, which fixes the shape, is kept), but still widen the dtype
         terms = terms[:1] + [(c, t) for c, t in terms[1:] if c != 0.0]
-        if len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum, held in the
-            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # accumulation dtype
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # accumulation dtype
+        while len(terms) > self._c.MAX_TERMS:  # fold the overflow into a first partial sum, held in the
             head = launch(terms[:self._c.MAX_TERMS], dtype=acc)
             terms = [(1.0, head)] + terms[self._c.MAX_TERMS:]
         if grad:

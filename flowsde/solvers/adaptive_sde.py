@@ -175,7 +175,8 @@ def _empty_solve(y0, n_out, per_sample, capturable, opts):
     zero = torch.zeros(rows, dtype=torch.int64, device=y0.device) if per_sample else 0
     stats = {"nfe": zero, "nge": 0, "steps": 0, "accepted": zero, "rejected": zero}
     if capturable:
-        stats.update(status="budget", finished=torch.ones((), dtype=torch.bool, device=y0.device))
+        stats.update(status="budget", finished=torch.ones(rows if per_sample else (), dtype=torch.bool,
+                                                          device=y0.device))
     elif per_sample:
         stats.update(status=["success"] * rows, rows=0)
     else:
@@ -194,6 +195,8 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         raise ValueError("adaptive=True needs a Brownian motion that can be queried at any time (bm=None for "
                          "flowsde's VirtualBrownianTree, or torchsde's BrownianInterval / BrownianTree); a "
                          f"{type(bm).__name__} only knows its grid")
+    if capturable and bm is not None and not isinstance(bm, VirtualBrownianTree):
+        raise ValueError("capturable=True needs flowsde's VirtualBrownianTree as bm (queried on the device)")
     if y0.numel() == 0 or n_times == 1:  # nothing to integrate, no tree to build, no error norm to take
         return _empty_solve(y0, n_times, per_sample, capturable, opts)  # (as odeint)
     t_first, t_end = float(ts_host[0]), float(ts_host[-1])
@@ -202,8 +205,6 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     if bm is None:
         bm = VirtualBrownianTree(t_first, t_end, shape, seed=seed, dtype=y0.dtype, device=dev)
     query = _brownian_query(bm, shape, dev, t_first, ops, per_sample)
-    if capturable and not isinstance(bm, VirtualBrownianTree):
-        raise ValueError("capturable=True needs flowsde's VirtualBrownianTree as bm (queried on the device)")
     if method.name == "euler" and sde.noise_type != "additive" and (per_sample or y0.shape[0] == 1):
         warnings.warn("adaptive Euler–Maruyama with a step chosen from each single path and multiplicative noise "
                       "need not converge (its error can grow as rtol shrinks: Gaines & Lyons 1997); use "

@@ -11,7 +11,8 @@ import torch
 
 from .. import _checks, kernels
 from . import fixed
-from .adaptive import ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, _rms, integrate_per_sample, integrate_pieces, mixed_norm
+from .adaptive import (ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, _rms, integrate_per_sample, integrate_pieces, loop_budget,
+                       mixed_norm)
 from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
 
 #: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
@@ -206,10 +207,14 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         ys = y0.clone().unsqueeze(0) if len(t_host) == 1 else y0.new_empty((len(t_host), *y0.shape))
         if shapes is not None:
             ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+        loop_budget(opts, y0.device.type)  # (the budget options are checked all the same)
         empty = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
         if per_sample:
             z = torch.zeros(y0.shape[0], dtype=torch.int64, device=y0.device)
-            empty = dict(empty, nfe=z, accepted=z, rejected=z, status=[], rows=0)
+            empty = dict(empty, nfe=z, accepted=z, rejected=z, status=["success"] * y0.shape[0], rows=0)
+        elif opts.get("capturable"):  # the stats a captured solve gives: on the device, the budget's status
+            z, flag = (torch.zeros((), dtype=d, device=y0.device) for d in (torch.int64, torch.bool))
+            empty = dict(empty, accepted=z, rejected=z.clone(), status="budget", finished=~flag, dt_underflow=flag)
         return (ys, empty) if opts.get("return_stats", False) else ys
     f, th = func, t_host
     if t_host[0] > t_host[-1]:  # backwards in time: integrate s = -t (as torchdiffeq does)

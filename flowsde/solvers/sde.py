@@ -124,6 +124,12 @@ class _Renamed:
     def __init__(self, sde, names):
         self.noise_type, self.sde_type = sde.noise_type, sde.sde_type
         pick = lambda key, default: getattr(sde, names.get(key, default), None)  # noqa: E731
+        for key, name in names.items():
+            if key != "prior_drift" and not callable(getattr(sde, name, None)):
+                raise TypeError(f"names maps {key!r} to {name!r}, which the sde does not define as a method")
+        if "drift_and_diffusion_prod" in names:
+            raise NotImplementedError("names['drift_and_diffusion_prod'] (a g_prod) is not supported: flowsde's "
+                                      "steps need the diffusion itself")
         self._f, self._g = pick("drift", "f"), pick("diffusion", "g")
         self._fg = pick("drift_and_diffusion", "f_and_g")
         self._last = None
@@ -134,10 +140,10 @@ class _Renamed:
                                 f"the diffusion itself)")
 
     def _pair(self, t, y):
-        last = self._last
-        if last is None or last[0] is not t or last[1] is not y:
-            self._last = last = (t, y, self._fg(t, y))
-        return last[2]
+        last, grad = self._last, torch.is_grad_enabled()  # (a pair made without grad has no graph for
+        if last is None or last[0] is not t or last[1] is not y or last[2] != grad:  # Milstein's dg/dy)
+            self._last = last = (t, y, grad, self._fg(t, y))
+        return last[3]
 
     def f(self, t, y):
         return self._f(t, y) if callable(self._f) else self._pair(t, y)[0]
@@ -241,10 +247,12 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
     if isinstance(bm, VirtualBrownianTree):  # below a leaf the tree is linear: too little variance
         leaf = (bm.t1 - bm.t0) / 2 ** bm.depth
-        if float(np.diff(grid).min()) < leaf * (1 - 1e-9):  # (a step of one leaf, up to rounding: fine)
-            warnings.warn(f"dt={step!r} is below the VirtualBrownianTree's resolution (its leaves are {leaf:.3g} "
-                          f"long, inside which W is linear: increments there have too little variance); build "
-                          f"it with a smaller tol", UserWarning, stacklevel=2)
+        shortest = float(np.diff(grid).min())
+        if shortest < leaf * (1 - 1e-9):  # (a step of one leaf, up to rounding: fine)
+            which = f"dt={step!r}" if step < leaf * (1 - 1e-9) else f"the last step ({shortest:.3g}, dt={step!r})"
+            warnings.warn(f"{which} is below the VirtualBrownianTree's resolution (its leaves are {leaf:.3g} long, "
+                          f"inside which W is linear: increments there have too little variance); build it with "
+                          f"a smaller tol", UserWarning, stacklevel=2)
     return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
                          bool(opts.get("return_stats", False)), ops)
 
