@@ -396,10 +396,6 @@ def _on(device, t: torch.Tensor, what: str) -> torch.Tensor:
     raise ValueError(f"{what} is on {t.device} but the state is on {device}: every operand must be on one device")
 
 
-def _operands(terms, diffusion):
-    return [t for _, t in terms] + [g for _, g in diffusion if g is not None]
-
-
 def result_dtype(terms, diffusion=(), noise=None) -> torch.dtype:
     """The dtype of a combine's result: PyTorch's promotion over every tensor operand (the terms, the
     diffusion values, the given noise; :func:`flowsde.kernels.reference.result_dtype`)."""
@@ -458,10 +454,7 @@ def _fast_combine(terms, diffusion, noise, rowwise, key, dtype):
     blk = CONFIG["block"]
     consts = _combine_consts(nt, ng, mode, bool(rowwise), unit, f64, blk, (0,) * nt, (0,) * MAX_NOISE, _large(n),
                              _group(row) if rowwise and mode >= 2 else 1)
-    tensors = [out, *ts, *gs] + ([noise] if noise is not None and ng else []) + ([key] if key_in_memory else [])
-    sig = (tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), None if key_in_memory else _spec(kv),
-           _spec(n), _spec(row))
-    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], dev, sig=sig)
+    _launch_combine(args, consts, [out, *ts, *gs] + ([noise] if noise is not None and ng else []), dev)
     return out
 
 
@@ -563,12 +556,18 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     group = _group(row) if rowwise and mode >= 2 else 1
     consts = _combine_consts(len(ts), len(diffusion), mode, bool(rowwise), unit, f64, blk, tuple(modes), tuple(g_modes),
                              _large(n), group)
-    # the specialisation from the distinct tensors (the padding slots repeat ts[0], as consts fix) and ints
-    tensors = [out, *ts, *(g for g, _ in g_ops)] + ([] if dw is None else [dw]) + ([key] if key_in_memory else [])
-    sig = (tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), None if key_in_memory else _spec(args[-3]),
-           _spec(n), _spec(row))
-    _launch(combine_kernel, _cdiv(n, blk), args, consts, CONFIG["num_warps"], dev, sig=sig)
+    _launch_combine(args, consts, [out, *ts, *(g for g, _ in g_ops)] + ([] if dw is None else [dw]), dev)
     return out
+
+
+def _launch_combine(args, consts, tensors, device):
+    """Launch :func:`combine_kernel` on ``args``, keyed on the specialisation of its distinct operand
+    ``tensors`` (out, the terms, the diffusion values, the noise: the padding slots repeat the first term,
+    as ``consts`` fix) and its ints (the key, the element and row counts: the last three arguments)."""
+    key, n, row = args[-3:]
+    sig = (tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]),
+           (key.dtype, key.data_ptr() % 16 == 0) if isinstance(key, torch.Tensor) else _spec(key), _spec(n), _spec(row))
+    _launch(combine_kernel, _cdiv(n, consts["BLOCK_SIZE"]), args, consts, CONFIG["num_warps"], device, sig=sig)
 
 
 def randn(key, shape, dtype, device) -> torch.Tensor:
