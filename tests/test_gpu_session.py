@@ -14,7 +14,8 @@ def test_gpu_session_script_runs_every_part_and_summarises(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = (tmp_path / "summary.log").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["test_gpu", "gpu_kernels"]
+    assert [line.split(":")[0] for line in summary] == ["test_gpu", "host_overhead", "gpu_kernels"]
     assert all(": exit 0 in" in line for line in summary), summary
     assert "max abs error" in (tmp_path / "gpu_kernels.log").read_text()
     assert "skipped" in (tmp_path / "test_gpu.log").read_text()
+    assert "| Euler update (2 terms) |" in (tmp_path / "host_overhead.log").read_text()
