@@ -102,8 +102,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
         if step_size is not None:
             _checks.check_step("step_size", step_size)
         ys = y0.clone().unsqueeze(0)
-        if shapes is not None:
-            ys = tuple(p.reshape(1, *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+        ys = _unflat(ys, shapes)
         stats = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
         return (ys, stats) if opts.get("return_stats", False) else ys
     if step_size is not None:
@@ -144,8 +143,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
             return kernels.hermite(ya, f0, yb, cache[k], s, h_all[k])
 
     ys = fixed.integrate(step, y0, grid, t_host, interp, ops.lerp)
-    if shapes is not None:
-        ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+    ys = _unflat(ys, shapes)
     if opts.get("return_stats", False):  # a fixed grid accepts every step
         return ys, dict(stats, accepted=stats["steps"], rejected=0, status="success")
     return ys
@@ -205,8 +203,7 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         raise ValueError("capturable=True is supported without per_sample, step_t and jump_t")
     if y0.numel() == 0 or len(t_host) == 1:  # nothing to integrate (and no error norm to take)
         ys = y0.clone().unsqueeze(0) if len(t_host) == 1 else y0.new_empty((len(t_host), *y0.shape))
-        if shapes is not None:
-            ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+        ys = _unflat(ys, shapes)
         loop_budget(opts, y0.device.type)  # (the budget options are checked all the same)
         empty = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
         if per_sample:
@@ -236,8 +233,7 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
     ys, stats = integrate_pieces(f, y0, th, tab, rtol, atol, opts, ops, check, stops["step_t"], stops["jump_t"], norm)
     t_stop = stats.get("_t")
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}
-    if shapes is not None:
-        ys = tuple(p.reshape(len(t_host), *s) for p, s in zip(_split_flat(ys, shapes), shapes))
+    ys = _unflat(ys, shapes)
     if opts.get("return_stats", False) or opts.get("capturable"):
         return (ys, stats) if opts.get("return_stats", False) else ys
     if stats["status"] == "dt_underflow":
@@ -263,6 +259,13 @@ def _split(y, shapes):
 def _split_flat(ys, shapes):
     sizes = [int(np.prod(s)) if len(s) else 1 for s in shapes]
     return ys.split(sizes, dim=1)
+
+
+def _unflat(ys, shapes):
+    """A flat ``(len(t), n)`` result back as the tuple state's parts (``shapes`` None: ``ys`` itself)."""
+    if shapes is None:
+        return ys
+    return tuple(p.reshape(ys.shape[0], *s) for p, s in zip(_split_flat(ys, shapes), shapes))
 
 
 def _user_grid(gc, func, y0, t, backwards):
