@@ -76,7 +76,19 @@ def _init_distributed(device: str):
 
 
 def _converge(args) -> int:
+    import torch.distributed as dist
     rank, world = _init_distributed(args.device)
+    try:
+        status = _converge_in_group(args, rank, world)
+        if dist.is_initialized():
+            dist.barrier()  # (rank 0 writes the table while the others wait)
+        return status
+    finally:  # every rank leaves the group before exiting: gloo's threads left running abort the process at
+        if dist.is_initialized():  # interpreter exit ("terminate called without an active exception")
+            dist.destroy_process_group()
+
+
+def _converge_in_group(args, rank: int, world: int) -> int:
     paths = args.paths if args.paths else (1000 if args.quick else 4000)
     start = time.perf_counter()
     rows = convergence_rows(args.problem, paths, args.seed, args.quick, args.method, args.kind, args.device,
