@@ -13,6 +13,7 @@ its midpoint), so with the same tolerances the accepted steps are torchdiffeq's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -170,7 +171,7 @@ def mixed_norm(sizes):
 
 
 def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedTableau, rtol, atol, opts,
-                       ops, field_check, f_start=None, dt_start=None, land=False, norm=_rms):
+                       ops, field_check, f_start=None, dt_start=None, land=False, norm=_rms, event=None):
     """Integrate ``func`` from ``t_out[0]`` through every ``t_out`` (increasing) with the pair ``tab``.
 
     ``field_check(out)`` validates a field value. ``f_start`` / ``dt_start``: the derivative at the start
@@ -178,7 +179,9 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     ``land``: clip the step that would pass ``t_out[-1]`` so it ends there exactly (instead of overshooting
     and interpolating); a float ``>= t_out[-1]`` clips onto that time instead (a ``step_t`` at or beyond
     the end, as torchdiffeq clips any step that would pass one). ``norm``: of the scaled error (and in
-    the initial step's estimate); RMS, or :func:`mixed_norm` for a tuple state.
+    the initial step's estimate); RMS, or :func:`mixed_norm` for a tuple state. ``event``: a
+    :class:`~flowsde.solvers.events.Watch`; the solve then has no end (``t_out`` is the start alone) and
+    stops at the host check after a step crossed the event (the steps in between take no time).
     Returns ``(ys, stats)``; ``stats["_f"]`` and ``stats["_dt"]`` hold the derivative at the end and the
     next step size, for a following piece.
     """
@@ -201,7 +204,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
 
     t_outs = torch.stack([const(v) for v in t_out])
     t0 = t_outs[0].clone()
-    t_end = float(t_out[-1])
+    t_end = float(t_out[-1]) if event is None else math.inf
     y = y0
     f0 = f(t0, y) if f_start is None else f_start
     first = opts.get("first_step")
@@ -224,8 +227,11 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     t_end_t = const(t_end)
     land_t = None if land is False or land is None else (t_end_t if land is True else const(land))
 
-    def host_check():  # the one host read: (time reached, stalled), every check_every steps and at the end
-        return torch.stack([t0, stalled.to(torch.float64)]).tolist()
+    def host_check():  # the one host read: (time reached, stalled, event seen), every check_every steps and at
+        # the end
+        seen = stalled if event is None else event.found
+        t_now, stuck, hit = torch.stack([t0, stalled.to(torch.float64), seen.to(torch.float64)]).tolist()
+        return (math.inf if event is not None and hit else t_now), stuck
     while True:
         if steps >= max_steps:  # the budget is spent: did the solve finish since the last check? (one read)
             if not capturable:
@@ -234,6 +240,8 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             break
         steps += 1
         active = t0 < t_end_t  # False only in the steps between finishing and the next host check
+        if event is not None:  # (or the event seen)
+            active = active & ~event.found
         dt = torch.where(torch.isfinite(dt), dt, min_step)
         dt = torch.minimum(torch.maximum(dt, min_step), max_step)
         # a step that no longer moves the time (torchdiffeq's "underflow in dt"): the solution or the field
@@ -262,6 +270,8 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
         # dense output for the output times this step covers (masked: no host read)
         ymid = torch.addcmul(y, dty, ops.combine(list(zip(tab.mid, ks))))
         coeff = _interp_fit(y, y1, ymid, f0, ks[-1], dty)
+        if event is not None:
+            event.step(accept, t0, t1, dt, coeff, y1)
         for j in range(first_pending, len(t_out)):
             tj = t_outs[j]
             hit = accept & (tj > t0) & (tj <= t1) & ~written[j]
@@ -285,6 +295,8 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
             if stuck:
                 status = "dt_underflow"
                 break
+            if event is not None:
+                event.forget()
             first_pending = int(np.searchsorted(t_out, t_now, side="right"))
     ys = torch.stack([o if o is not None else torch.full_like(y0, float("nan")) for o in outs])
     ys = torch.where(written.reshape(-1, *([1] * y0.dim())), ys, torch.full_like(ys, float("nan")))
@@ -293,7 +305,7 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
                  "finished": t0 >= t_end_t, "dt_underflow": stalled, "_f": f0, "_dt": dt}
     else:
         stats = {"nfe": nfe, "steps": steps, "accepted": int(accepted), "rejected": int(rejected),
-                 "status": status, "_t": float(t0), "_f": f0, "_dt": dt}
+                 "status": status, "_t": float(t0), "_f": f0, "_dt": dt, "_y": y}
     return ys, stats
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from .. import _checks, kernels
-from . import fixed
-from .adaptive import (ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, _rms, integrate_per_sample, integrate_pieces, loop_budget,
-                       mixed_norm)
+from . import events, fixed
+from .adaptive import (ADAPTIVE_OPTIONS, ADAPTIVE_TABLEAUX, _interp_eval, _rms, integrate_adaptive, integrate_per_sample,
+                       integrate_pieces, loop_budget, mixed_norm)
 from .rk import EULER, HEUN2, HEUN3, MIDPOINT, RK4, RK4_CLASSIC, ButcherTableau, rk_step
 
 #: Fixed-step methods by name. Adding a method is one line: a name and its tableau.
@@ -29,9 +29,12 @@ ODE_METHODS: Dict[str, ButcherTableau] = {
 ADAPTIVE_ODE_METHODS = tuple(ADAPTIVE_TABLEAUX)
 
 ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "return_stats", "backend")
+#: the fixed-step options that only event handling takes (the search has no end: a budget, and how often the
+#: host reads whether it has crossed)
+EVENT_OPTIONS = ("max_num_steps", "check_every")
 
 
-def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """Integrate ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
     Same arguments and result layout as ``torchdiffeq.odeint``: ``func`` gets a 0-dim tensor ``t`` (in
@@ -53,14 +56,22 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     ``return_stats=True`` returns ``(ys, stats)`` (``nfe``, ``steps``, ``accepted``, ``rejected``,
     ``status``). ``backend``: see
     :func:`flowsde.kernels.resolve_backend`. ``rtol`` / ``atol`` are for the adaptive methods.
+
+    ``event_fn(t, y) -> tensor`` (torchdiffeq's event handling): ``t`` must hold two times, the start and
+    any time after it in the direction to integrate; the solve runs until ``event_fn`` crosses zero
+    (the first of its outputs to do so) and returns ``(event_t, solution)``, ``solution`` holding ``y0``
+    and the state at the event (shape ``(2, *y0.shape)``); the crossing is located to within ``atol`` in
+    time. Fixed-step methods need ``step_size`` and take ``max_num_steps`` (default 20,000) and
+    ``check_every``. See :mod:`flowsde.solvers.events` and :func:`odeint_event` for gradients through the
+    event time.
     """
     if method is None:
         method = "dopri5"
     adaptive = isinstance(method, str) and method in ADAPTIVE_TABLEAUX
     if not adaptive and (not isinstance(method, str) or method not in ODE_METHODS):
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(ODE_METHODS) + sorted(ADAPTIVE_TABLEAUX)}")
-    opts = _checks.check_options(options, ADAPTIVE_OPTIONS if adaptive else ODE_OPTIONS,
-                                 f"odeint(method={method!r})")
+    allowed = ADAPTIVE_OPTIONS if adaptive else ODE_OPTIONS + (EVENT_OPTIONS if event_fn is not None else ())
+    opts = _checks.check_options(options, allowed, f"odeint(method={method!r}{', event_fn' if event_fn is not None else ''})")
     tab = ADAPTIVE_TABLEAUX[method] if adaptive else ODE_METHODS[method]
 
     # tuples of tensors are integrated as one flat state, as torchdiffeq does (its mixed error norm: the largest
@@ -91,6 +102,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
     t = _checks.check_times("t", t, y0, at_least_two=False)  # one time: y0 alone, as torchdiffeq
     t_host = _checks.host_times("t", t)
     ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
+    if event_fn is not None:
+        return _until_event(func, event_fn, y0, t, t_host, tab, adaptive, rtol, atol, opts, ops, shapes)
     if adaptive:
         return _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes)
 
@@ -112,17 +125,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None):
         grid = fixed.check_grid(grid, t_host, "grid_constructor")
     else:
         grid = t_host
-    interp_name = opts.get("interp", "linear")
-    if interp_name not in ("linear", "cubic"):
-        raise ValueError(f"option interp must be 'linear' or 'cubic', got {interp_name!r}")
-
-    stats = {"nfe": 0, "steps": 0}
-    shape = tuple(y0.shape)
-
-    def field(tt, y):
-        stats["nfe"] += 1
-        return _checks.check_output("func", func(tt, y), y0, shape)
-
+    interp_name = _interp_option(opts)
+    field, stats = _counted(func, y0)
     times = fixed.StageTimes(grid, tab.c, y0.dtype, y0.device, bool(opts.get("perturb", False)))
     h_all = np.diff(grid).tolist()
 
@@ -153,7 +157,7 @@ UNDERFLOW = ("torchdiffeq's 'underflow in dt': the state or the field is not fin
              "up, or the tolerances cannot be met in this dtype")
 
 
-def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
+def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, event=None):
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
             raise TypeError(f"{name} must be a number or a tensor, got {type(v).__name__} (per-part tolerances of "
@@ -201,6 +205,8 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
         raise ValueError("step_t and jump_t are supported with per_sample=False")
     if opts.get("capturable") and (per_sample or stops["step_t"].size or stops["jump_t"].size):
         raise ValueError("capturable=True is supported without per_sample, step_t and jump_t")
+    if event is not None:
+        return _adaptive_event(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, check, event)
     if y0.numel() == 0 or len(t_host) == 1:  # nothing to integrate (and no error norm to take)
         ys = y0.clone().unsqueeze(0) if len(t_host) == 1 else y0.new_empty((len(t_host), *y0.shape))
         ys = _unflat(ys, shapes)
@@ -245,6 +251,139 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes):
                            f"t={t_host[-1]}; pass options=dict(return_stats=True) to get what was computed "
                            f"(outputs not reached are NaN) with its status")
     return ys
+
+
+def _interp_option(opts) -> str:
+    name = opts.get("interp", "linear")
+    if name not in ("linear", "cubic"):
+        raise ValueError(f"option interp must be 'linear' or 'cubic', got {name!r}")
+    return name
+
+
+def _counted(func, y0):
+    """The field as the fixed-step loops call it (its output checked, its evaluations counted) and the
+    stats dict it counts into."""
+    stats = {"nfe": 0, "steps": 0}
+    shape = tuple(y0.shape)
+
+    def field(tt, y):
+        stats["nfe"] += 1
+        return _checks.check_output("func", func(tt, y), y0, shape)
+    return field, stats
+
+
+def _until_event(func, event_fn, y0, t, t_host, tab, adaptive, rtol, atol, opts, ops, shapes):
+    """``odeint`` with ``event_fn``: search from ``t[0]`` in the direction of ``t[1]`` (see :mod:`.events`)."""
+    if len(t_host) != 2:
+        raise ValueError(f"with event_fn, t must hold two times, the start and a time after it in the direction "
+                         f"to integrate (only its direction is used: the solve runs until the event), got {len(t_host)}")
+    split = (lambda y: _split(y, shapes)) if shapes is not None else None
+    if adaptive:
+        return _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, event=(event_fn, split, t))
+    if opts.get("grid_constructor") is not None:
+        raise ValueError("event handling with a fixed-step method takes options step_size, not grid_constructor "
+                         "(the search has no end time to build a grid to)")
+    if opts.get("step_size") is None:
+        raise ValueError(f"event handling with the fixed-step method {tab.name!r} needs options step_size "
+                         f"(as torchdiffeq's)")
+    dt = _checks.check_step("step_size", opts["step_size"])
+    interp_name = _interp_option(opts)
+    max_steps = opts.get("max_num_steps", events.FIXED_MAX_STEPS)
+    check_every = opts.get("check_every", 1 if y0.device.type == "cpu" else 8)
+    for name, v in (("max_num_steps", max_steps), ("check_every", check_every)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    field, stats = _counted(func, y0)
+    t0 = torch.full((), float(t_host[0]), dtype=torch.float64, device=y0.device)
+    ev = events.Event(event_fn, t0, y0, split)
+    te, ye, status = t0, y0, "success"
+    if not ev.check_start():
+        te, ye, status = events.fixed_until_event(
+            field, y0, float(t_host[0]), 1.0 if t_host[1] > t_host[0] else -1.0, dt, tab, ops, ev, interp_name,
+            bool(opts.get("perturb", False)), int(max_steps), int(check_every), _event_tol(atol), stats)
+    return _event_result(te, ye, y0, t, shapes, dict(stats, accepted=stats["steps"], rejected=0, status=status),
+                         opts)
+
+
+def _adaptive_event(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, check, event):
+    event_fn, split, t = event
+    for name in ("per_sample", "capturable", "clip_end", "step_t", "jump_t"):
+        if opts.get(name) is not None and opts.get(name) is not False:
+            raise ValueError(f"option {name} is not supported with event_fn")
+    flip = bool(t_host[1] < t_host[0])  # backwards: integrate s = -t, as torchdiffeq does
+    f = (lambda s, y: -func(-s, y)) if flip else func
+    s0 = -float(t_host[0]) if flip else float(t_host[0])
+    start = torch.full((), s0, dtype=torch.float64, device=y0.device)
+    ev = events.Event(event_fn, start, y0, split, flip)
+    te, ye = start, y0
+    stats = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
+    if not ev.check_start():
+        watch = events.Watch(ev, y0.device)
+        norm = mixed_norm([math.prod(s) for s in shapes]) if shapes is not None else _rms
+        _, st = integrate_adaptive(f, y0, np.array([s0]), tab, rtol, atol, opts, ops, check, norm=norm, event=watch)
+        stats = {k: v for k, v in st.items() if not k.startswith("_")}
+        if stats["status"] == "success":
+            te, ye = watch.locate(_interp_eval, _event_tol(atol), y0.dtype)
+        else:
+            te, ye = torch.full((), st["_t"], dtype=torch.float64, device=y0.device), st["_y"]
+    return _event_result(-te if flip else te, ye, y0, t, shapes, stats, opts)
+
+
+def _event_tol(atol) -> float:
+    """The bisection's tolerance in time: ``atol``, as torchdiffeq's (read once, before the loop)."""
+    return float(atol.detach().max()) if isinstance(atol, torch.Tensor) else float(atol)
+
+
+def _event_result(te, ye, y0, t, shapes, stats, opts):
+    if stats["status"] != "success" and not opts.get("return_stats", False):
+        why = (f"the step size underflowed ({UNDERFLOW})" if stats["status"] == "dt_underflow" else
+               f"no event within max_num_steps={stats['steps']} steps")
+        raise RuntimeError(f"odeint stopped at t={float(te)!r}: {why}; pass options=dict(return_stats=True) to "
+                           f"get the time and state reached with the status")
+    event_t = te.to(device=t.device, dtype=t.dtype)
+    solution = _unflat(torch.stack([y0, ye]), shapes)
+    return (event_t, solution, stats) if opts.get("return_stats", False) else (event_t, solution)
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
+    """torchdiffeq's ``odeint_event``: :func:`odeint` with ``event_fn`` from the time ``t0``, forwards (or
+    backwards with ``reverse_time=True``), with the gradient of the event time linked up.
+
+    Returns ``(event_t, solution)`` as ``odeint(..., event_fn=...)``; both carry gradients with respect to
+    ``y0``, the parameters of ``func`` and those of ``event_fn`` (torchdiffeq gives the last none), by the
+    implicit function theorem on ``event_fn(t*, y(t*)) = 0`` (:func:`flowsde.solvers.events.reroute`): one
+    more evaluation of ``func`` and two of ``event_fn`` at the event. ``odeint_interface``: the solver to
+    call (default :func:`odeint`); ``kwargs`` go to it (``rtol``, ``atol``, ``method``, ``options``)."""
+    first = y0[0] if isinstance(y0, tuple) and y0 else y0
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"y0 must be a tensor or a non-empty tuple of tensors, got {type(y0).__name__}")
+    if not isinstance(t0, torch.Tensor):
+        t0 = torch.tensor(t0, dtype=first.dtype if first.is_floating_point() else torch.float64)
+    if t0.numel() != 1:
+        raise ValueError(f"t0 must be one time, got shape {tuple(t0.shape)}")
+    if t0.requires_grad and torch.is_grad_enabled():
+        raise ValueError("gradients with respect to t0 are not supported (times are read on the host); pass "
+                         "t0.detach()")
+    t0 = t0.reshape(-1)
+    t = torch.cat([t0, t0 - 1.0 if reverse_time else t0 + 1.0])
+    out = (odeint if odeint_interface is None else odeint_interface)(func, y0, t, event_fn=event_fn, **kwargs)
+    event_t, solution = out[0], out[1]
+    shapes = [v.shape for v in y0] if isinstance(y0, tuple) else None
+    if shapes is None:
+        flat_func, split, y_flat, ye = func, None, y0, solution[-1]
+    else:
+        def flat_func(tt, y):
+            return torch.cat([o.reshape(-1) for o in func(tt, _split(y, shapes))])
+        split = lambda y: _split(y, shapes)  # noqa: E731
+        y_flat = torch.cat([v.reshape(-1) for v in y0])
+        ye = torch.cat([s[-1].reshape(-1) for s in solution])
+    ev = events.Event(event_fn, t0[0].to(y_flat.device), y_flat, split)
+    event_t, ye = events.reroute(flat_func, ev, event_t, ye)
+    if shapes is None:
+        solution = torch.cat([solution[:-1], ye[None]])
+    else:
+        solution = tuple(torch.cat([s[:-1], p[None]]) for s, p in zip(solution, _split(ye, shapes)))
+    return (event_t, solution) + tuple(out[2:])
 
 
 def _split(y, shapes):
