@@ -69,3 +69,27 @@ def test_learned_field_samples_match_its_training_distribution():
     assert sliced_wasserstein(untrained, ref) > 0.3     # the distance tells a trained field from an untrained one
     assert model is learned_field()[0]                  # cached: trained once per process
     assert ring_mixture().K == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_data_draws_times_inside_t_range(dtype):
+    """Times for half data are drawn in float32 and rounded into the range's representable part (bfloat16
+    rounded 0.9999 up to 1.0, where the score target on a VP path is infinite: the loss was inf)."""
+    from flowsde.paths import VPLinear
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4096, 2, generator=g).to(dtype)
+    seen = []
+
+    def model(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+    for _ in range(3):
+        loss = flow_matching_loss(model, z, path=VPLinear(), prediction="score", t_range=(0.5, 0.9999), generator=g)
+        assert torch.isfinite(loss)
+    t = torch.cat(seen)
+    assert t.dtype == dtype and float(t.min()) >= 0.5 and float(t.max()) <= 0.9999
+    for bad in ((0.5, 0.2), (-0.1, 0.5), (0.0, 1.5)):
+        with pytest.raises(ValueError, match="t_range"):
+            flow_matching_loss(model, z, t_range=bad)
+    with pytest.raises(ValueError, match="holds no"):
+        flow_matching_loss(model, z, t_range=(0.9991, 0.9992))
