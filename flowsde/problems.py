@@ -16,13 +16,15 @@ class _ConstantDiffusion:
     """Shared helper: a constant diffusion ``sigma`` laid out for the problem's noise type."""
 
     _g_last = None
+    _g_key = None
 
     def _const_g(self, y: torch.Tensor) -> torch.Tensor:
-        # a constant: built once per layout (g is called every step) as a broadcast view, no copy
-        g = self._g_last
-        if g is None or g.shape[:y.dim()] != y.shape or g.dtype != y.dtype or g.device != y.device:
-            g = self._g_last = self._build_g(y)
-        return g
+        # a constant: built once per state layout and sigma (g is called every step) as a broadcast view, no
+        # copy; a changed sigma (the instance's attribute) is seen at the next call
+        key = (tuple(y.shape), y.dtype, y.device, self.noise_type, self.sigma)
+        if self._g_key != key:
+            self._g_last, self._g_key = self._build_g(y), key
+        return self._g_last
 
     def _build_g(self, y: torch.Tensor) -> torch.Tensor:
         s = torch.tensor(self.sigma, dtype=y.dtype, device=y.device)

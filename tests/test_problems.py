@@ -66,3 +66,18 @@ def test_linear_ode_exact_solution_solves_the_ode():
     assert float(ys[2].norm()) == pytest.approx(math.exp(-0.1), rel=1e-12)
     with pytest.raises(ValueError, match="square"):
         LinearODE(np.ones((2, 3)))
+
+
+def test_constant_diffusion_follows_sigma_and_the_state_shape():
+    """The cached constant diffusion is rebuilt when sigma is changed on the instance or the state's shape
+    changes (a stale one simulated the old sigma, and a (4, 2) state got a cached (4, 2, 2) g)."""
+    ou = OrnsteinUhlenbeck(theta=1.0, sigma=0.5)
+    y = torch.zeros(4, 2)
+    assert float(ou.g(0.0, y).max()) == 0.5
+    ou.sigma = 1.0
+    assert float(ou.g(0.0, y).max()) == 1.0
+    bm = BrownianMotionProblem(sigma=2.0)
+    assert bm.g(0.0, torch.zeros(4, 2, 2)).shape == (4, 2, 2)
+    assert bm.g(0.0, y).shape == (4, 2)
+    bm.sigma = 3.0
+    assert float(bm.g(0.0, y).max()) == 3.0
