@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import math
+
 import numpy as np
 import torch
 
@@ -84,6 +86,7 @@ class BrownianMotion:
         if return_U or return_A:  # torchsde's reverse-time wrapper (sdeint_adjoint) passes both, False
             raise NotImplementedError("flowsde's Brownian motions give increments only (no space-time Levy "
                                       "area): levy_area_approximation is 'none'")
+        loose = _narrow_time(ta) or _narrow_time(tb)  # float32 tensor times (torchsde's, for a float32 state)
         ta = _as_time(ta)
         if tb is None:
             ta, tb = self.t0, ta
@@ -93,6 +96,8 @@ class BrownianMotion:
             raise ValueError(f"Brownian increment needs ta < tb, got ta={ta}, tb={tb}")
         if tb == ta:  # (``bm(t0)``, or a step of zero length): W(t) - W(t) = 0, as torchsde's
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        if loose and hasattr(self, "_tol32"):  # a grid motion: grid times as float32 accumulates them
+            return self.increment(ta, tb, loose=True)
         return self.increment(ta, tb)
 
 
@@ -112,7 +117,9 @@ class GridBrownian(BrownianMotion):
             same seed (the shards of a distributed study draw exactly the rows of a one-process run).
 
     ``bm.step(k)`` is the increment over grid step ``k``. ``bm(ta, tb)`` accepts any two grid times
-    (within a relative tolerance of 1e-9 of the grid spacing) and sums the step increments in between.
+    (within a relative tolerance of 1e-9 of the grid spacing; float32 tensor times, as torchsde's solvers
+    accumulate them, within their accumulated rounding, see :func:`_grid_tols`) and sums the step increments
+    in between.
     """
 
     def __init__(self, grid: Optional[Sequence[float]] = None, shape=(1,), seed: Optional[int] = None,
@@ -145,7 +152,7 @@ class GridBrownian(BrownianMotion):
             raise ValueError("row_start needs stream='philox' (a counter-based stream can be drawn in slices)")
         per_row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
         self._offset = int(row_start) * per_row
-        self._tol = 1e-9 * float(np.min(np.diff(grid)))
+        self._tol, self._tol32 = _grid_tols(grid)
 
     def normal(self, k: int) -> torch.Tensor:
         """The standard normal draw behind step ``k`` (shape ``self.shape``)."""
@@ -174,12 +181,13 @@ class GridBrownian(BrownianMotion):
         """``W(grid[k+1]) - W(grid[k])``."""
         return self.normal(k).mul_(self._sqrt_h[k])
 
-    def index(self, t: float) -> int:
-        """The grid index of time ``t``; a ``ValueError`` if ``t`` is not a grid time."""
-        return _grid_index(self, t)
+    def index(self, t: float, loose: bool = False) -> int:
+        """The grid index of time ``t``; a ``ValueError`` if ``t`` is not a grid time (``loose``: as float32
+        times accumulated step by step reach it, see :func:`_grid_tols`)."""
+        return _grid_index(self, t, loose)
 
-    def increment(self, ta: float, tb: float) -> torch.Tensor:
-        ia, ib = self.index(ta), self.index(tb)
+    def increment(self, ta: float, tb: float, loose: bool = False) -> torch.Tensor:
+        ia, ib = self.index(ta, loose), self.index(tb, loose)
         if ib == ia:  # two times within the grid's tolerance of one grid time (a sliver step): no increment
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         out = self.step(ia)
@@ -199,10 +207,26 @@ class GridBrownian(BrownianMotion):
 
 
 
-def _grid_index(bm, t: float) -> int:
+def _grid_tols(grid: np.ndarray):
+    """How far a query may lie from a grid time and still be it: 1e-9 of the smallest spacing for float64
+    times; for float32 tensor times (torchsde steps a float32 state with float32 times ``t + dt``, whose
+    rounding accumulates: 0.01 is 0.0099999998, and after k steps the time may be off by ~k float32 ulps)
+    ``k_max`` float32 ulps of the largest time, at most a quarter of the smallest spacing (so a query
+    still names one grid time)."""
+    h = float(np.min(np.diff(grid)))
+    ulp32 = float(np.finfo(np.float32).eps) * max(1.0, float(np.max(np.abs(grid))))
+    return 1e-9 * h, min(0.25 * h, max(1e-9 * h, (grid.size - 1) * ulp32))
+
+
+def _narrow_time(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _grid_index(bm, t: float, loose: bool = False) -> int:
+    tol = bm._tol32 if loose else bm._tol
     i = int(np.searchsorted(bm.grid, t))
-    for j in (i - 1, i):
-        if 0 <= j < bm.grid.size and abs(bm.grid[j] - t) <= bm._tol:
+    for j in sorted((i - 1, i), key=lambda j: abs(bm.grid[j] - t) if 0 <= j < bm.grid.size else math.inf):
+        if 0 <= j < bm.grid.size and abs(bm.grid[j] - t) <= tol:
             return j
     raise ValueError(f"time {t} is not a point of this {type(bm).__name__}'s grid "
                      f"([{bm.t0}, {bm.t1}] in {bm.grid.size - 1} steps): query grid times only")
@@ -222,10 +246,10 @@ class SampledPath(BrownianMotion):
         self.grid, self.values = grid, values
         self.t0, self.t1 = float(grid[0]), float(grid[-1])
         self.shape, self.dtype, self.device = tuple(values.shape[1:]), values.dtype, values.device
-        self._tol = 1e-9 * float(np.min(np.diff(grid)))
+        self._tol, self._tol32 = _grid_tols(grid)
 
-    def increment(self, ta: float, tb: float) -> torch.Tensor:
-        return self.values[_grid_index(self, tb)] - self.values[_grid_index(self, ta)]
+    def increment(self, ta: float, tb: float, loose: bool = False) -> torch.Tensor:
+        return self.values[_grid_index(self, tb, loose)] - self.values[_grid_index(self, ta, loose)]
 
 
 class DeviceKeys:
@@ -320,8 +344,9 @@ class VirtualBrownianTree(BrownianMotion):
         t = float(t)
         w = self._recent.get(t)
         if w is None:
-            # a time beyond an end by float32 rounding (torchsde passes float32 ts through) is that end
-            tol = 1e-6 * max(1.0, abs(self.t0), abs(self.t1))
+            # a time beyond an end by float32 rounding (torchsde passes float32 ts through) is that end; not
+            # more than a thousandth of the interval (a short one, or one far from 0, clamped whole queries)
+            tol = min(1e-6 * max(1.0, abs(self.t0), abs(self.t1)), 1e-3 * (self.t1 - self.t0))
             if not (self.t0 - tol <= t <= self.t1 + tol):
                 raise ValueError(f"time {t} is outside the tree's interval [{self.t0}, {self.t1}]")
             t = min(max(t, self.t0), self.t1)

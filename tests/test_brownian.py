@@ -7,7 +7,7 @@ import torch
 import torchsde
 
 import flowsde
-from flowsde.brownian import GridBrownian, step_key, step_keys
+from flowsde.brownian import GridBrownian, VirtualBrownianTree, step_key, step_keys
 
 
 def test_increments_are_keyed_by_seed_and_step():
@@ -219,3 +219,34 @@ def test_fixed_steps_below_the_trees_leaves_warn():
         flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=2.5e-4)  # a leaf per step: silent
     with pytest.warns(UserWarning, match="below the VirtualBrownianTree's resolution"):
         flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, bm=bm, dt=1.25e-4)
+
+
+def test_tree_refuses_queries_outside_a_short_or_distant_interval():
+    """The float32-rounding slack at the ends is at most a thousandth of the interval (it was absolute:
+    on [0, 1e-7] a query at 1e-6 returned a zero increment, silently; torchsde warns)."""
+    for t0, t1, far in ((0.0, 1e-7, 1e-6), (1000.0, 1000.001, 1000.0019)):
+        bm = VirtualBrownianTree(t0, t1, shape=(2,), seed=0, dtype=torch.float64)
+        with pytest.raises(ValueError, match="outside the tree's interval"):
+            bm(t1, far)
+    bm = VirtualBrownianTree(0.0, 0.1, shape=(2,), seed=0)
+    assert torch.equal(bm(torch.tensor(0.1)), bm(0.1))  # float32 0.1 (0.10000000149) is still the end
+
+
+def test_grid_motions_take_torchsdes_float32_step_times():
+    """torchsde steps a float32 state with float32 times t + dt (0.01 is 0.0099999998, and the rounding
+    accumulates): a GridBrownian / SampledPath takes them as their grid times, so torchsde.sdeint on them
+    gives flowsde.sdeint's solution to float32 rounding; float64 queries stay strict."""
+    from flowsde.brownian import SampledPath
+    from flowsde.problems import OrnsteinUhlenbeck
+    sde, y0, ts = OrnsteinUhlenbeck(), torch.ones(8, 2), torch.tensor([0.0, 1.0])
+    for n in (100, 1000):
+        grid_bm = GridBrownian(t0=0.0, t1=1.0, steps=n, shape=(8, 2), seed=0)
+        for bm in (grid_bm, SampledPath(grid_bm.grid, grid_bm.path())):
+            theirs = torchsde.sdeint(sde, y0, ts, bm=bm, dt=1.0 / n, method="euler")
+            ours = flowsde.sdeint(sde, y0, ts, bm=bm, dt=1.0 / n)
+            assert float((theirs - ours).abs().max()) < 1e-4
+    bm = GridBrownian(t0=0.0, t1=1.0, steps=100, shape=(2,), seed=0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not a point"):
+        bm(0.0, 0.01 + 1e-6)
+    with pytest.raises(ValueError, match="not a point"):
+        bm(torch.tensor(0.0), torch.tensor(0.013))  # a float32 time a third of a step off: still refused
