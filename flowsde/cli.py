@@ -182,6 +182,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return _bench(args)
 
 
+#: the largest --seed: the runs seed torch generators with the seed plus small offsets (int64)
+SEED_MAX = 2 ** 63 - 1 - 16
+
+
 def _check_outputs(parser, args):
     """The device and the output files, before any work: a run does not end in a traceback after minutes."""
     try:
@@ -192,6 +196,16 @@ def _check_outputs(parser, args):
         parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no CUDA device")
+    if not 0 <= args.seed <= SEED_MAX:  # (2**64 aliased seed 0 on the Brownian streams; larger ones overflowed
+        # torch's generators after part of the run)
+        parser.error(f"--seed must be an integer in [0, {SEED_MAX}], got {args.seed}")
+    if args.plot is not None:  # the name the figure will be written to, checked below like --json
+        try:
+            fmt = figure_format(args.plot)
+        except ValueError as e:
+            parser.error(f"--plot {args.plot}: {e}")
+        if not os.path.splitext(args.plot)[1]:
+            args.plot = f"{args.plot}.{fmt}"
     for name in ("json", "plot"):
         path = getattr(args, name)
         if path is None:
@@ -203,13 +217,6 @@ def _check_outputs(parser, args):
             parser.error(f"--{name} {path}: is a folder; give a file name")
         if not os.access(path if os.path.exists(path) else folder, os.W_OK):
             parser.error(f"--{name} {path}: not writable")
-    if args.plot is not None:
-        try:
-            fmt = figure_format(args.plot)
-        except ValueError as e:
-            parser.error(f"--plot {args.plot}: {e}")
-        if not os.path.splitext(args.plot)[1]:
-            args.plot = f"{args.plot}.{fmt}"
 
 
 if __name__ == "__main__":  # pragma: no cover

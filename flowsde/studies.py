@@ -35,6 +35,8 @@ def fit_order_ci(hs: Sequence[float], errors: Sequence[float], level: float = 0.
         raise ValueError(f"fit_order needs finite step sizes and errors, got errors {errors.tolist()}")
     if np.any(errors <= 0) or np.any(hs <= 0):
         raise ValueError(f"fit_order needs positive step sizes and errors, got errors {errors.tolist()}")
+    if np.unique(hs).size < 2:
+        raise ValueError(f"fit_order needs at least two distinct step sizes, got {hs.tolist()}")
     x, y = np.log(hs), np.log(errors)
     slope, icpt = np.polyfit(x, y, 1)
     if hs.size < 3:
@@ -217,8 +219,8 @@ def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int]
     if method not in table:
         raise ValueError(f"method {method!r} is not studied on {problem!r}; methods: {sorted(table)}")
     steps = [int(n) for n in steps]
-    if any(n < 1 for n in steps) or len(steps) < 2:
-        raise ValueError(f"steps must be at least two positive step counts, got {steps}")
+    if any(n < 1 for n in steps) or len(steps) < 2 or len(set(steps)) != len(steps):
+        raise ValueError(f"steps must be at least two distinct positive step counts, got {steps}")
     bar = tqdm(steps, desc=f"{problem}/{method}", disable=not progress, leave=False)
     if problem in ODE_PROBLEMS:
         if kind not in (None, "ode"):

@@ -61,6 +61,17 @@ def test_fit_order_confidence_interval():
     order, lo, hi = fit_order_ci(hs, errs)
     assert lo < 2.0 < hi and hi - lo < 0.2 and abs(order - 2) < 0.05
     assert np.isnan(fit_order_ci(hs[:2], errs[:2])[1])
+    with pytest.raises(ValueError, match="two distinct step sizes"):  # (a slope of equal abscissae: none)
+        fit_order_ci([0.1, 0.1], [0.01, 0.02])
+    with pytest.raises(ValueError, match="distinct"):
+        convergence("ou", "euler", steps=[8, 8, 8], paths=50)
+
+
+def test_bench_times_after_one_untimed_call():
+    from flowsde.bench import _timed
+    calls = []
+    out, sec = _timed(lambda: calls.append(len(calls)) or len(calls), 3)
+    assert len(calls) == 4 and out == 4 and sec >= 0
 
 
 def test_bench_quick_puts_flowsde_beside_its_peers(tmp_path, capsys):
@@ -121,8 +132,12 @@ def test_python_dash_m_entry_point():
     (["bench", "--json", "/nonexistent/x.json"], "does not exist"),
     (["converge", "--problem", "linear", "--json", "/tmp"], "is a folder"),
     (["converge", "--plot", "figure.txt"], "a figure is written as png, pdf, svg"),
+    (["converge", "--seed", str(2 ** 64)], "--seed must be an integer in [0, "),  # (aliased seed 0)
+    (["bench", "--seed", "-1"], "--seed must be an integer in [0, "),
+    (["converge", "--problem", "linear", "--plot", "/tmp/flowsde_cli_plotdir"], "is a folder"),  # (.png added)
 ])
 def test_options_that_cannot_run_are_usage_errors_before_any_work(argv, message, capsys):
+    os.makedirs("/tmp/flowsde_cli_plotdir.png", exist_ok=True)  # a folder where --plot's figure would go
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
