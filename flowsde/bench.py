@@ -43,6 +43,12 @@ def _timed(fn, reps):
     return out, sorted(times)[len(times) // 2]
 
 
+def _calls(reps: int) -> int:
+    """How many times :func:`_timed` calls its function (the untimed first call included): the divisor of
+    an evaluation counter shared by the calls."""
+    return reps + 1
+
+
 def _row(problem, library, method, setting, nfe, error, seconds):
     return {"problem": problem, "library": library, "method": method, "setting": setting, "nfe": int(nfe),
             "error": float(error), "seconds": float(seconds)}
@@ -117,12 +123,12 @@ def bench_linear(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
                            ("hand loop", hand)):
             f = _Counted(lin)
             y, sec = _timed(lambda: solve(f), reps)
-            rows.append(_row("linear (ODE)", lib, "rk4", f"{n} steps", f.n // reps, (y - exact).abs().max(), sec))
+            rows.append(_row("linear (ODE)", lib, "rk4", f"{n} steps", f.n // _calls(reps), (y - exact).abs().max(), sec))
     for tol in ([1e-4, 1e-8] if quick else [1e-4, 1e-6, 1e-8, 1e-10]):
         for lib, solve in (("flowsde", flowsde.odeint), ("torchdiffeq", torchdiffeq.odeint)):
             f = _Counted(lin)
             y, sec = _timed(lambda: solve(f, y0, t, method="dopri5", rtol=tol, atol=tol)[-1], reps)
-            rows.append(_row("linear (ODE)", lib, "dopri5", f"tol {tol:g}", f.n // reps, (y - exact).abs().max(), sec))
+            rows.append(_row("linear (ODE)", lib, "dopri5", f"tol {tol:g}", f.n // _calls(reps), (y - exact).abs().max(), sec))
     return rows
 
 
@@ -185,7 +191,7 @@ def bench_mixture(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
             calls["n"] = 0
             x, sec = _timed(lambda: flowsde.sample(field, x0, path=path, method=m, steps=max(1, nfe // per_step)),
                             reps)
-            rows.append(_row("mixture (sampling)", "flowsde", m, f"NFE {nfe}", calls["n"] // reps,
+            rows.append(_row("mixture (sampling)", "flowsde", m, f"NFE {nfe}", calls["n"] // _calls(reps),
                              (x - ref).pow(2).mean().sqrt(), sec))
         for name, make in _diffusers_schedulers().items():
             (x, n_calls), sec = _timed(lambda: _run_diffusers(make, field, x0, nfe), reps)
@@ -262,7 +268,7 @@ def bench_mixture_vp(quick=False, device="cpu", reps=3, seed=0) -> List[dict]:
             sig = K.get_sigmas_karras(steps, s_min, s_max, device=device)
             calls["n"] = 0
             x, sec = _timed(lambda: fn(den, x_ve, sig), reps)
-            rows.append(_row("mixture VP (sampling)", "flowsde", name, f"NFE {nfe}", calls["n"] // reps,
+            rows.append(_row("mixture VP (sampling)", "flowsde", name, f"NFE {nfe}", calls["n"] // _calls(reps),
                              (x - ref).pow(2).mean().sqrt(), sec))
         for name, make in scheds.items():
             (x, n), sec = _timed(lambda: run_diffusers(make, nfe), reps)
