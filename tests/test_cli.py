@@ -95,6 +95,11 @@ def test_bench_quick_puts_flowsde_beside_its_peers(tmp_path, capsys):
             assert e == pytest.approx(by[(p, "torchdiffeq", m, st)], rel=1e-6)
         if lib == "flowsde" and (p, "torchsde", m, st) in by:
             assert e == pytest.approx(by[(p, "torchsde", m, st)], rel=1e-6)
+    for r in rows:  # evaluation counts are per solve (the untimed warm-up call not among them)
+        if r["problem"] == "linear (ODE)" and r["method"] == "rk4":
+            assert r["nfe"] == 4 * int(r["setting"].split()[0]), r
+        if r["problem"] == "ou (SDE)":
+            assert r["nfe"] == int(r["setting"].split()[0]), r
     assert png.read_bytes()[:8] == PNG
 
 
