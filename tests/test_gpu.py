@@ -336,3 +336,27 @@ def test_compiled_channels_last_and_mixed_dtype_steps():
     a = tri.combine([(1.0, x), (0.5, k.half())])
     b = kernels.ops("torch").combine([(1.0, x), (0.5, k.half())])
     assert a.dtype == b.dtype == torch.float32 and float((a - b).abs().max()) < 1e-6
+
+
+@gpu
+def test_events_and_the_adjoint_on_cuda_equal_the_cpu():
+    """Events (the crossing flags read every check_every = 8 steps on CUDA) and odeint_adjoint on CUDA
+    tensors and the triton backend: the CPU's event time, state and gradients."""
+    def fall(t, y):
+        return torch.stack([y[:, 1], -9.8 * torch.ones_like(y[:, 1])], dim=1)
+
+    def ground(t, y):
+        return y[:, 0]
+    res = {}
+    for dev in ("cpu", DEV):
+        y0 = torch.tensor([[10.0, 1.0]] * 3, dtype=torch.float64, device=dev)
+        t = torch.tensor([0.0, 1.0], dtype=torch.float64, device=dev)
+        ev = [flowsde.odeint(fall, y0, t, method=m, options=o, event_fn=ground)
+              for m, o in (("dopri5", {}), ("rk4", dict(step_size=0.01, backend="triton" if dev != "cpu" else "torch")))]
+        model = MLPVelocity(width=16, generator=_g(0)).to(dev).double()
+        x0 = torch.randn(64, 2, generator=_g(1), dtype=torch.float64).to(dev).requires_grad_(True)
+        ys = flowsde.odeint_adjoint(model.ode_field(), x0, t, adjoint_params=tuple(model.parameters()))
+        grads = torch.autograd.grad((ys[-1] ** 2).sum(), [x0] + list(model.parameters()))
+        res[dev] = [v.cpu() for e in ev for v in e] + [g.cpu() for g in grads]
+    for a, b in zip(res["cpu"], res[DEV]):
+        assert float((a - b).abs().max()) <= 1e-9 * max(1.0, float(a.abs().max()))
