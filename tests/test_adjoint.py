@@ -127,7 +127,40 @@ def test_stats_and_errors():
         flowsde.odeint_adjoint(f, y0, t, method="rk4", options=dict(step_size=0.1), adjoint_method="dopri5")
     with pytest.raises(ValueError, match="per_sample"):
         flowsde.odeint_adjoint(f, y0, t, options=dict(per_sample=True))
+    with pytest.raises(ValueError, match="return_stats is not an option of the backward"):
+        flowsde.odeint_adjoint(f, y0, t, adjoint_options=dict(return_stats=True))
+    ys = flowsde.odeint_adjoint(f, y0, t, adjoint_options=dict(max_num_steps=2))
+    with pytest.raises(RuntimeError, match="odeint_adjoint, backward pass"):  # (which solve ran out)
+        ys.sum().backward()
     with pytest.raises(ValueError, match="gradients with respect to t"):
         flowsde.odeint_adjoint(f, y0, t.clone().requires_grad_(True))
     with pytest.raises(TypeError, match="adjoint_params"):
         flowsde.odeint_adjoint(f, y0, t, adjoint_params=[1.0])
+
+
+def test_float32_state_with_float64_parameters_and_an_event_at_the_start():
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([[0.1, 1.0], [-1.0, -0.2]], dtype=F64))
+            self.seen = set()
+
+        def forward(self, t, y):
+            self.seen.add(y.dtype)
+            return torch.tanh(y @ self.w.T.to(y.dtype))
+    t = torch.linspace(0, 1, 4)
+    res = []
+    for lib in (flowsde, torchdiffeq):
+        f = Mixed()
+        y0 = torch.tensor([1.0, 0.3], requires_grad=True)
+        ys = lib.odeint_adjoint(f, y0, t, rtol=1e-6, atol=1e-7)
+        res.append(torch.autograd.grad(ys.square().sum(), (y0, f.w)))
+        if lib is flowsde:  # the field sees its state's dtype in the backward pass too (torchdiffeq's: float64)
+            assert f.seen == {torch.float32}, f.seen
+    assert res[0][1].dtype == F64 and rel(*res) < 1e-5  # float32 rounding apart
+    f = Field()
+    y0 = torch.tensor([[1.0, 2.0]], dtype=F64, requires_grad=True)
+    te, sol = flowsde.odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=F64), event_fn=lambda t, y: y[0, 0] - 1.0)
+    assert float(te) == 0.0
+    gy, gw = torch.autograd.grad(sol[-1].sum(), (y0, f.w1))  # (the backward pass tried a zero-length interval)
+    assert torch.equal(gy, torch.ones_like(y0)) and torch.equal(gw, torch.zeros_like(gw))

@@ -184,3 +184,48 @@ def test_event_on_the_triton_backend_equals_the_torch_backend():
         a = flowsde.odeint(ball, y0, t, method=method, options=dict(opts, backend="torch"), event_fn=ground)
         b = flowsde.odeint(ball, y0, t, method=method, options=dict(opts, backend="triton"), event_fn=ground)
         assert float((a[0] - b[0]).abs()) < 1e-6 and float((a[1] - b[1]).abs().max()) < 1e-5
+
+
+def test_odeint_event_at_the_start_and_without_a_gradient_path():
+    """An event holding at t0 gives t0 and y0 with y0's own gradient (the rerouting divided 0 by 0: NaN);
+    an event function with no autograd path to (t, y) (a threshold, a detached state) leaves the solve's
+    gradient as it is, as torchdiffeq's (it crashed)."""
+    def decay(t, y):
+        return -y
+    for kw in (dict(), dict(method="rk4", options=dict(step_size=0.1))):
+        y0 = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+        te, sol = flowsde.odeint_event(decay, y0, torch.tensor(0.0, dtype=F64), event_fn=lambda t, y: y[0] - 1.0, **kw)
+        assert float(te.detach()) == 0.0 and torch.equal(sol[-1].detach(), y0.detach())
+        assert torch.equal(torch.autograd.grad(te + sol[-1].sum(), y0)[0], torch.ones(2, dtype=F64))
+    for ev in (lambda t, y: (y[0] > 0.5).to(y.dtype) - 0.5, lambda t, y: y[0].detach() - 0.5):
+        res = []
+        for lib in (flowsde, torchdiffeq):
+            y0 = torch.tensor([1.0], dtype=F64, requires_grad=True)
+            te, sol = lib.odeint_event(decay, y0, torch.tensor(0.0, dtype=F64), event_fn=ev, atol=1e-10)
+            res.append((float(te.detach()), float(torch.autograd.grad(te + sol[-1].sum(), y0)[0])))
+        assert abs(res[0][0] - math.log(2)) < 1e-8 and abs(res[0][1] - res[1][1]) < 1e-8
+
+
+def test_fixed_steps_after_a_crossing_stay_before_the_event_until_the_host_reads():
+    """With check_every > 1 (CUDA's default is 8) the steps after the crossing step, before the host sees
+    it, keep the state before the event: a field undefined past the event is not asked there (it raised
+    with check_every=50), and ``accepted`` counts the steps up to the crossing."""
+    def field(t, y):
+        if bool((y < 0.3).any()):
+            raise RuntimeError("the field is not defined below 0.3")
+        return -torch.ones_like(y)
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    runs = [flowsde.odeint(field, y0, t, event_fn=lambda t, y: y[0] - 0.5, method="rk4",
+                           options=dict(step_size=0.05, check_every=c, return_stats=True)) for c in (1, 50)]
+    assert float(runs[0][0]) == float(runs[1][0]) and abs(float(runs[0][0]) - 0.5) < 1e-8
+    assert runs[0][2]["accepted"] == runs[1][2]["accepted"] == 10 and runs[1][2]["steps"] == 50
+
+
+def test_float64_times_locate_a_float32_states_event_to_float64_resolution():
+    """The event function sees times in t's dtype (torchdiffeq's): a float32 state with float64 t finds its
+    event to the bisection's tolerance, not to float32 rounding of the time (1.5e-8 off at atol=1e-10)."""
+    y0 = torch.tensor([1.0])
+    te, _ = flowsde.odeint(lambda t, y: -torch.ones_like(y), y0, torch.tensor([0.0, 1.0], dtype=F64),
+                           event_fn=lambda t, y: (1.0 - 3.0 * t) * torch.ones_like(y[0], dtype=t.dtype), atol=1e-10)
+    assert te.dtype == F64 and abs(float(te) - 1 / 3) < 1e-9

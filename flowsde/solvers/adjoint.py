@@ -70,6 +70,9 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
         raise TypeError(f"adjoint_options must be a dict, got {type(adjoint_options).__name__}")
     else:
         adjoint_options = dict(adjoint_options)
+        if adjoint_options.get("return_stats"):
+            raise ValueError("adjoint_options: return_stats is not an option of the backward solves (their stats "
+                             "are not returned); pass it in options for the forward solve's")
 
     parts = isinstance(y0, tuple)
     y_parts = tuple(y0) if parts else (y0,)
@@ -134,12 +137,13 @@ def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, metho
     counts in the adaptive error norm, so leaving it out would take other backward steps than torchdiffeq's
     whenever ``f`` depends on ``t``."""
     k = len(sols)
+    ydt = [s.dtype for s in sols]  # (the flat augmented state may be wider: float64 parameters, float32 state)
 
     def augmented(tt, state):
-        ys, adj = state[1:1 + k], state[1 + k:1 + 2 * k]
+        ys, adj = state[1:1 + k], [a.to(d) for a, d in zip(state[1 + k:1 + 2 * k], ydt)]
         with torch.enable_grad():
-            tv = tt.detach().requires_grad_(True)
-            yv = [y.detach().requires_grad_(True) for y in ys]
+            tv = tt.detach().to(ydt[0]).requires_grad_(True)
+            yv = [y.detach().to(d).requires_grad_(True) for y, d in zip(ys, ydt)]
             f = func(tv, tuple(yv) if parts else yv[0])
             fs = tuple(f) if parts else (f,)
             live = [(o, -a) for o, a in zip(fs, adj) if o.requires_grad]
@@ -149,13 +153,23 @@ def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, metho
         vjps = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, vjps)]
         return (vjps[0],) + tuple(o.detach() for o in fs) + tuple(vjps[1:])
 
+    wide = torch.promote_types(times.dtype, ydt[0])
+    for p in params:
+        wide = torch.promote_types(wide, p.dtype)
+    times = times.to(wide)  # times at least as precise as the widest part (odeint's rule for its state)
+    host = times.tolist()  # (one read, before the sweep: which intervals have length)
     n = times.shape[0]
     state = ([torch.zeros((), dtype=sols[0].dtype, device=sols[0].device)] + [s[-1] for s in sols]
              + [g[-1] for g in grads] + [torch.zeros_like(p) for p in params])
     for i in range(n - 1, 0, -1):
-        out = odeint(augmented, tuple(state), times[i - 1:i + 1].flip(0), rtol=rtol, atol=atol, method=method,
-                     options=options)
-        state = [o[1] for o in out]
+        if host[i] != host[i - 1]:  # (an event at the start: an interval of no length, nothing to integrate)
+            try:
+                out = odeint(augmented, tuple(state), times[i - 1:i + 1].flip(0), rtol=rtol, atol=atol,
+                             method=method, options=options)
+            except RuntimeError as e:  # (a budget or a step-size underflow: say which solve it was)
+                raise RuntimeError(f"odeint_adjoint, backward pass from t={host[i]!r} to t={host[i - 1]!r} "
+                                   f"(adjoint_rtol / adjoint_atol / adjoint_options): {e}") from e
+            state = [o[1] for o in out]
         state[1:1 + k] = [s[i - 1] for s in sols]  # restart from the forward solution there
         state[1 + k:1 + 2 * k] = [a + g[i - 1] for a, g in zip(state[1 + k:1 + 2 * k], grads)]
     return state[1 + k:1 + 2 * k], state[1 + 2 * k:]

@@ -32,12 +32,14 @@ class Event:
 
     ``flip``: the driver integrates ``s = -t`` (adaptive solves backwards in time); the user's function
     still sees ``t``. ``split``: a flat state back to the user's tuple (``None``: the state itself). Times
-    reach the function in the state's dtype, as ``func``'s do."""
+    reach the function in ``tdtype`` (the dtype of the user's ``t``, as torchdiffeq passes them: float64
+    times locate a float32 state's event to float64 resolution; default the state's)."""
 
-    def __init__(self, event_fn, t0: torch.Tensor, y0: torch.Tensor, split=None, flip: bool = False):
+    def __init__(self, event_fn, t0: torch.Tensor, y0: torch.Tensor, split=None, flip: bool = False, tdtype=None):
         if not callable(event_fn):
             raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
-        self.fn, self.split, self.flip, self.ydt = event_fn, split, flip, y0.dtype
+        self.fn, self.split, self.flip = event_fn, split, flip
+        self.ydt = y0.dtype if tdtype is None else tdtype
         with torch.no_grad():
             c0 = self._raw(t0, y0).detach()
         self.sign0 = torch.sign(c0)
@@ -105,6 +107,7 @@ def fixed_until_event(field, y0: torch.Tensor, t0: float, direction: float, dt: 
     state reached and status ``"max_num_steps"``."""
     dev, ydt = y0.device, y0.dtype
     y, k = y0, 0
+    found = torch.zeros((), dtype=torch.bool, device=dev)
     while k < max_steps:
         n = min(check_every, max_steps - k)
         grid = t0 + direction * dt * np.arange(k, k + n + 1, dtype=np.float64)
@@ -115,12 +118,18 @@ def fixed_until_event(field, y0: torch.Tensor, t0: float, direction: float, dt: 
         for i in range(n):
             stats["steps"] += 1
             y1, ks = rk_step(field, times[i], y, hs[i], tab, ops)
-            recs.append((y, y1, ks[0], ev.crossed(ends[i][0], y1)))
+            hit = ev.crossed(ends[i][0], y1)
+            recs.append((y, y1, ks[0], hit))
+            if check_every > 1:  # once crossed, the state stays before the event until the host reads it (the
+                # field is not asked past the event, where it may not be defined)
+                found = found | hit
+                y1 = torch.where(found, y, y1)
             y = y1
         k += n
         flags = torch.stack([r[3] for r in recs]).tolist()  # the loop's one read per check_every steps
         if any(flags):
             i = flags.index(True)
+            stats["accepted"] = k - n + i + 1  # the steps up to the crossing (those after it are discarded)
             ya, yb, fa, _ = recs[i]
             ta, tb = (torch.full((), float(v), dtype=torch.float64, device=dev) for v in grid[i:i + 2])
             if interp == "cubic":
@@ -180,9 +189,15 @@ def reroute(func, ev: Event, te: torch.Tensor, ye: torch.Tensor):
         f = func(tq, ye.detach())
     with torch.enable_grad():
         tt, yy = tq.clone().requires_grad_(True), ye.detach().clone().requires_grad_(True)
-        dct, dcy = torch.autograd.grad(ev(tt, yy), (tt, yy), allow_unused=True)
+        c = ev(tt, yy)
+        if not c.requires_grad:  # no differentiable path from (t, y) to the event function: no implicit gradient
+            return te, ye
+        dct, dcy = torch.autograd.grad(c, (tt, yy), allow_unused=True)
         dcdt = (dct if dct is not None else torch.zeros_like(tt)) + (
             (dcy * f).sum() if dcy is not None else torch.zeros_like(tt))
+        if not float(dcdt) != 0:  # (one read) a tangential or degenerate crossing: t* is not a differentiable
+            # function of the inputs there; the state keeps the solve's gradient at a fixed time
+            return te, ye
         g = -ev(te, ye) / dcdt.detach()
     if not g.requires_grad:
         return te, ye

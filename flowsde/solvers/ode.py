@@ -295,14 +295,14 @@ def _until_event(func, event_fn, y0, t, t_host, tab, adaptive, rtol, atol, opts,
             raise ValueError(f"{name} must be >= 1, got {v}")
     field, stats = _counted(func, y0)
     t0 = torch.full((), float(t_host[0]), dtype=torch.float64, device=y0.device)
-    ev = events.Event(event_fn, t0, y0, split)
+    ev = events.Event(event_fn, t0, y0, split, tdtype=t.dtype)
     te, ye, status = t0, y0, "success"
     if not ev.check_start():
         te, ye, status = events.fixed_until_event(
             field, y0, float(t_host[0]), 1.0 if t_host[1] > t_host[0] else -1.0, dt, tab, ops, ev, interp_name,
             bool(opts.get("perturb", False)), int(max_steps), int(check_every), _event_tol(atol), stats)
-    return _event_result(te, ye, y0, t, shapes, dict(stats, accepted=stats["steps"], rejected=0, status=status),
-                         opts)
+    return _event_result(te, ye, y0, t, shapes, dict(stats, accepted=stats.get("accepted", stats["steps"]), rejected=0,
+                                                     status=status), opts)
 
 
 def _adaptive_event(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, check, event):
@@ -314,7 +314,7 @@ def _adaptive_event(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, check,
     f = (lambda s, y: -func(-s, y)) if flip else func
     s0 = -float(t_host[0]) if flip else float(t_host[0])
     start = torch.full((), s0, dtype=torch.float64, device=y0.device)
-    ev = events.Event(event_fn, start, y0, split, flip)
+    ev = events.Event(event_fn, start, y0, split, flip, tdtype=t.dtype)
     te, ye = start, y0
     stats = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
     if not ev.check_start():
@@ -377,7 +377,9 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
         split = lambda y: _split(y, shapes)  # noqa: E731
         y_flat = torch.cat([v.reshape(-1) for v in y0])
         ye = torch.cat([s[-1].reshape(-1) for s in solution])
-    ev = events.Event(event_fn, t0[0].to(y_flat.device), y_flat, split)
+    ev = events.Event(event_fn, t0[0].to(y_flat.device), y_flat, split, tdtype=t0.dtype)
+    if ev.check_start():  # the event holds at t0: the time is t0 whatever the inputs, the state y0
+        return (event_t, solution) + tuple(out[2:])
     event_t, ye = events.reroute(flat_func, ev, event_t, ye)
     if shapes is None:
         solution = torch.cat([solution[:-1], ye[None]])
