@@ -363,3 +363,64 @@ def test_a_float32_sample_with_a_float16_model_output_keeps_the_replaced_schedul
     a, b = outs
     assert a.dtype == b.dtype
     assert float((a.double() - b.double()).abs().max()) <= 2e-3 * max(1.0, float(a.abs().max()))
+
+
+@pytest.mark.parametrize("name,method", [("FlowMatchEulerDiscreteScheduler", "euler"),
+                                         ("FlowMatchHeunDiscreteScheduler", "heun"), ("DDIMScheduler", "ddim"),
+                                         ("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun")])
+def test_a_sliced_schedule_without_set_begin_index_starts_where_its_timestep_is(name, method, sync_counter):
+    """img2img / video2video loops that slice the timesteps and never call set_begin_index (Wan v2v,
+    Kandinsky img2img, ...): the first step is located from its timestep as diffusers does (it started at
+    index 0: differences up to 334); an element of ``timesteps`` is located without a device read."""
+    ref = getattr(diffusers, name)()
+    ours = FlowSDEScheduler.from_config(ref.config, method=method)
+    n, start = 10, 4
+    for s in (ref, ours):
+        s.set_timesteps(n)
+    ts = ref.timesteps[start * ref.order:]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    outs = [torch.randn(2, 4, 8, 8, generator=g) for _ in ts]
+    xr = xo = x
+    with sync_counter() as counter:
+        for t, to, o in zip(ts, ours.timesteps[start * ours.order:], outs):
+            xo = ours.step(o, to, xo).prev_sample
+    assert counter.calls == []
+    for t, o in zip(ts, outs):
+        xr = ref.step(o, t, xr).prev_sample
+    assert float((xr - xo).abs().max()) <= 1e-4 * max(1.0, float(xr.abs().max()))
+    again = FlowSDEScheduler.from_config(ref.config, method=method)
+    again.set_timesteps(n)
+    again.step(outs[0], float(ts[0]), x)  # a number (or another tensor) is looked up by value
+    assert again.step_index == ours.step_index - len(ts) + 1
+    bad = FlowSDEScheduler.from_config(ref.config, method=method)
+    bad.set_timesteps(n)
+    with pytest.raises(ValueError, match="not one of this scheduler's timesteps"):
+        bad.step(outs[0], 12345.5, x)
+
+
+def test_heun_from_a_config_without_clip_sample_does_not_clip_and_step_refuses_what_it_would_ignore():
+    """HeunDiscreteScheduler's default is clip_sample=False: a config without the key (Euler's, DPM-Solver's)
+    clamped every Heun stage's data estimate to [-1, 1]. Step keywords that change the update and are not
+    implemented are refused (they were dropped), unknown ones are a TypeError."""
+    cfg = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    ref, ours = diffusers.HeunDiscreteScheduler.from_config(cfg), FlowSDEScheduler.from_config(cfg, method="heun")
+    assert ours.config.clip_sample is False and FlowSDEScheduler(method="ddim").config.clip_sample is True
+    for s in (ref, ours):
+        s.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    xr = xo = torch.randn(1, 4, 8, 8, generator=g) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        o = torch.randn(1, 4, 8, 8, generator=g)
+        xr, xo = ref.step(o, t, xr).prev_sample, ours.step(o, t, xo).prev_sample
+    assert float(xo.abs().max()) > 2 and float((xr - xo).abs().max()) <= 1e-4 * float(xr.abs().max())
+    s = FlowSDEScheduler.from_config(diffusers.EulerDiscreteScheduler().config, method="euler")
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="s_churn"):
+        s.step(x, s.timesteps[0], x, s_churn=1.0)
+    with pytest.raises(ValueError, match="per_token_timesteps"):
+        s.step(x, s.timesteps[0], x, per_token_timesteps=torch.ones(1))
+    with pytest.raises(TypeError):
+        s.step(x, s.timesteps[0], x, etta=1.0)
+    s.step(x, s.timesteps[0], x, s_churn=0.0, s_noise=1.0)  # the defaults pipelines pass are taken

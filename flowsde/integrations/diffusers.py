@@ -98,13 +98,16 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: Optional[list] = None,
                  prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
-                 set_alpha_to_one: bool = True, clip_sample: bool = True, clip_sample_range: float = 1.0,
+                 set_alpha_to_one: bool = True, clip_sample: Optional[bool] = None, clip_sample_range: float = 1.0,
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  family: str = "diffusion", method: str = "ddim", eta: float = 0.0, sde_sigma: float = 0.5,
                  backend: Optional[str] = None):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if clip_sample is None:  # the replaced scheduler's default: DDIMScheduler clips, HeunDiscreteScheduler
+            # not (a config without the key, e.g. Euler's or DPM-Solver's, clamped Heun's latents to [-1, 1])
+            self.register_to_config(clip_sample=method == "ddim")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if family == "flow" and method == "ddim" and eta:
@@ -174,7 +177,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         if self.config.family == "flow" or self.config.method == "ddim":
             return sample
         if self._step_index is None:
-            self._init_step_index()
+            self._init_step_index(timestep)
         return sample / (self._host_sigmas[self._step_index] ** 2 + 1) ** 0.5
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, sigmas=None, timesteps=None,
@@ -212,6 +215,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
             self._host_sigmas = sg[:1] + [v for v in sg[1:-1] for _ in (0, 1)] + sg[-1:]
             self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
+        self._host_timesteps = [float(v) for v in self.timesteps.tolist()]  # (on the host still: no device read)
         self.timesteps = self.timesteps.to(device)
         self._calls = len(self.timesteps)
         self._first = None  # Heun's first-stage state: (sample, output, its coefficients, dt)
@@ -293,22 +297,54 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         else:  # float32 sigmas times T in float32, as diffusers rounds them (timesteps are looked up exactly)
             self.timesteps = torch.tensor(s, dtype=torch.float32) * T
 
-    def _init_step_index(self):
-        self._step_index = self._begin_index if self._begin_index is not None else 0
+    def _init_step_index(self, timestep=None):
+        """The first step's index: ``begin_index`` if set, else where ``timestep`` lies in the schedule, as
+        diffusers' ``index_for_timestep`` finds it (its second occurrence when it occurs twice) — a pipeline
+        that slices the timesteps without ``set_begin_index`` (img2img / video2video) starts there, not at 0.
+        A timestep that is an element of ``self.timesteps`` (what pipelines iterate) is located by its storage
+        offset, without reading the device; another tensor is read once, at the first step of a run."""
+        if self._begin_index is not None or timestep is None:
+            self._step_index = self._begin_index if self._begin_index is not None else 0
+            return
+        ts, host = self.timesteps, self._host_timesteps
+        if (isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device == ts.device
+                and ts.dim() == 1 and ts.stride(0) == 1
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()
+                and 0 <= timestep.storage_offset() - ts.storage_offset() < len(host)):
+            value = host[timestep.storage_offset() - ts.storage_offset()]
+        else:
+            value = float(timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep)
+        hits = [i for i, v in enumerate(host) if v == value]
+        if not hits:
+            raise ValueError(f"timestep {value} is not one of this scheduler's timesteps (set_timesteps made "
+                             f"{host[:3]}...): pass the schedule's own timesteps, or call set_begin_index")
+        self._step_index = hits[1] if len(hits) > 1 else hits[0]
 
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              eta: Optional[float] = None, generator: Optional[torch.Generator] = None, return_dict: bool = True,
-             **kwargs) -> Union[SchedulerOutput, Tuple]:
-        """Advance ``sample`` by one step: one fused update (two with ``clip_sample``)."""
+             use_clipped_model_output: bool = False, variance_noise: Optional[torch.Tensor] = None,
+             s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+             per_token_timesteps: Optional[torch.Tensor] = None) -> Union[SchedulerOutput, Tuple]:
+        """Advance ``sample`` by one step: one fused update (two with ``clip_sample``). The keywords are the
+        replaced schedulers' (DDIM's ``use_clipped_model_output`` / ``variance_noise``; Euler's churn
+        ``s_churn`` etc., which must stay 0: churn is not implemented; FlowMatch Euler's
+        ``per_token_timesteps``, not implemented) — an option that would change the update is refused, never
+        ignored, and an unknown keyword is a ``TypeError``."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
+        if s_churn and (self.config.method != "euler" or self.config.family != "flow"):  # (FlowMatch Euler
+            # ignores it in diffusers too)
+            raise ValueError(f"s_churn={s_churn!r}: Euler / Heun churn (Karras et al.'s stochastic step) is not "
+                             f"implemented; use method='ddim' with eta, or sde_sigma on a flow")
+        if per_token_timesteps is not None:
+            raise ValueError("per_token_timesteps (a timestep per token) is not implemented by FlowSDEScheduler")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
         if self._step_index is None:
-            self._init_step_index()
+            self._init_step_index(timestep)
         k = self._step_index
         if k >= self._calls:
             raise IndexError(f"step called {k + 1} times for {self._calls} model evaluations")
-        if model_output.shape != sample.shape:
-            raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
         key = (sample.device, sample.numel())
         ops = self._ops.get(key)
         if ops is None:
@@ -319,8 +355,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             out = self._sigma_step(ops, k, model_output, sample)
         else:  # pipelines pass eta=0.0 by default: a nonzero config eta is not overridden by that
             eta = eta if eta else self.config.eta
-            out = self._ddim_step(ops, k, model_output, sample, eta, generator, kwargs.get("variance_noise"),
-                                  bool(kwargs.get("use_clipped_model_output", False)))
+            out = self._ddim_step(ops, k, model_output, sample, eta, generator, variance_noise,
+                                  bool(use_clipped_model_output))
         if (self.config.method == "euler" or self.config.family == "flow") and out.dtype != model_output.dtype:
             # EulerDiscrete and the FlowMatch schedulers return the model output's dtype (DDIM and the
             # diffusion Heun promote)
