@@ -1,5 +1,7 @@
 """Adaptive SDE solves (step doubling on a virtual Brownian tree): convergence to the exact solution on
 the same Brownian path as the tolerance shrinks, against torchsde's adaptive mode, outputs, stats."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -357,3 +359,32 @@ def test_states_with_no_elements_return_at_once(shape, per_sample):
     assert ys.shape == (3, *shape) and stats["steps"] == 0
     assert stats["status"] == (["success"] * shape[0] if per_sample else "success")
     assert flowsde.sdeint(OrnsteinUhlenbeck(1.0, 0.5), y0, ts, adaptive=True, seed=1).shape == (3, *shape)
+
+
+@pytest.mark.parametrize("opts", [dict(check_every=8), dict(capturable=True, max_num_steps=200)])
+def test_grad_free_milstein_gradients_stay_finite_after_the_end(opts):
+    """Attempts after the end (before the host check, or a captured budget) are zero-length steps: the
+    derivative-free Milstein correction was 0.5 / sqrt(0) = inf there, masked in the values but NaN in every
+    gradient (zero times inf)."""
+    class GBM(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def __init__(self):
+            super().__init__()
+            self.sig = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+        def f(self, t, y):
+            return 0.5 * y
+
+        def g(self, t, y):
+            return self.sig * y
+    grads = []
+    for o in (dict(check_every=1), opts):
+        sde = GBM()
+        y0 = torch.ones(16, 1, dtype=torch.float64, requires_grad=True)
+        ys = flowsde.sdeint(sde, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="milstein", dt=0.1,
+                            adaptive=True, rtol=1e-3, atol=1e-3, seed=0, options=dict(grad_free=True, **o))
+        ys[-1].sum().backward()
+        grads.append((float(sde.sig.grad), y0.grad.clone()))
+    assert math.isfinite(grads[1][0]) and bool(torch.isfinite(grads[1][1]).all())
+    assert abs(grads[0][0] - grads[1][0]) < 1e-9 * abs(grads[0][0])

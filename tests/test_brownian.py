@@ -250,3 +250,16 @@ def test_grid_motions_take_torchsdes_float32_step_times():
         bm(0.0, 0.01 + 1e-6)
     with pytest.raises(ValueError, match="not a point"):
         bm(torch.tensor(0.0), torch.tensor(0.013))  # a float32 time a third of a step off: still refused
+
+
+def test_float32_ts_on_a_grid_motion_snap_to_its_grid_in_flowsde_sdeint():
+    """float32 ts whose ends are not float32-exact (0.1 is 0.10000000149) on a GridBrownian / SampledPath:
+    flowsde.sdeint takes them as the grid times within float32 rounding (it refused them; torchsde ran)."""
+    from flowsde.brownian import SampledPath
+    from flowsde.problems import OrnsteinUhlenbeck
+    ts = torch.tensor([0.1, 0.6, 1.1])
+    bm = GridBrownian(t0=0.1, t1=1.1, steps=100, shape=(5, 2), seed=2)
+    want = torchsde.sdeint(OrnsteinUhlenbeck(), torch.ones(5, 2), ts, bm=bm, method="euler", dt=0.01)
+    for motion in (bm, SampledPath(bm.grid, bm.path())):
+        got = flowsde.sdeint(OrnsteinUhlenbeck(), torch.ones(5, 2), ts, bm=motion, method="euler", dt=0.01)
+        assert float((got - want).abs().max()) < 1e-5

@@ -235,6 +235,12 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             if not (span[0] <= ts_host[0] + tol and span[1] >= ts_host[-1] - tol):
                 raise ValueError(f"bm covers [{span[0]}, {span[1]}] but ts spans [{ts_host[0]}, {ts_host[-1]}]")
             ts_host = np.clip(ts_host, span[0], span[1])
+            if getattr(bm, "_tol32", None) is not None and ts.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                # float32 ts on a grid motion: a time within float32 rounding of a grid time is that time (0.1 in
+                # float32 is 0.10000000149, not a grid point to the float64 tolerance)
+                j = np.clip(np.searchsorted(bm.grid, ts_host), 1, bm.grid.size - 1)
+                near = np.where(np.abs(bm.grid[j - 1] - ts_host) <= np.abs(bm.grid[j] - ts_host), j - 1, j)
+                ts_host = np.where(np.abs(bm.grid[near] - ts_host) <= bm._tol32, bm.grid[near], ts_host)
             if not np.all(np.diff(ts_host) > 0):
                 raise ValueError(f"ts is not strictly increasing on the bm's interval [{span[0]}, {span[1]}]")
 

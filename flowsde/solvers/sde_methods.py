@@ -76,7 +76,12 @@ def _milstein_step(ctx, k, y):
         y_sup = ctx.ops.lincomb(y, [(dt if ito else 0.0, f), (sq, gv)])
         g_sup = ctx.g(t0, y_sup)
         out = ctx.ops.sde_update(y, [(dt, f)], [(1.0, g)], dw, nt)
-        return axpy_(out, ctx.ops.noise_prod(g_sup - g, v, nt), 0.5 / sq)
+        if isinstance(sq, torch.Tensor):  # a zero-length step (the adaptive loop after its end, before the host
+            # check): no correction, not 0.5 / 0 = inf (its zero gradient times inf was NaN in y0's gradient)
+            half = torch.where(sq > 0, 0.5 / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(sq))
+        else:
+            half = 0.5 / sq
+        return axpy_(out, ctx.ops.noise_prod(g_sup - g, v, nt), half)
     # (the adaptive driver's context memoises it: the full and the first half step share the start point)
     g, gdg_fn = ctx.g_and_derivative(t0, y) if hasattr(ctx, "g_and_derivative") else \
         _diffusion_with_derivative(ctx, t0, y)
