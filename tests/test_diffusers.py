@@ -424,3 +424,12 @@ def test_heun_from_a_config_without_clip_sample_does_not_clip_and_step_refuses_w
     with pytest.raises(TypeError):
         s.step(x, s.timesteps[0], x, etta=1.0)
     s.step(x, s.timesteps[0], x, s_churn=0.0, s_noise=1.0)  # the defaults pipelines pass are taken
+
+
+def test_flow_set_timesteps_refuses_lengths_that_disagree():
+    s = FlowSDEScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler().config)
+    for kw in (dict(num_inference_steps=10, sigmas=[1.0, 0.5, 0.2]), dict(sigmas=[1.0, 0.5], timesteps=[1000.0, 600.0, 200.0])):
+        with pytest.raises(ValueError, match="lengths disagree"):
+            s.set_timesteps(**kw)
+    s.set_timesteps(num_inference_steps=3, sigmas=[1.0, 0.5, 0.2])
+    assert s.num_inference_steps == 3

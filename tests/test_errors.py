@@ -249,6 +249,8 @@ def test_numpy_integers_and_floats_are_numbers_but_floats_are_not_seeds():
     for seed in (1.9, True):
         with pytest.raises(TypeError, match="seed must be an int"):
             solve_linear_sde(torch.ones(3), ts, 0.1, seed=seed)
+    with pytest.raises(ValueError, match="coefficient a requires grad"):  # (its gradient was dropped silently)
+        solve_linear_sde(torch.ones(3), ts, 0.1, a=torch.tensor(-1.0, requires_grad=True), seed=0)
     for row_start in (-1, 1.5):
         with pytest.raises(ValueError, match="row_start must be an int >= 0"):
             flowsde.GridBrownian(t0=0.0, t1=1.0, steps=4, shape=(2, 1), seed=0, stream="philox", row_start=row_start)

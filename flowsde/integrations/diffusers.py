@@ -270,6 +270,11 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
 
     def _set_flow(self, n, sigmas, timesteps, mu):
         cfg, T = self.config, self.config.num_train_timesteps
+        given = {k: len(v) for k, v in (("sigmas", sigmas), ("timesteps", timesteps)) if v is not None}
+        if n is not None and given:
+            given["num_inference_steps"] = n
+        if len(set(given.values())) > 1:  # (diffusers refuses these too; the last step would have run off)
+            raise ValueError(f"set_timesteps: the lengths disagree: {given}")
         if sigmas is not None:
             s = np.asarray(sigmas, dtype=np.float64)
             n = len(s)

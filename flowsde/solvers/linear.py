@@ -40,6 +40,10 @@ def solve_linear_sde(x0: torch.Tensor, ts, dt: float, a: Coefficient = 0.0, b: C
         slots += [-1] * (len(seg) - 1) + [j]
     grid = np.concatenate(pieces)
     t0s, hs = grid[:-1], np.diff(grid)
+    for name, f in (("a", a), ("b", b), ("c", c), ("d", d)):
+        if isinstance(f, torch.Tensor) and f.requires_grad:  # read as a number: a gradient would be lost silently
+            raise ValueError(f"coefficient {name} requires grad: the whole-trajectory kernel takes numbers (or "
+                             f"callables of t), no gradient flows to them; pass {name}.item() or use sdeint")
     ev = lambda f: np.array([f(float(t)) for t in t0s]) if callable(f) else np.full(len(t0s), float(f))  # noqa
     coef = np.stack([ev(a), ev(b), ev(c), ev(d), hs], axis=1)
     seed = _checks.check_seed(seed)
