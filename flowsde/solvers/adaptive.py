@@ -227,11 +227,11 @@ def integrate_adaptive(func, y0: torch.Tensor, t_out: np.ndarray, tab: EmbeddedT
     t_end_t = const(t_end)
     land_t = None if land is False or land is None else (t_end_t if land is True else const(land))
 
-    def host_check():  # the one host read: (time reached, stalled, event seen), every check_every steps and at
-        # the end
-        seen = stalled if event is None else event.found
-        t_now, stuck, hit = torch.stack([t0, stalled.to(torch.float64), seen.to(torch.float64)]).tolist()
-        return (math.inf if event is not None and hit else t_now), stuck
+    def host_check():  # the one host read: (time reached, stalled[, event seen]), every check_every steps and at
+        # the end; an event seen reads as the (infinite) end reached
+        flags = [t0, stalled.to(torch.float64)] + ([event.found.to(torch.float64)] if event is not None else [])
+        read = torch.stack(flags).tolist()
+        return (math.inf if event is not None and read[2] else read[0]), read[1]
     while True:
         if steps >= max_steps:  # the budget is spent: did the solve finish since the last check? (one read)
             if not capturable:

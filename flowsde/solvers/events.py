@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import fixed
+from ..kernels import hermite
 from .rk import rk_step
 
 #: torchdiffeq's bound on the steps of a fixed-step event search (its ``max_itrs``)
@@ -136,11 +137,8 @@ def fixed_until_event(field, y0: torch.Tensor, t0: float, direction: float, dt: 
                 fb = field(ends[i][0], yb)
                 h = float(grid[i + 1] - grid[i])
 
-                def at(t):
-                    s = _fraction(t, ta, tb, ydt)
-                    h00, h10 = (1 + 2 * s) * (1 - s) * (1 - s), s * (1 - s) * (1 - s)
-                    h01, h11 = s * s * (3 - 2 * s), s * s * (s - 1)
-                    return h00 * ya + (h10 * h) * fa + h01 * yb + (h11 * h) * fb
+                def at(t):  # the fixed-step driver's cubic Hermite, at a device time
+                    return hermite(ya, fa, yb, fb, _fraction(t, ta, tb, ydt), h)
             else:
                 def at(t):
                     return ya + _fraction(t, ta, tb, ydt) * (yb - ya)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .. import _checks, kernels
-from ..brownian import GridBrownian, VirtualBrownianTree
+from ..brownian import GridBrownian, VirtualBrownianTree, _grid_index
 from ..kernels import PhiloxNoise
 from . import fixed
 from .sde_methods import DEFAULT_SDE_METHOD, NOISE_TYPES, SDE_METHODS, SDE_TYPES
@@ -171,6 +171,14 @@ def _torchsde_arguments(sde, names, logqp, extra, extra_solver_state):
     return sde
 
 
+def _snapped(bm, t: float) -> float:
+    """``t`` as the grid motion's grid time it names within float32 rounding (else ``t`` itself)."""
+    try:
+        return float(bm.grid[_grid_index(bm, t, loose=True)])
+    except ValueError:
+        return t
+
+
 def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5, atol=1e-4, dt_min=1e-5,
            options=None, names=None, logqp=False, extra=False, extra_solver_state=None, seed=None):
     """Integrate the SDE ``dY = f(t, Y) dt + g(t, Y) dW`` and return ``Y`` at every time in ``ts``.
@@ -238,9 +246,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             if getattr(bm, "_tol32", None) is not None and ts.dtype in (torch.float32, torch.float16, torch.bfloat16):
                 # float32 ts on a grid motion: a time within float32 rounding of a grid time is that time (0.1 in
                 # float32 is 0.10000000149, not a grid point to the float64 tolerance)
-                j = np.clip(np.searchsorted(bm.grid, ts_host), 1, bm.grid.size - 1)
-                near = np.where(np.abs(bm.grid[j - 1] - ts_host) <= np.abs(bm.grid[j] - ts_host), j - 1, j)
-                ts_host = np.where(np.abs(bm.grid[near] - ts_host) <= bm._tol32, bm.grid[near], ts_host)
+                ts_host = np.array([_snapped(bm, v) for v in ts_host])
             if not np.all(np.diff(ts_host) > 0):
                 raise ValueError(f"ts is not strictly increasing on the bm's interval [{span[0]}, {span[1]}]")
 
