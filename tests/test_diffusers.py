@@ -433,3 +433,81 @@ def test_flow_set_timesteps_refuses_lengths_that_disagree():
             s.set_timesteps(**kw)
     s.set_timesteps(num_inference_steps=3, sigmas=[1.0, 0.5, 0.2])
     assert s.num_inference_steps == 3
+
+
+@pytest.mark.parametrize("cls,method,kw", [
+    ("DDIMScheduler", "ddim", dict()),                                       # clip_sample on (its default)
+    ("DDIMScheduler", "ddim", dict(prediction_type="v_prediction", clip_sample=False)),
+    ("DDIMScheduler", "ddim", dict(prediction_type="sample", clip_sample=False)),
+    ("EulerDiscreteScheduler", "euler", dict()),
+    ("EulerDiscreteScheduler", "euler", dict(prediction_type="v_prediction")),
+    ("HeunDiscreteScheduler", "heun", dict()),
+    ("HeunDiscreteScheduler", "heun", dict(prediction_type="sample", clip_sample=True, clip_sample_range=0.5)),
+    ("FlowMatchEulerDiscreteScheduler", "euler", dict())])
+def test_step_output_carries_pred_original_sample_as_the_replaced_scheduler(cls, method, kw):
+    """DDIM / Euler / Heun return (prev_sample, pred_original_sample), as an output or with return_dict=False
+    a 2-tuple (a pipeline indexing [1] got an IndexError); the FlowMatch schedulers return the sample alone."""
+    ref = getattr(diffusers, cls)(**kw)
+    ours = FlowSDEScheduler.from_config(ref.config, method=method)
+    for s in (ref, ours):
+        s.set_timesteps(6)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5)) * float(ours.init_noise_sigma)
+    xr, xo = x.clone(), x.clone()
+    scale = (lambda s, x, t: x) if cls.startswith("FlowMatch") else (lambda s, x, t: s.scale_model_input(x, t))
+    for t in ref.timesteps:
+        oa = 2.0 * torch.tanh(0.5 * scale(ref, xr, t) + t / 1000.0)
+        ob = 2.0 * torch.tanh(0.5 * scale(ours, xo, t) + t / 1000.0)
+        a = ref.step(oa, t, xr, return_dict=False)
+        b = ours.step(ob, t, xo, return_dict=False)
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert u.shape == v.shape and float((u - v).abs().max()) <= 1e-4 * max(1.0, float(u.abs().max()))
+        xr, xo = a[0], b[0]
+    out = ours.step  # the output object has the same fields
+    ours.set_timesteps(6)
+    t = ours.timesteps[0]
+    res = out(torch.tanh(x), t, x)
+    assert torch.equal(res.prev_sample, res[0])
+    if cls.startswith("FlowMatch"):
+        assert list(res.keys()) == ["prev_sample"]
+    else:
+        assert torch.equal(res.pred_original_sample, res[1])
+
+
+def test_fractional_custom_timesteps_are_interpolated_by_euler_and_heun_and_refused_by_ddim():
+    for cls, method in (("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun")):
+        ref = getattr(diffusers, cls)()
+        ours = FlowSDEScheduler.from_config(ref.config, method=method)
+        ts = [998.5, 700.25, 300.75, 10.5]
+        for s in (ref, ours):
+            s.set_timesteps(timesteps=ts)
+        assert torch.equal(ours.timesteps.float(), ref.timesteps.float())
+        assert torch.allclose(ours.sigmas.double(), ref.sigmas.double(), rtol=1e-6)
+        x0 = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(6)) * float(ref.init_noise_sigma)
+        a, b = _run(ref, x0, _fake_model), _run(ours, x0, _fake_model)
+        assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
+    ddim = FlowSDEScheduler.from_config(diffusers.DDIMScheduler().config, method="ddim")
+    with pytest.raises(ValueError, match="must be integers"):
+        ddim.set_timesteps(timesteps=[900.5, 100])
+    with pytest.raises(ValueError, match=r"in \[0, 999\]"):
+        ddim.set_timesteps(timesteps=[999.5, 100])
+
+
+@pytest.mark.parametrize("cls,method,kw", [("DDIMScheduler", "ddim", dict(clip_sample=False)),
+                                           ("DDIMScheduler", "ddim", dict()),
+                                           ("EulerDiscreteScheduler", "euler", dict()),
+                                           ("HeunDiscreteScheduler", "heun", dict(clip_sample=True))])
+def test_return_pred_original_sample_false_gives_the_same_samples_without_the_estimate(cls, method, kw):
+    cfg = getattr(diffusers, cls)(**kw).config
+    full = FlowSDEScheduler.from_config(cfg, method=method)
+    lean = FlowSDEScheduler.from_config(cfg, method=method, return_pred_original_sample=False)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)) * float(full.init_noise_sigma)
+    for s in (full, lean):
+        s.set_timesteps(5)
+    xa, xb = x, x
+    for t in full.timesteps:
+        a = full.step(_fake_model(full.scale_model_input(xa, t), t), t, xa)
+        b = lean.step(_fake_model(lean.scale_model_input(xb, t), t), t, xb, return_dict=False)
+        assert len(b) == 1 and a.pred_original_sample is not None
+        assert torch.equal(a.prev_sample, b[0])
+        xa, xb = a.prev_sample, b[0]

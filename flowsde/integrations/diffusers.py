@@ -16,13 +16,16 @@ Methods: ``ddim`` (diffusion; ``eta`` for its stochastic form), ``euler`` (flow:
 step; diffusion: DDIM with eta = 0, the exact Euler step of the probability-flow ODE in its natural
 coordinates) and ``euler_maruyama`` (flow: the SDE with the flow's marginals, ``dX = [u + s^2/2 score] dt
 + s dW``, noise level ``sde_sigma``, noise from the ``generator``). Every update is one fused flowsde
-combine (the Triton kernel on CUDA tensors of 2^20 elements or more); ``step`` reads nothing back from the
+combine (the Triton kernel on CUDA tensors of 2^20 elements or more), plus one for the data estimate
+``pred_original_sample`` that diffusion steps return (``return_pred_original_sample=False`` skips it);
+``step`` reads nothing back from the
 device: the step index is a host counter, never the value of the ``timestep`` tensor (no ``.item()``, no
 ``nonzero()``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -31,6 +34,7 @@ import torch
 try:
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+    from diffusers.utils import BaseOutput
 except Exception as exc:  # pragma: no cover - diffusers is an optional extra
     raise ImportError("flowsde.integrations.diffusers needs diffusers: pip install 'flowsde[diffusers]'") from exc
 
@@ -57,6 +61,15 @@ def training_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_en
     else:
         raise ValueError(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {beta_schedule!r}")
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass
+class StepOutput(BaseOutput):
+    """``step``'s output on diffusion models, as DDIM's / Euler's / Heun's: the new sample and the data
+    estimate ``pred_original_sample`` the step was built from (clamped with ``clip_sample``)."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
 
 
 def _randn(x: torch.Tensor, generator) -> torch.Tensor:
@@ -102,7 +115,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  family: str = "diffusion", method: str = "ddim", eta: float = 0.0, sde_sigma: float = 0.5,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, return_pred_original_sample: bool = True):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         if clip_sample is None:  # the replaced scheduler's default: DDIMScheduler clips, HeunDiscreteScheduler
@@ -194,11 +207,16 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("custom sigmas are for flow-matching configs; for a diffusion config pass "
                                  "timesteps= (training timesteps, strictly decreasing)")
             custom = timesteps is not None
-            if custom:
+            if custom:  # (float64 first: an int64 cast would truncate 999.5 to 999 without a word)
                 ts = np.asarray(timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps,
-                                dtype=np.int64).reshape(-1)
-                if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() >= T:
-                    raise ValueError(f"custom timesteps must be strictly decreasing integers in [0, {T}), got {ts}")
+                                dtype=np.float64).reshape(-1)
+                if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() > T - 1:
+                    raise ValueError(f"custom timesteps must be strictly decreasing, in [0, {T - 1}], got {ts}")
+                if cfg.method == "ddim":  # DDIM indexes the training schedule's abar; Euler / Heun interpolate
+                    if np.any(ts != np.round(ts)):
+                        raise ValueError(f"custom timesteps for method='ddim' index the training schedule and must "
+                                         f"be integers, got {ts} (Euler / Heun take fractional ones)")
+                    ts = ts.astype(np.int64)
                 num_inference_steps = len(ts)
             else:
                 if not isinstance(num_inference_steps, int) or not 0 < num_inference_steps <= T:
@@ -209,7 +227,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                 self._set_diffusion(ts, custom)
                 self.timesteps = torch.from_numpy(ts).to(device)
             else:
-                self._set_karras_style(num_inference_steps, ts.astype(np.float32) if custom else None)
+                self._set_karras_style(num_inference_steps, ts.astype(np.float32) if custom else None)  # (as
+                # EulerDiscreteScheduler and HeunDiscreteScheduler keep custom timesteps: float32)
         if cfg.method == "heun":  # every step but the last evaluates twice (diffusers' Heun layout)
             t, sg = self.timesteps, self._host_sigmas
             self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
@@ -330,8 +349,9 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
              use_clipped_model_output: bool = False, variance_noise: Optional[torch.Tensor] = None,
              s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              per_token_timesteps: Optional[torch.Tensor] = None) -> Union[SchedulerOutput, Tuple]:
-        """Advance ``sample`` by one step: one fused update (two with ``clip_sample``). The keywords are the
-        replaced schedulers' (DDIM's ``use_clipped_model_output`` / ``variance_noise``; Euler's churn
+        """Advance ``sample`` by one step: one fused update, and one for ``pred_original_sample`` (diffusion
+        models, unless ``return_pred_original_sample=False``; with ``clip_sample`` the update reads it). The
+        keywords are the replaced schedulers' (DDIM's ``use_clipped_model_output`` / ``variance_noise``; Euler's churn
         ``s_churn`` etc., which must stay 0: churn is not implemented; FlowMatch Euler's
         ``per_token_timesteps``, not implemented) — an option that would change the update is refused, never
         ignored, and an unknown keyword is a ``TypeError``."""
@@ -354,20 +374,29 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         ops = self._ops.get(key)
         if ops is None:
             ops = self._ops[key] = kernels.ops(self.config.backend, sample.device, sample.numel())
+        x0 = None
         if self.config.method == "euler_maruyama":
             out = self._flow_step(ops, k, model_output, sample, generator)
         elif self.config.method != "ddim" or self.config.family == "flow":  # (DDIM on CondOT is Euler)
-            out = self._sigma_step(ops, k, model_output, sample)
+            out, x0 = self._sigma_step(ops, k, model_output, sample)
         else:  # pipelines pass eta=0.0 by default: a nonzero config eta is not overridden by that
             eta = eta if eta else self.config.eta
-            out = self._ddim_step(ops, k, model_output, sample, eta, generator, variance_noise,
-                                  bool(use_clipped_model_output))
+            out, x0 = self._ddim_step(ops, k, model_output, sample, eta, generator, variance_noise,
+                                      bool(use_clipped_model_output))
         if (self.config.method == "euler" or self.config.family == "flow") and out.dtype != model_output.dtype:
             # EulerDiscrete and the FlowMatch schedulers return the model output's dtype (DDIM and the
             # diffusion Heun promote)
             out = out.to(model_output.dtype)
         self._step_index += 1
-        return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+        if self.config.family == "flow":  # the FlowMatch schedulers return the new sample alone
+            return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+        # DDIM / Euler / Heun also return their data estimate (previews, LCM-style pipelines read it) unless
+        # return_pred_original_sample=False saves its pass
+        if not self.config.return_pred_original_sample:
+            x0 = None
+        if return_dict:
+            return StepOutput(prev_sample=out, pred_original_sample=x0)
+        return (out,) if x0 is None else (out, x0)
 
     def _ddim_step(self, ops, k, out, x, eta, generator, variance_noise, use_clipped=False):
         cfg = self.config
@@ -383,17 +412,20 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         var = (1 - a2p) / (1 - a2) * (1 - a2 / a2p) if eta else 0.0
         std = eta * max(var, 0.0) ** 0.5
         c = max(1 - a2p - std * std, 0.0) ** 0.5
-        if cfg.clip_sample:  # the data estimate is clamped; the noise estimate is the unclamped one, or
-            # with use_clipped_model_output the one recomputed from the clamped estimate, (x - a z) / b
-            z = ops.combine([(p1, x), (p2, out)]).clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
+        # the data estimate z (returned as pred_original_sample) is one pass; the update reads it with
+        # clip_sample (z clamped; the noise estimate the unclamped one, or with use_clipped_model_output the
+        # one recomputed from the clamped estimate, (x - a z) / b), else x and out directly
+        z = ops.combine([(p1, x), (p2, out)]) if cfg.clip_sample or cfg.return_pred_original_sample else None
+        if cfg.clip_sample:
+            z = z.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
             terms = [(ap - c * a / b, z), (c / b, x)] if use_clipped else [(ap, z), (c * q1, x), (c * q2, out)]
         else:
             terms = [(ap * p1 + c * q1, x), (ap * p2 + c * q2, out)]
         if std > 0:
             # drawn in the model output's dtype, as DDIMScheduler draws it (same generator, same numbers)
             noise = variance_noise if variance_noise is not None else _randn(out, generator)
-            return ops.combine(terms, [(std, None)], noise)
-        return ops.combine(terms)
+            return ops.combine(terms, [(std, None)], noise), z
+        return ops.combine(terms), z
 
     def _derivative(self, sigma: float):
         """``(cx, co)`` with ``dx/dsigma = cx x + co out`` at ``sigma``: the flow prediction itself, or a
@@ -409,33 +441,37 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         return sigma / n, 1.0 / n ** 0.5
 
     def _stage(self, ops, sigma: float, x, out):
-        """``(cx, co, o)`` with ``dx/dsigma = cx x + co o``: ``o`` the model output; for Heun on a diffusion
-        model with ``clip_sample`` (HeunDiscreteScheduler's option), the clamped data estimate, the
-        derivative then ``(x - clamp(x0)) / sigma`` as there (one more fused op)."""
+        """``(cx, co, o, x0)`` with ``dx/dsigma = cx x + co o``: ``o`` the model output; ``x0 = x - sigma
+        dx/dsigma`` the data estimate (diffusion models; one fused op; None on flows). For Heun with
+        ``clip_sample`` (HeunDiscreteScheduler's option) ``x0`` is clamped and the derivative is then
+        ``(x - clamp(x0)) / sigma`` as there."""
         cx, co = self._derivative(sigma)
         cfg = self.config
-        if cfg.method == "heun" and cfg.family == "diffusion" and cfg.clip_sample:
-            x0 = ops.combine([(1.0 - sigma * cx, x), (-sigma * co, out)]).clamp_(-cfg.clip_sample_range,
-                                                                                 cfg.clip_sample_range)
-            return 1.0 / sigma, -1.0 / sigma, x0
-        return cx, co, out
+        clip = cfg.method == "heun" and cfg.clip_sample
+        if cfg.family == "flow" or not (clip or cfg.return_pred_original_sample):
+            return cx, co, out, None
+        x0 = ops.combine([(1.0 - sigma * cx, x), (-sigma * co, out)])
+        if clip:
+            x0 = x0.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
+            return 1.0 / sigma, -1.0 / sigma, x0, x0
+        return cx, co, out, x0
 
     def _sigma_step(self, ops, k, out, x):
-        """Euler, or Heun's two stages, in sigma: each a single fused update."""
+        """Euler, or Heun's two stages, in sigma: each a single fused update; and the stage's data estimate."""
         sg = self._host_sigmas
         if self.config.method == "euler" or self._first is None:
             s, s1 = sg[k], sg[k + 1]
-            cx, co, out = self._stage(ops, s, x, out)
+            cx, co, out, est = self._stage(ops, s, x, out)
             dt = s1 - s
             x1 = ops.combine([(1.0 + dt * cx, x), (dt * co, out)])
             if self.config.method == "heun" and s1 != 0.0:
                 self._first = (x, out, cx, co, dt)
-            return x1
+            return x1, est
         x0, out0, cx0, co0, dt = self._first  # second stage at the first stage's end point
-        cx1, co1, out = self._stage(ops, sg[k], x, out)
+        cx1, co1, out, est = self._stage(ops, sg[k], x, out)
         self._first = None
         h = 0.5 * dt
-        return ops.combine([(1.0 + h * cx0, x0), (h * co0, out0), (h * cx1, x), (h * co1, out)])
+        return ops.combine([(1.0 + h * cx0, x0), (h * co0, out0), (h * cx1, x), (h * co1, out)]), est
 
     def _flow_step(self, ops, k, out, x, generator):
         """Euler–Maruyama on the flow's SDE (the last step, to sigma = 0, is the ODE's Euler step).
@@ -595,4 +631,4 @@ class AdaptivePipelineSampler:
         return (x, stats) if return_stats else x
 
 
-__all__ = ["FlowSDEScheduler", "AdaptivePipelineSampler", "training_alphas_cumprod", "METHODS", "FAMILIES"]
+__all__ = ["FlowSDEScheduler", "StepOutput", "AdaptivePipelineSampler", "training_alphas_cumprod", "METHODS", "FAMILIES"]

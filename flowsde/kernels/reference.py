@@ -75,6 +75,11 @@ def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     if half is not None:
         return lincomb(_f32(y), [(c, _f32(k)) for c, k in terms]).to(half)
     y = y.to(result_dtype(y, *(k for _, k in terms)))  # (a term of a wider dtype: y widened first)
+    return _accumulate(y, terms)
+
+
+def _accumulate(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    """:func:`lincomb` once ``y`` has the result's dtype (and no half type is involved)."""
     terms = [(c, k) for c, k in terms if not is_zero(c)]
     out = None
     for c, k in terms:
@@ -157,7 +162,11 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
         return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
                        rowwise, key).to(half)
     dtype = result_dtype(*(t for _, t in terms), *(g for _, g in diffusion), noise)
-    out = lincomb(terms[0][1].to(dtype) * terms[0][0], terms[1:])
+    c0, t0 = terms[0]
+    if len(terms) > 1 and not isinstance(c0, torch.Tensor) and c0 == 1:  # (x + h k: no multiply by 1)
+        out = _accumulate(t0.to(dtype), terms[1:])
+    else:
+        out = _accumulate(t0.to(dtype) * c0, terms[1:])
     if not diffusion:
         return out
     shape = out.shape
