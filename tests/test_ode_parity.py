@@ -103,6 +103,32 @@ def test_step_size_grid_has_no_sliver_step():
         assert stats["steps"] == n
 
 
+def test_float32_times_leave_no_sliver_step_and_take_torchdiffeqs_steps():
+    """float32 0.3 is 0.30000001192: 0.3 / 0.1 in float64 is 3.0000001, which made a 4th step of 1.2e-8
+    (odeint, sdeint with bm=None, solve_linear_sde); the tolerance now follows the times' dtype, and
+    torchdiffeq, which builds its grid in float32, takes the same 3 steps."""
+    from flowsde.problems import OrnsteinUhlenbeck
+    y0 = torch.randn(2, 2)
+    for t1, h in [(0.3, 0.1), (0.7, 0.1), (2.9, 0.1), (0.45, 0.03)]:
+        t = torch.tensor([0.0, t1])
+        n = [0]
+
+        def counted(t, y):
+            n[0] += 1
+            return LinearODE()(t, y)
+        ref = torchdiffeq.odeint(counted, y0, t, method="euler", options=dict(step_size=h))
+        ys, stats = flowsde.odeint(LinearODE(), y0, t, method="euler", options=dict(step_size=h, return_stats=True))
+        assert stats["steps"] == n[0] == round(t1 / h)
+        assert torch.allclose(ys, ref, rtol=1e-6, atol=1e-6)
+        _, st = flowsde.sdeint(OrnsteinUhlenbeck(), y0, t, dt=h, seed=0, options=dict(return_stats=True))
+        assert st["steps"] == round(t1 / h)
+        # float64 times keep the tight tolerance: float64(float32(0.3)) / 0.1 is a 4th step, as in torchdiffeq
+        _, st64 = flowsde.odeint(LinearODE(), y0.double(), t.double(), method="euler",
+                                 options=dict(step_size=h, return_stats=True))
+        assert st64["steps"] == round(t1 / h) + (float(t[1].double()) / h - round(t1 / h) > 1e-10)
+    assert flowsde.solvers.fixed.uniform_grid(0.0, float(torch.tensor(0.3)), 0.1, torch.float32).size == 4
+
+
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "heun_euler"])
 def test_adaptive_tuple_states_use_torchdiffeqs_mixed_norm(method):
     """A small fast part next to a large quiet one: the error norm is the largest of the parts' RMS norms

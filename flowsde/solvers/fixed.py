@@ -20,13 +20,24 @@ from .. import kernels
 SLIVER = 1e-10
 
 
-def uniform_grid(t0: float, t1: float, dt: float) -> np.ndarray:
+def sliver_tolerance(t0: float, t1: float, dt: float, time_dtype: Optional[torch.dtype] = None) -> float:
+    """The fraction of a step below which a last step is a sliver: :data:`SLIVER`, or for times of a
+    narrower dtype than float64 the rounding of that dtype at the times' magnitude (float32 0.3 is
+    0.30000001192: ``0.3 / 0.1`` steps would otherwise end with a step of 1.2e-8), at most half a step."""
+    if time_dtype is None or time_dtype == torch.float64 or not time_dtype.is_floating_point:
+        return SLIVER
+    rounding = 4 * torch.finfo(time_dtype).eps * max(1.0, abs(t0), abs(t1))
+    return min(0.5, max(SLIVER, rounding / dt))
+
+
+def uniform_grid(t0: float, t1: float, dt: float, time_dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """The grid ``t0, t0 + dt, t0 + 2 dt, ...`` closed by ``t1`` (``dt > 0``; direction from t0 -> t1).
 
-    The last step is at most ``dt`` long; no step shorter than ``SLIVER * dt`` is produced.
+    The last step is at most ``dt`` long (up to the rounding of ``time_dtype``, the dtype the times came
+    in); no step shorter than :func:`sliver_tolerance` of ``dt`` is produced.
     """
     span = abs(t1 - t0)
-    n = max(1, math.ceil(span / dt - SLIVER))
+    n = max(1, math.ceil(span / dt - sliver_tolerance(t0, t1, dt, time_dtype)))
     sign = 1.0 if t1 > t0 else -1.0
     grid = t0 + sign * dt * np.arange(n + 1, dtype=np.float64)
     grid[-1] = t1

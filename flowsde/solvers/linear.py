@@ -35,7 +35,7 @@ def solve_linear_sde(x0: torch.Tensor, ts, dt: float, a: Coefficient = 0.0, b: C
     ops = kernels.ops(backend, x0.device)
     pieces, slots = [th[:1]], []
     for j in range(len(th) - 1):
-        seg = fixed.uniform_grid(th[j], th[j + 1], h)[1:]
+        seg = fixed.uniform_grid(th[j], th[j + 1], h, ts.dtype)[1:]
         pieces.append(seg)
         slots += [-1] * (len(seg) - 1) + [j]
     grid = np.concatenate(pieces)

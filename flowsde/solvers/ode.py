@@ -119,7 +119,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         stats = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
         return (ys, stats) if opts.get("return_stats", False) else ys
     if step_size is not None:
-        grid = fixed.uniform_grid(t_host[0], t_host[-1], _checks.check_step("step_size", step_size))
+        grid = fixed.uniform_grid(t_host[0], t_host[-1], _checks.check_step("step_size", step_size),
+                                   t.dtype)
     elif gc is not None:
         grid = _user_grid(gc, func, y0, t, t_host[0] > t_host[-1])
         grid = fixed.check_grid(grid, t_host, "grid_constructor")

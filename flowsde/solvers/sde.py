@@ -256,7 +256,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
         ys = y0.clone().unsqueeze(0)
         stats = {"nfe": 0, "nge": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
         return (ys, stats) if opts.get("return_stats", False) else ys
-    grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step)
+    grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step, ts.dtype)
     if isinstance(bm, VirtualBrownianTree):  # below a leaf the tree is linear: too little variance
         leaf = (bm.t1 - bm.t0) / 2 ** bm.depth
         shortest = float(np.diff(grid).min())
