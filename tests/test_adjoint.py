@@ -164,3 +164,74 @@ def test_float32_state_with_float64_parameters_and_an_event_at_the_start():
     assert float(te) == 0.0
     gy, gw = torch.autograd.grad(sol[-1].sum(), (y0, f.w1))  # (the backward pass tried a zero-length interval)
     assert torch.equal(gy, torch.ones_like(y0)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+def _inf_norm(x):
+    return max(p.abs().max() for p in x) if isinstance(x, tuple) else x.abs().max()
+
+
+@pytest.mark.parametrize("case", ["seminorm", "forward_norm", "forward_norm_seminorm", "adjoint_callable"])
+@pytest.mark.parametrize("tuple_state", [False, True])
+def test_norm_options_take_torchdiffeqs_backward_steps(case, tuple_state):
+    """options norm (the forward's, which torchdiffeq's default adjoint norm also applies to y and a_y),
+    adjoint_options norm="seminorm" (the parameters' adjoints left out) and a callable adjoint norm given
+    (a_t, *y, *a_y, *a_p): the same forward and backward evaluations as torchdiffeq, the same gradients."""
+    f = Field(seed=3)
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(4, 2, dtype=F64, generator=g, requires_grad=True)
+    v0 = torch.randn(4, 2, dtype=F64, generator=g, requires_grad=True)
+    t = torch.linspace(0, 1.5, 3, dtype=F64)
+    if tuple_state:
+        def field(t, s):
+            return s[1], f(t, s[0]) - 0.2 * s[1]
+        y0, inputs = (x0, v0), [x0, v0]
+    else:
+        field, y0, inputs = f, x0, [x0]
+    opts, aopts = None, None
+    if case in ("forward_norm", "forward_norm_seminorm"):
+        opts = dict(norm=_inf_norm)
+    if case in ("seminorm", "forward_norm_seminorm"):
+        aopts = dict(norm="seminorm")
+    if case == "adjoint_callable":  # the time adjoint and the parameters' adjoints weighted out
+        aopts = dict(norm=lambda s: max(p.abs().max() for p in s[1:len(s) - 3]))
+    calls = {}
+    results = {}
+    for name, lib in (("flowsde", flowsde), ("torchdiffeq", torchdiffeq)):
+        f.calls = 0
+        ys = lib.odeint_adjoint(field, y0, t, rtol=1e-6, atol=1e-8, options=opts, adjoint_options=aopts,
+                                adjoint_params=tuple(f.parameters()))
+        fwd = f.calls
+        loss = sum((y ** 2).sum() + y[1].sum() for y in (ys if tuple_state else (ys,)))
+        results[name] = torch.autograd.grad(loss, inputs + list(f.parameters()))
+        calls[name] = (fwd, f.calls - fwd)
+    assert calls["flowsde"] == calls["torchdiffeq"]
+    assert rel(results["flowsde"], results["torchdiffeq"]) < 1e-10
+    if case == "seminorm":  # fewer backward steps than the default norm, the same gradients to the tolerance
+        f.calls = 0
+        ys = flowsde.odeint_adjoint(field, y0, t, rtol=1e-6, atol=1e-8, adjoint_params=tuple(f.parameters()))
+        fwd = f.calls
+        loss = sum((y ** 2).sum() + y[1].sum() for y in (ys if tuple_state else (ys,)))
+        full = torch.autograd.grad(loss, inputs + list(f.parameters()))
+        assert f.calls - fwd > calls["flowsde"][1]
+        assert rel(results["flowsde"], full) < 1e-4
+
+
+def test_norm_option_errors():
+    y0 = torch.randn(4, 2, dtype=F64)
+    t = torch.linspace(0, 1, 3, dtype=F64)
+    with pytest.raises(ValueError, match="'seminorm' is an adjoint_options value"):
+        flowsde.odeint(lambda t, y: -y, y0, t, options=dict(norm="seminorm"))
+    with pytest.raises(TypeError, match="option norm must be a callable"):
+        flowsde.odeint(lambda t, y: -y, y0, t, options=dict(norm=2))
+    with pytest.raises(ValueError, match="one number"):
+        flowsde.odeint(lambda t, y: -y, y0, t, options=dict(norm=lambda x: x.abs().amax(dim=1)))
+    with pytest.raises(ValueError, match="per_sample"):
+        flowsde.odeint(lambda t, y: -y, y0, t, options=dict(norm=_inf_norm, per_sample=True))
+    with pytest.raises(ValueError, match="adjoint_options norm must be 'seminorm'"):
+        flowsde.odeint_adjoint(Field(), y0.clone().requires_grad_(True), t, adjoint_options=dict(norm="semi"))
+    # fixed steps take it and are unchanged by it (as torchdiffeq's); a host number is accepted
+    a = flowsde.odeint(lambda t, y: -y, y0, t, method="rk4", options=dict(step_size=0.1, norm=_inf_norm))
+    b = flowsde.odeint(lambda t, y: -y, y0, t, method="rk4", options=dict(step_size=0.1))
+    assert torch.equal(a, b)
+    c = flowsde.odeint(lambda t, y: -y, y0, t, options=dict(norm=lambda x: float(x.abs().max())))
+    assert torch.allclose(c[-1], y0 * torch.exp(torch.tensor(-1.0, dtype=F64)), atol=1e-7)

@@ -148,7 +148,7 @@ def loop_budget(opts: dict, dev_type: str):
 ADAPTIVE_TABLEAUX = {"dopri5": DOPRI5, "bosh3": BOSH3, "heun_euler": HEUN_EULER, "adaptive_heun": HEUN_EULER}
 ADAPTIVE_OPTIONS = ("first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor", "dfactor", "clip_end",
                     "pcoeff", "icoeff",
-                    "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t", "capturable")
+                    "check_every", "return_stats", "backend", "per_sample", "step_t", "jump_t", "capturable", "norm")
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ the last output time to the first, the augmented system ``(y, a, a_p)`` with ``y
 forward solution at every output time and adding that time's incoming gradient to ``a``. The vector-Jacobian
 products come from one ``torch.autograd.grad`` per evaluation. The augmented state is a tuple (the state's
 parts, their adjoints, the parameters' adjoints), so the adaptive methods' error norm is the largest of
-the parts' RMS norms: torchdiffeq's default adjoint norm, so both take the same backward steps.
+the parts' RMS norms: torchdiffeq's default adjoint norm, so both take the same backward steps
+(``adjoint_options=dict(norm="seminorm")`` leaves the parameters' adjoints out of it, as torchdiffeq).
 """
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
             return (event_t,) + (tuple(sol) if parts else (sol,))
         return tuple(out) if parts else (out,)
 
+    adjoint_options = _adjoint_norm(adjoint_options, options.get("norm"), len(y_parts))
+
     def backward(times, sols, grads):
         return _backward(odeint, func, times, sols, grads, params, parts, adjoint_rtol, adjoint_atol,
                          adjoint_method, adjoint_options)
@@ -107,6 +110,43 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     if options.get("return_stats", False):
         return result + (stats,) if event_fn is not None else (result, stats)
     return result
+
+
+def _adjoint_norm(adjoint_options: dict, state_norm, k: int) -> dict:
+    """The backward solves' error norm, as torchdiffeq chooses it (``adjoint_options["norm"]``). The
+    augmented state is the tuple ``(a_t, y..., a_y..., a_p...)`` (``k`` parts each of ``y`` and ``a_y``):
+
+    * absent: ``max(|a_t|, n(y), n(a_y), mixed(a_p))``, ``n`` the forward solve's norm (``options["norm"]``:
+      RMS, or the mixed norm of a tuple state, unless given) and ``mixed`` the largest of the parameters'
+      RMS norms — with the default forward norm, the mixed norm of the whole augmented state;
+    * ``"seminorm"`` (Kidger, Chen & Lyons 2021, "Hey, that's not an ODE"): the same without the
+      parameters' adjoints, which then never reject a step: fewer backward steps, same gradients to the
+      tolerance;
+    * a callable: given ``(a_t, *y, *a_y, *a_p)`` (the state's parts, for a tuple ``y0`` each part)."""
+    from .adaptive import _rms
+
+    norm = adjoint_options.get("norm")
+    if norm is not None and not isinstance(norm, str):
+        return adjoint_options  # (a callable: odeint hands it the augmented tuple's parts)
+    if norm is not None and norm != "seminorm":
+        raise ValueError(f"adjoint_options norm must be 'seminorm' or a callable, got {norm!r}")
+    if norm is None and state_norm is None:
+        return adjoint_options  # (odeint's default, the mixed norm over the augmented tuple, is this rule)
+    if state_norm is not None and (isinstance(state_norm, str) or not callable(state_norm)):
+        return adjoint_options  # (the forward odeint refuses it, by name, before any backward pass)
+    seminorm = norm == "seminorm"
+
+    def n(ps):
+        if state_norm is None:
+            return [_rms(p) for p in ps]
+        r = state_norm(tuple(ps) if k > 1 else ps[0])
+        return [r if isinstance(r, torch.Tensor) else torch.as_tensor(r, device=ps[0].device)]
+
+    def augmented_norm(state):
+        a_t, ys, adj, ps = state[0], state[1:1 + k], state[1 + k:1 + 2 * k], state[1 + 2 * k:]
+        rs = [a_t.abs()] + n(ys) + n(adj) + ([] if seminorm else [_rms(p) for p in ps if p.numel()])
+        return torch.stack([r.reshape(()).to(torch.float64) for r in rs]).max()
+    return dict(adjoint_options, norm=augmented_norm)
 
 
 class _Adjoint(torch.autograd.Function):

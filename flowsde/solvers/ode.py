@@ -28,7 +28,8 @@ ODE_METHODS: Dict[str, ButcherTableau] = {
 #: Adaptive methods (embedded pairs), see :mod:`flowsde.solvers.adaptive`.
 ADAPTIVE_ODE_METHODS = tuple(ADAPTIVE_TABLEAUX)
 
-ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "return_stats", "backend")
+ODE_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "return_stats", "backend",
+               "norm")  # (norm: no effect on fixed steps, as in torchdiffeq; odeint_adjoint's backward uses it)
 #: the fixed-step options that only event handling takes (the search has no end: a budget, and how often the
 #: host reads whether it has crossed)
 EVENT_OPTIONS = ("max_num_steps", "check_every")
@@ -102,6 +103,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     t = _checks.check_times("t", t, y0, at_least_two=False)  # one time: y0 alone, as torchdiffeq
     t_host = _checks.host_times("t", t)
     ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
+    if opts.get("norm") is not None and opts.get("per_sample"):
+        raise ValueError("option norm is not supported with per_sample=True (the error norm is each sample's RMS)")
+    opts["norm"] = error_norm(opts.get("norm"), shapes)
     if event_fn is not None:
         return _until_event(func, event_fn, y0, t, t_host, tab, adaptive, rtol, atol, opts, ops, shapes)
     if adaptive:
@@ -236,7 +240,7 @@ def _adaptive(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, event=None):
             raise RuntimeError(f"odeint stopped: {why}; pass options=dict(return_stats=True) to get what was "
                                f"computed and each sample's status")
         return ys
-    norm = mixed_norm([math.prod(s) for s in shapes]) if shapes is not None else _rms
+    norm = opts["norm"]
     ys, stats = integrate_pieces(f, y0, th, tab, rtol, atol, opts, ops, check, stops["step_t"], stops["jump_t"], norm)
     t_stop = stats.get("_t")
     stats = {k: v for k, v in stats.items() if not k.startswith("_")}
@@ -320,7 +324,7 @@ def _adaptive_event(func, y0, t_host, tab, rtol, atol, opts, ops, shapes, check,
     stats = {"nfe": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
     if not ev.check_start():
         watch = events.Watch(ev, y0.device)
-        norm = mixed_norm([math.prod(s) for s in shapes]) if shapes is not None else _rms
+        norm = opts["norm"]
         _, st = integrate_adaptive(f, y0, np.array([s0]), tab, rtol, atol, opts, ops, check, norm=norm, event=watch)
         stats = {k: v for k, v in st.items() if not k.startswith("_")}
         if stats["status"] == "success":
@@ -387,6 +391,33 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     else:
         solution = tuple(torch.cat([s[:-1], p[None]]) for s, p in zip(solution, _split(ye, shapes)))
     return (event_t, solution) + tuple(out[2:])
+
+
+def error_norm(norm, shapes):
+    """The adaptive methods' norm of the scaled error, as torchdiffeq's option ``norm``: ``None`` is RMS for a
+    tensor state and the mixed norm (the largest of the parts' RMS norms) for a tuple state; a callable
+    ``norm(x)`` is given the scaled error shaped as the state (a tuple of its parts for a tuple state) and
+    returns one number (a 0-dim tensor; a host number is put on the device). It is taken on the device
+    every step: a norm that reads its value back (``.item()``) synchronises each step."""
+    if norm is None:
+        return mixed_norm([math.prod(s) for s in shapes]) if shapes is not None else _rms
+    if isinstance(norm, str):
+        raise ValueError(f"option norm={norm!r}: a norm is a callable here; 'seminorm' is an adjoint_options value "
+                         f"(odeint_adjoint)")
+    if not callable(norm):
+        raise TypeError(f"option norm must be a callable norm(x) -> 0-dim tensor, got {type(norm).__name__}")
+    if getattr(norm, "_flowsde_flat", False):  # (already over the flat state: passed on by odeint_adjoint)
+        return norm
+
+    def flat_norm(x: torch.Tensor) -> torch.Tensor:
+        r = norm(_split(x, shapes) if shapes is not None else x)
+        if not isinstance(r, torch.Tensor):
+            r = torch.as_tensor(r, dtype=torch.float64, device=x.device)
+        if r.numel() != 1:
+            raise ValueError(f"option norm must return one number, got a tensor of shape {tuple(r.shape)}")
+        return r.reshape(())
+    flat_norm._flowsde_flat = True
+    return flat_norm
 
 
 def _split(y, shapes):
