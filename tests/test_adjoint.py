@@ -132,8 +132,10 @@ def test_stats_and_errors():
     ys = flowsde.odeint_adjoint(f, y0, t, adjoint_options=dict(max_num_steps=2))
     with pytest.raises(RuntimeError, match="odeint_adjoint, backward pass"):  # (which solve ran out)
         ys.sum().backward()
-    with pytest.raises(ValueError, match="gradients with respect to t"):
-        flowsde.odeint_adjoint(f, y0, t.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="gradients with respect to t are not supported with event_fn"):
+        flowsde.odeint_adjoint(f, y0, t.clone().requires_grad_(True), event_fn=lambda t, y: y[0, 0] - 0.5)
+    with pytest.raises(ValueError, match="gradients with respect to t"):  # (plain odeint: the grid is on the host)
+        flowsde.odeint(f, y0, t.clone().requires_grad_(True))
     with pytest.raises(TypeError, match="adjoint_params"):
         flowsde.odeint_adjoint(f, y0, t, adjoint_params=[1.0])
 
@@ -235,3 +237,50 @@ def test_norm_option_errors():
     assert torch.equal(a, b)
     c = flowsde.odeint(lambda t, y: -y, y0, t, options=dict(norm=lambda x: float(x.abs().max())))
     assert torch.allclose(c[-1], y0 * torch.exp(torch.tensor(-1.0, dtype=F64)), atol=1e-7)
+
+
+@pytest.mark.parametrize("method,opts", [("dopri5", None), ("rk4", dict(step_size=0.05))])
+@pytest.mark.parametrize("backwards", [False, True])
+@pytest.mark.parametrize("tuple_state", [False, True])
+def test_time_gradients_equal_torchdiffeq(method, opts, backwards, tuple_state):
+    """A t that requires grad: dL/dt_i = f(t_i, y_i) . dL/dy_i at the outputs, dL/dt_0 from the time adjoint,
+    as torchdiffeq computes them (one more evaluation per output time, as there)."""
+    f = Field()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(5, 2, dtype=F64, generator=g, requires_grad=True)
+    v0 = torch.randn(5, 2, dtype=F64, generator=g, requires_grad=True)
+    if tuple_state:
+        def field(t, s):
+            return s[1], f(t, s[0]) - 0.3 * s[1]
+        y0, inputs = (x0, v0), [x0, v0]
+    else:
+        field, y0, inputs = f, x0, [x0]
+    res, extra = {}, {}
+    for name, lib in (("flowsde", flowsde), ("torchdiffeq", torchdiffeq)):
+        counts = []
+        for tg in (False, True):
+            t = torch.tensor([0.0, 0.4, 1.0, 1.3], dtype=F64)
+            t = (t.flip(0) if backwards else t).requires_grad_(tg)
+            f.calls = 0
+            ys = lib.odeint_adjoint(field, y0, t, method=method, options=opts, rtol=1e-8, atol=1e-10,
+                                    adjoint_params=tuple(f.parameters()))
+            loss = sum((y ** 2).sum() + y[1].sum() for y in (ys if tuple_state else (ys,)))
+            out = torch.autograd.grad(loss, inputs + list(f.parameters()) + ([t] if tg else []))
+            counts.append(f.calls)
+        res[name], extra[name] = out, counts
+    assert rel(res["flowsde"], res["torchdiffeq"]) < 1e-10
+    if method == "dopri5":  # the time adjoint, now not zero, steers the backward steps: torchdiffeq's steps
+        assert extra["flowsde"] == extra["torchdiffeq"]
+    else:  # fixed steps: one more evaluation per output time after the first, in both
+        assert extra["flowsde"][1] - extra["flowsde"][0] == extra["torchdiffeq"][1] - extra["torchdiffeq"][0] == 3
+
+
+def test_time_gradients_of_exponential_growth_are_exact():
+    """y' = a y: y(T) = y0 exp(a (T - t0)), so dy(T)/dT = a y(T) and dy(T)/dt0 = -a y(T)."""
+    a = torch.tensor(0.7, dtype=F64)
+    y0 = torch.tensor([1.5, -0.5], dtype=F64)
+    t = torch.tensor([0.2, 1.1], dtype=F64, requires_grad=True)
+    ys = flowsde.odeint_adjoint(lambda s, y: a * y, y0, t, rtol=1e-10, atol=1e-12, adjoint_params=())
+    (gt,) = torch.autograd.grad(ys[-1].sum(), [t])
+    yT = float(ys[-1].sum())
+    assert gt.tolist() == pytest.approx([-0.7 * yT, 0.7 * yT], rel=1e-8)

@@ -32,8 +32,8 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     forward's; a different ``adjoint_method`` with ``options`` given needs ``adjoint_options``, as in
     torchdiffeq). With ``event_fn`` the backward pass integrates from the event time at that time, without
     a gradient through it (torchdiffeq's convention; :func:`flowsde.odeint_event` with
-    ``odeint_interface=odeint_adjoint`` links it up). Gradients with respect to ``t`` are not supported,
-    nor ``per_sample`` / ``capturable`` (refused).
+    ``odeint_interface=odeint_adjoint`` links it up). A ``t`` that requires grad gets its gradient as in
+    torchdiffeq (not with ``event_fn``); ``per_sample`` / ``capturable`` are refused.
     """
     from .ode import ADAPTIVE_ODE_METHODS, odeint  # (ode imports this module)
 
@@ -49,9 +49,10 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
             raise TypeError(f"adjoint_params[{i}] must be a floating-point tensor, got "
                             f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
     params = tuple(p for p in adjoint_params if p.requires_grad)
-    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
-        raise ValueError("gradients with respect to t are not supported (the time grid is read on the host); "
-                         "pass t.detach()")
+    t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+    if t_grad and event_fn is not None:
+        raise ValueError("odeint_adjoint: gradients with respect to t are not supported with event_fn (use "
+                         "odeint_event for the event time's gradient); pass t.detach()")
     options = {} if options is None else options
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
@@ -85,8 +86,8 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     stats = {}
 
     def forward(*ys):
-        out = odeint(func, tuple(ys) if parts else ys[0], t, rtol=rtol, atol=atol, method=method, options=options,
-                     event_fn=event_fn)
+        out = odeint(func, tuple(ys) if parts else ys[0], t.detach(), rtol=rtol, atol=atol, method=method,
+                     options=options, event_fn=event_fn)
         if options.get("return_stats", False):
             stats.update(out[-1])
             out = out[:-1] if event_fn is not None else out[0]
@@ -99,7 +100,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
 
     def backward(times, sols, grads):
         return _backward(odeint, func, times, sols, grads, params, parts, adjoint_rtol, adjoint_atol,
-                         adjoint_method, adjoint_options)
+                         adjoint_method, adjoint_options, t_grad)
 
     out = _Adjoint.apply(forward, backward, t, event_fn is not None, len(y_parts), *y_parts, *params)
     if event_fn is not None:
@@ -167,15 +168,16 @@ class _Adjoint(torch.autograd.Function):
         grads = grads[1:] if ctx.events else grads  # (no gradient through the event time: torchdiffeq's)
         grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sols, grads)]
         with torch.no_grad():
-            adj_y, adj_p = ctx.backward(times, sols, grads)
-        return (None, None, None, None, None, *adj_y, *adj_p)
+            adj_y, adj_p, adj_t = ctx.backward(times, sols, grads)
+        return (None, None, adj_t, None, None, *adj_y, *adj_p)
 
 
-def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, method, options):
-    """The adjoint sweep: ``(adjoints of y0's parts, adjoints of params)``. The augmented state leads with the
-    time adjoint ``a_t' = -a^T df/dt`` (its value unused: no gradient to ``t``), as torchdiffeq's does: it
-    counts in the adaptive error norm, so leaving it out would take other backward steps than torchdiffeq's
-    whenever ``f`` depends on ``t``."""
+def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, method, options, t_grad=False):
+    """The adjoint sweep: ``(adjoints of y0's parts, adjoints of params, gradient of t or None)``. The augmented
+    state leads with the time adjoint ``a_t' = -a^T df/dt``, as torchdiffeq's does: it counts in the adaptive
+    error norm, so leaving it out would take other backward steps than torchdiffeq's whenever ``f`` depends
+    on ``t``. With ``t_grad`` (as torchdiffeq): ``dL/dt_i = f(t_i, y_i) . dL/dy_i`` for ``i > 0`` (one
+    evaluation each), subtracted from ``a_t`` there, and ``dL/dt_0 = a_t(t_0)`` (``= -a(t_0) . f(t_0, y_0)``)."""
     k = len(sols)
     ydt = [s.dtype for s in sols]  # (the flat augmented state may be wider: float64 parameters, float32 state)
 
@@ -201,7 +203,16 @@ def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, metho
     n = times.shape[0]
     state = ([torch.zeros((), dtype=sols[0].dtype, device=sols[0].device)] + [s[-1] for s in sols]
              + [g[-1] for g in grads] + [torch.zeros_like(p) for p in params])
+    t_vjps = [None] * n
+
+    def output_time_vjp(i):  # f(t_i, y_i) . dL/dy_i, the gradient of the output at t_i with respect to t_i
+        f = func(times[i].to(ydt[0]), tuple(s[i] for s in sols) if parts else sols[0][i])
+        fs = tuple(f) if parts else (f,)
+        return sum((o.to(g.dtype) * g[i]).sum() for o, g in zip(fs, grads)).to(state[0].dtype)
     for i in range(n - 1, 0, -1):
+        if t_grad:
+            t_vjps[i] = output_time_vjp(i)
+            state[0] = state[0] - t_vjps[i]
         if host[i] != host[i - 1]:  # (an event at the start: an interval of no length, nothing to integrate)
             try:
                 out = odeint(augmented, tuple(state), times[i - 1:i + 1].flip(0), rtol=rtol, atol=atol,
@@ -212,4 +223,7 @@ def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, metho
             state = [o[1] for o in out]
         state[1:1 + k] = [s[i - 1] for s in sols]  # restart from the forward solution there
         state[1 + k:1 + 2 * k] = [a + g[i - 1] for a, g in zip(state[1 + k:1 + 2 * k], grads)]
-    return state[1 + k:1 + 2 * k], state[1 + 2 * k:]
+    if not t_grad:
+        return state[1 + k:1 + 2 * k], state[1 + 2 * k:], None
+    t_vjps[0] = state[0]
+    return state[1 + k:1 + 2 * k], state[1 + 2 * k:], torch.stack(t_vjps)
