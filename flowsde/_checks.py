@@ -45,7 +45,8 @@ def check_times(name: str, t, y0: torch.Tensor, *, increasing_only: bool = False
                          f", got {t.numel()}")
     if t.requires_grad and torch.is_grad_enabled():  # the grid is read on the host: no gradient would flow
         raise ValueError(f"gradients with respect to {name} are not supported (the time grid is read on the "
-                         f"host); pass {name}.detach()")
+                         f"host); pass {name}.detach()" + ("; flowsde.odeint_adjoint gives gradients with respect "
+                                                            "to t" if name == "t" else ""))
     if t.device != y0.device and t.device.type != "cpu":  # host times are fine for any state (never a sync)
         raise ValueError(f"{name} is on {t.device} but y0 is on {y0.device}: put both on the same device, "
                          f"or pass the times on the CPU")
