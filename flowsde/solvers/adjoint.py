@@ -37,18 +37,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     """
     from .ode import ADAPTIVE_ODE_METHODS, odeint  # (ode imports this module)
 
-    if adjoint_params is None:
-        if not isinstance(func, torch.nn.Module):
-            raise ValueError("odeint_adjoint: func must be an nn.Module to find the parameters to differentiate, or "
-                             "pass them as adjoint_params (adjoint_params=() when there are none)")
-        adjoint_params = tuple(func.parameters())
-    else:
-        adjoint_params = tuple(adjoint_params)
-    for i, p in enumerate(adjoint_params):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise TypeError(f"adjoint_params[{i}] must be a floating-point tensor, got "
-                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
-    params = tuple(p for p in adjoint_params if p.requires_grad)
+    params = differentiated_params(func, adjoint_params, "odeint_adjoint: func")
     t_grad = isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
     if t_grad and event_fn is not None:
         raise ValueError("odeint_adjoint: gradients with respect to t are not supported with event_fn (use "
@@ -148,6 +137,23 @@ def _adjoint_norm(adjoint_options: dict, state_norm, k: int) -> dict:
         rs = [a_t.abs()] + n(ys) + n(adj) + ([] if seminorm else [_rms(p) for p in ps if p.numel()])
         return torch.stack([r.reshape(()).to(torch.float64) for r in rs]).max()
     return dict(adjoint_options, norm=augmented_norm)
+
+
+def differentiated_params(owner, adjoint_params, what: str) -> tuple:
+    """The tensors an adjoint differentiates besides the state: ``adjoint_params`` (checked: floating-point
+    tensors), else ``owner.parameters()`` of an ``nn.Module``; those that do not require grad left out."""
+    if adjoint_params is None:
+        if not isinstance(owner, torch.nn.Module):
+            raise ValueError(f"{what} must be an nn.Module to find the parameters to differentiate, or pass them as "
+                             f"adjoint_params (adjoint_params=() when there are none)")
+        adjoint_params = tuple(owner.parameters())
+    else:
+        adjoint_params = tuple(adjoint_params)
+    for i, p in enumerate(adjoint_params):
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"adjoint_params[{i}] must be a floating-point tensor, got "
+                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
+    return tuple(p for p in adjoint_params if p.requires_grad)
 
 
 class _Adjoint(torch.autograd.Function):

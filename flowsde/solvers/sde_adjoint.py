@@ -1,0 +1,251 @@
+"""``flowsde.sdeint_adjoint``: torchsde's stochastic adjoint, gradients in memory that does not grow with the
+number of steps (Li, Wong, Chen & Duvenaud 2020, "Scalable gradients for stochastic differential equations").
+
+The forward solve is :func:`flowsde.sdeint` without a graph. The backward pass integrates, from each output
+time to the one before and on the same Brownian path queried backwards, the augmented SDE of
+``(y, a, a_p)``: ``y`` reconstructed by the reverse-time SDE, ``a' = -a^T df/dy dt - a^T d(g dW)/dy`` and
+``a_p' = -a^T df/dp dt - a^T d(g dW)/dp``, restarting ``y`` from the forward solution at every output time and
+adding that time's incoming gradient to ``a``. Stratonovich SDEs reverse as they are (midpoint or Heun
+backward steps); an Itô SDE's reverse drift and adjoint carry torchsde's corrections (``f - sum_j (dg_j/dy)
+g_j`` and the adjoint's Itô term, ``(a^T dg/dy) dg/d(y, p)``; additive noise needs none), stepped by
+Euler–Maruyama. Each step's vector-Jacobian products are one ``torch.autograd.grad``.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from .. import _checks
+from ..brownian import VirtualBrownianTree
+from ..kernels.reference import noise_prod
+from . import fixed
+from .adjoint import differentiated_params
+
+#: the backward methods, by the forward SDE's type (the first is the default, as torchsde's for Stratonovich)
+ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun"), "ito": ("euler",)}
+_ALIASES = {"euler_maruyama": "euler"}
+_STAGES = {"midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "euler": (0.0,)}
+
+
+def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e-3, adaptive=False,
+                   adjoint_adaptive=False, rtol=1e-5, adjoint_rtol=1e-5, atol=1e-4, adjoint_atol=1e-4, dt_min=1e-5,
+                   options=None, adjoint_options=None, adjoint_params=None, names=None, logqp=False, extra=False,
+                   extra_solver_state=None, seed=None):
+    """:func:`flowsde.sdeint` with gradients by the stochastic adjoint (torchsde's ``sdeint_adjoint``: the same
+    arguments and results).
+
+    ``adjoint_params``: the tensors to differentiate besides ``y0`` (default ``sde.parameters()``; ``sde`` must
+    then be an ``nn.Module``). ``adjoint_method``: the backward steps — ``"midpoint"`` (default) or ``"heun"``
+    for Stratonovich SDEs, ``"euler"`` for Itô SDEs (torchsde's default for Itô diagonal noise, Milstein, is
+    not implemented: pass ``adjoint_method="euler"`` to torchsde to compare). The backward steps are ``dt``
+    long, from each output time down to the one before. ``bm``: any Brownian object that answers queries
+    in any order (torchsde's ``BrownianInterval`` / ``BrownianTree``, flowsde's ``VirtualBrownianTree``);
+    with ``bm=None`` a :class:`~flowsde.brownian.VirtualBrownianTree` from ``seed`` (so the path is not
+    ``sdeint``'s own ``bm=None`` stream). ``adjoint_adaptive``, ``logqp``, ``extra`` and double backward are
+    not supported (refused).
+    """
+    from .sde import SDE_METHODS, _torchsde_arguments, sdeint
+
+    params = differentiated_params(sde, adjoint_params, "sdeint_adjoint: sde")
+    if adjoint_adaptive:
+        raise NotImplementedError("sdeint_adjoint: adjoint_adaptive=True is not supported (the backward steps are "
+                                  "dt long)")
+    inner = _torchsde_arguments(sde, names, logqp, extra, extra_solver_state)
+    for attr in ("noise_type", "sde_type"):
+        if not hasattr(inner, attr):
+            raise ValueError(f"sde has no attribute {attr}")
+    kind = inner.sde_type
+    known = ADJOINT_METHODS.get(kind)
+    if known is None:
+        raise ValueError(f"sde.sde_type must be 'ito' or 'stratonovich', got {kind!r}")
+    adjoint_method = known[0] if adjoint_method is None else _ALIASES.get(adjoint_method, adjoint_method)
+    if adjoint_method not in known:
+        why = (" (torchsde's Milstein adjoint is not implemented: use 'euler')" if adjoint_method == "milstein"
+               and kind == "ito" else "")
+        raise ValueError(f"adjoint_method {adjoint_method!r} is not a backward method for {kind} SDEs here; known: "
+                         f"{known}{why}")
+    adjoint_options = _checks.check_options(adjoint_options, (), "sdeint_adjoint's adjoint_options")
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a tensor, got {type(y0).__name__}")
+    if isinstance(ts, torch.Tensor) and ts.requires_grad and torch.is_grad_enabled():
+        raise ValueError("sdeint_adjoint: gradients with respect to ts are not supported; pass ts.detach()")
+    if not isinstance(ts, torch.Tensor):
+        ts = torch.tensor(ts, dtype=y0.dtype)
+    step = _checks.check_step("dt", dt)
+    t_host = _checks.host_times("ts", _checks.check_times("ts", ts, y0, at_least_two=False), increasing_only=True)
+    if bm is None:
+        bm = _default_tree(inner, y0, ts, t_host, step, seed)
+    elif not callable(bm):
+        raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
+    if method is not None and method not in SDE_METHODS:
+        raise ValueError(f"unknown SDE method {method!r}; known methods: {sorted(SDE_METHODS)}")
+    opts = dict(options or {})
+    stats = {}
+
+    def forward(y):
+        out = sdeint(sde, y, ts, bm=bm, method=method, dt=dt, adaptive=adaptive, rtol=rtol, atol=atol,
+                     dt_min=dt_min, options=opts, names=names, seed=seed)
+        if opts.get("return_stats", False):
+            out, st = out
+            stats.update(st)
+        return out
+
+    def backward(ys, grads):
+        return _backward(inner, ys, grads, params, t_host, ts.dtype, step, bm, adjoint_method)
+
+    ys = _SDEAdjoint.apply(forward, backward, y0, *params)
+    return (ys, stats) if opts.get("return_stats", False) else ys
+
+
+def _default_tree(sde, y0, ts, t_host, step, seed):
+    """torchsde's default Brownian object is a ``BrownianInterval``; flowsde's is a virtual tree on
+    ``[ts[0], ts[-1]]`` with leaves at most ``dt / 8`` long, shaped as the noise (``m`` channels read off one
+    diffusion evaluation for additive / general noise)."""
+    nt = sde.noise_type
+    if nt == "diagonal":
+        shape = tuple(y0.shape)
+    elif nt == "scalar":
+        shape = (y0.shape[0], 1)
+    else:
+        with torch.no_grad():
+            g = sde.g(ts[0].to(y0.dtype).to(y0.device), y0)
+        if not isinstance(g, torch.Tensor) or g.dim() != 3:
+            raise ValueError(f"sde.g must return (batch, d, m) for {nt} noise, got "
+                             f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
+        shape = (y0.shape[0], g.shape[-1])
+    t0, t1 = float(t_host[0]), float(t_host[-1])
+    if not t1 > t0:  # (one time, or none to integrate: no path needed)
+        t1 = t0 + 1.0
+    span = t1 - t0
+    tol = min(max(step / 8, span * 2.0 ** -30), span * 2.0 ** -4)
+    return VirtualBrownianTree(t0, t1, shape=shape, seed=seed, tol=tol, dtype=y0.dtype, device=y0.device)
+
+
+class _SDEAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, forward, backward, y0, *params):
+        with torch.no_grad():
+            ys = forward(y0.detach())
+        ctx.backward = backward
+        ctx.save_for_backward(ys)
+        return ys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ys):
+        (ys,) = ctx.saved_tensors
+        with torch.no_grad():
+            adj_y, adj_p = ctx.backward(ys, grad_ys)
+        return (None, None, adj_y, *adj_p)
+
+
+def _vjp(outputs, inputs, grad_outputs, retain=False):
+    """``sum_i grad_outputs_i^T d outputs_i / d inputs`` (zeros where an output does not depend on an input)."""
+    live = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+    if not live:
+        return [torch.zeros_like(x) for x in inputs]
+    got = torch.autograd.grad([o for o, _ in live], inputs, [g for _, g in live], allow_unused=True,
+                              retain_graph=retain)
+    return [torch.zeros_like(x) if v is None else v for x, v in zip(inputs, got)]
+
+
+def _jvp_columns(g, y, noise_type):
+    """``sum_j (dg_j/dy) g_j`` over the noise columns ``g_j`` of a scalar / general diffusion (each a
+    Jacobian-vector product by double backward, kept differentiable)."""
+    cols = [g.squeeze(-1)] if noise_type == "scalar" else list(g.unbind(-1))
+    total = torch.zeros_like(y)
+    for c in cols:
+        if not c.requires_grad:
+            continue
+        w = torch.zeros_like(c, requires_grad=True)
+        (u,) = torch.autograd.grad(c, y, w, create_graph=True, allow_unused=True)
+        if u is None:
+            continue
+        (jv,) = torch.autograd.grad(u, w, c, create_graph=True, allow_unused=True)
+        if jv is not None:
+            total = total + jv
+    return total
+
+
+class _Augmented:
+    """The augmented SDE of the backward pass, evaluated at ``(t, y, a)`` with a Brownian increment ``v``:
+    ``(dy, da, da_p)`` for weights ``(cf, cg)`` on drift and noise, ``dy = cf f + cg g v`` and ``(da, da_p) =
+    -(a^T d dy/d(y, p))`` minus, for Itô SDEs, ``cf`` times the Itô term ``(a^T dg/dy) dg/d(y, p)``."""
+
+    def __init__(self, sde, params):
+        self.sde, self.params, self.nt = sde, list(params), sde.noise_type
+        self.ito = sde.sde_type == "ito" and self.nt != "additive"
+
+    def __call__(self, t, y, a, v, cf, cg):
+        with torch.enable_grad():
+            yv = y.detach().requires_grad_(True)
+            f = self.sde.f(t, yv)
+            g = self.sde.g(t, yv)
+            _checks.check_output("sde.f", f, y, tuple(y.shape))
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"sde.g must return a tensor, got {type(g).__name__}")
+            if self.ito:  # the reverse-time Itô drift (torchsde's "double Stratonovich correction")
+                if self.nt == "diagonal":  # (g_i depends on y_i alone: the vector-Jacobian product is it)
+                    corr = None
+                    if g.requires_grad:
+                        (corr,) = torch.autograd.grad(g, yv, g, create_graph=True, allow_unused=True)
+                    corr = torch.zeros_like(y) if corr is None else corr
+                else:
+                    corr = _jvp_columns(g, yv, self.nt)
+                f = f - corr
+            gv = noise_prod(g, v, self.nt)
+            dy = cf * f + cg * gv
+            wrt = [yv] + self.params
+            ito_extra = self.ito and g.requires_grad
+            adj = _vjp([dy], wrt, [a], retain=ito_extra)
+            if ito_extra:  # the adjoint SDE's Itô form: (a^T dg/dy) dg/d(y, p), with a^T dg/dy held constant
+                if self.nt == "diagonal":
+                    (adg,) = torch.autograd.grad(g, yv, a, retain_graph=True, allow_unused=True)
+                    extra = _vjp([g], wrt, [adg if adg is not None else torch.zeros_like(y)])
+                else:
+                    cols = [g.squeeze(-1)] if self.nt == "scalar" else list(g.unbind(-1))
+                    extra = [torch.zeros_like(x) for x in wrt]
+                    for j, c in enumerate(cols):
+                        (adg,) = torch.autograd.grad(c, yv, a, retain_graph=True, allow_unused=True)
+                        if adg is None:
+                            continue
+                        extra = [e + x for e, x in zip(extra, _vjp([c], wrt, [adg], retain=j + 1 < len(cols)))]
+                adj = [u + cf * e for u, e in zip(adj, extra)]
+        return dy.detach(), [-u for u in adj]
+
+
+def _backward(sde, ys, grads, params, t_host, t_dtype, step, bm, method):
+    """The adjoint sweep over the output intervals, last to first: ``(dL/dy0, dL/dparams)``."""
+    aug = _Augmented(sde, params)
+    y, a = ys[-1], grads[-1].clone()
+    ap = [torch.zeros_like(p) for p in params]
+    c = _STAGES[method]
+    for i in range(len(t_host) - 1, 0, -1):
+        grid = fixed.uniform_grid(float(t_host[i]), float(t_host[i - 1]), step, t_dtype)
+        times = fixed.StageTimes(grid, c, t_dtype, y.device)
+        h = np.diff(grid).tolist()
+        for k in range(len(grid) - 1):
+            ta, tb = float(grid[k]), float(grid[k + 1])
+            v = -bm(tb, ta)  # W(tb) - W(ta), tb < ta: the increment as the backward step meets it
+            y, a, ap = _step(aug, method, times[k], h[k], y, a, ap, v)
+        y = ys[i - 1]
+        a = a + grads[i - 1]
+    return a, ap
+
+
+def _step(aug, method, t, h, y, a, ap, v):
+    """One backward step of ``method`` (torchsde's midpoint / Heun / Euler–Maruyama on the augmented SDE)."""
+    if method == "euler":
+        dy, (da, *dp) = aug(t[0], y, a, v, h, 1.0)
+        return y + dy, a + da, [p + d for p, d in zip(ap, dp)]
+    if method == "midpoint":
+        dy, (da, *_) = aug(t[0], y, a, v, 0.5 * h, 0.5)
+        dy1, (da1, *dp1) = aug(t[1], y + dy, a + da, v, h, 1.0)
+        return y + dy1, a + da1, [p + d for p, d in zip(ap, dp1)]
+    dy, (da, *dp) = aug(t[0], y, a, v, h, 1.0)  # heun: predictor, then the trapezoid of both stages
+    dy1, (da1, *dp1) = aug(t[1], y + dy, a + da, v, h, 1.0)
+    return (y + 0.5 * (dy + dy1), a + 0.5 * (da + da1), [p + 0.5 * (d + d1) for p, d, d1 in zip(ap, dp, dp1)])
+
+
+__all__ = ["sdeint_adjoint", "ADJOINT_METHODS"]

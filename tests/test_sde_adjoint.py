@@ -1,0 +1,136 @@
+"""``flowsde.sdeint_adjoint``: torchsde's ``sdeint_adjoint`` gradients on the same Brownian path (same backward
+steps), convergence to backpropagation through the solve as dt shrinks, no graph kept by the forward solve,
+the default tree, and clear errors."""
+import pytest
+import torch
+import torchsde
+
+import flowsde
+
+F64 = torch.float64
+
+
+class NeuralSDE(torch.nn.Module):
+    """A small time-dependent SDE with parameters in the drift and in the diffusion, for each noise type."""
+
+    def __init__(self, sde_type, noise_type, d=3, m=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.sde_type, self.noise_type, self.d, self.m = sde_type, noise_type, d, m
+        self.w = torch.nn.Parameter(torch.randn(d, d, generator=g, dtype=F64) * 0.5)
+        self.b = torch.nn.Parameter(torch.randn(d, generator=g, dtype=F64) * 0.3)
+        cols = m if noise_type in ("general", "additive") else 1
+        self.wg = torch.nn.Parameter(torch.randn(d, d * cols, generator=g, dtype=F64) * 0.3)
+        self.grad_modes = set()
+
+    def f(self, t, y):
+        self.grad_modes.add(torch.is_grad_enabled())
+        return torch.tanh(y @ self.w + self.b) * torch.cos(t)
+
+    def g(self, t, y):
+        nt = self.noise_type
+        if nt == "diagonal":  # g_i depends on y_i alone, as diagonal noise requires
+            return 0.3 * torch.sigmoid(y * self.wg[:, 0]) + 0.1 * t
+        if nt == "scalar":
+            return (0.3 * torch.tanh(y @ self.wg) + 0.2).unsqueeze(-1)
+        if nt == "additive":
+            return (0.2 * self.wg[0].reshape(self.d, self.m) + 0.1 * t).expand(y.shape[0], self.d, self.m)
+        return 0.3 * torch.tanh(y @ self.wg).reshape(y.shape[0], self.d, self.m)
+
+    def noise_shape(self, batch):
+        return {"diagonal": (batch, self.d), "scalar": (batch, 1)}.get(self.noise_type, (batch, self.m))
+
+
+def _grads(fn, sde, y0, ts, **kw):
+    ys = fn(sde, y0, ts, **kw)
+    loss = (ys ** 2).sum() + ys[1].sum()
+    return ys.detach(), torch.autograd.grad(loss, [y0] + list(sde.parameters()))
+
+
+def rel(a, b):
+    return max(float((x - z).abs().max()) / max(1e-30, float(z.abs().max())) for x, z in zip(a, b))
+
+
+@pytest.mark.parametrize("sde_type,noise_type,method,adjoint_method", [
+    ("stratonovich", "diagonal", "heun", "midpoint"), ("stratonovich", "diagonal", "heun", "heun"),
+    ("stratonovich", "scalar", "heun", "midpoint"), ("stratonovich", "general", "heun", "midpoint"),
+    ("stratonovich", "additive", "heun", "heun"),
+    ("ito", "diagonal", "euler", "euler"), ("ito", "diagonal", "milstein", "euler"), ("ito", "scalar", "euler", "euler"),
+    ("ito", "general", "euler", "euler"), ("ito", "additive", "euler", "euler")])
+def test_gradients_equal_torchsde_sdeint_adjoint(sde_type, noise_type, method, adjoint_method):
+    """Same BrownianInterval, same forward and backward methods and steps: the gradients of y0 and of the drift's
+    and diffusion's parameters equal torchsde's to 1e-12 (Itô: torchsde's reverse-drift and adjoint corrections;
+    a last interval that is not a whole number of steps, 0.3)."""
+    sde = NeuralSDE(sde_type, noise_type)
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ts = torch.tensor([0.0, 0.25, 0.5, 0.8], dtype=F64)
+    bm = torchsde.BrownianInterval(0.0, 0.8, size=sde.noise_shape(4), dtype=F64, entropy=3,
+                                   levy_area_approximation="none")
+    kw = dict(bm=bm, method=method, adjoint_method=adjoint_method, dt=2 ** -5)
+    ys_a, ga = _grads(flowsde.sdeint_adjoint, sde, y0, ts, **kw)
+    ys_b, gb = _grads(torchsde.sdeint_adjoint, sde, y0, ts, **kw)
+    assert float((ys_a - ys_b).abs().max()) < 1e-12
+    assert rel(ga, gb) < 1e-12
+
+
+@pytest.mark.parametrize("sde_type,method,adjoint_method,rates", [
+    ("stratonovich", "heun", "midpoint", (3.0, 3.0, 3.0)), ("ito", "euler", "euler", (3.0, 3.0, 1.4))])
+def test_gradients_tend_to_backpropagation_through_the_solve(sde_type, method, adjoint_method, rates):
+    """On one Brownian path, the adjoint's gradients approach those of backpropagating through flowsde.sdeint
+    as dt shrinks: each 4x smaller dt at least `rates` times closer (Stratonovich midpoint/Heun: first order;
+    Itô Euler–Maruyama: first order in y0 and the drift, half order in the diffusion's parameters)."""
+    sde = NeuralSDE(sde_type, "diagonal")
+    y0 = torch.randn(64, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    bm = flowsde.VirtualBrownianTree(0.0, 1.0, shape=(64, 3), seed=5, tol=2 ** -14, dtype=F64)
+    errs = []
+    for dt in (2 ** -3, 2 ** -5, 2 ** -7):
+        _, a = _grads(flowsde.sdeint_adjoint, sde, y0, ts, bm=bm, method=method, adjoint_method=adjoint_method, dt=dt)
+        _, b = _grads(flowsde.sdeint, sde, y0, ts, bm=bm, method=method, dt=dt)
+        errs.append([float((p - q).abs().max() / q.abs().max()) for p, q in zip(a, b)])
+    for coarse, fine in zip(errs, errs[1:]):
+        for e0, e1, r in zip(coarse, fine, rates):
+            assert e0 / e1 > r
+
+
+def test_forward_keeps_no_graph_and_the_default_tree_is_seeded():
+    sde = NeuralSDE("stratonovich", "general")
+    y0 = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    ts = torch.tensor([0.0, 0.5], dtype=F64)
+    sde.grad_modes.clear()
+    ys = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=7)
+    assert sde.grad_modes == {False} and ys.requires_grad
+    g1 = torch.autograd.grad(ys.sum(), [y0])[0]
+    g2 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=7).sum(), [y0])[0]
+    g3 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=8).sum(), [y0])[0]
+    assert torch.equal(g1, g2) and not torch.equal(g1, g3)
+    # the default path is a VirtualBrownianTree of (batch, m) from the seed: passing it gives the same numbers
+    tree = flowsde.VirtualBrownianTree(0.0, 0.5, shape=(3, 2), seed=7, tol=0.05 / 8, dtype=F64)
+    g4 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, bm=tree, dt=0.05).sum(), [y0])[0]
+    assert torch.equal(g1, g4)
+    ys, st = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=7, options=dict(return_stats=True))
+    assert st["steps"] == 10 and ys.requires_grad
+
+
+def test_errors():
+    sde = NeuralSDE("ito", "diagonal")
+    y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(ValueError, match="nn.Module"):
+        flowsde.sdeint_adjoint(type("P", (), dict(f=sde.f, g=sde.g, noise_type="diagonal", sde_type="ito"))(), y0, ts)
+    with pytest.raises(ValueError, match="Milstein adjoint is not implemented"):
+        flowsde.sdeint_adjoint(sde, y0, ts, adjoint_method="milstein")
+    with pytest.raises(ValueError, match="not a backward method for ito"):
+        flowsde.sdeint_adjoint(sde, y0, ts, adjoint_method="midpoint")
+    with pytest.raises(NotImplementedError, match="adjoint_adaptive"):
+        flowsde.sdeint_adjoint(sde, y0, ts, adjoint_adaptive=True)
+    with pytest.raises(ValueError, match="gradients with respect to ts"):
+        flowsde.sdeint_adjoint(sde, y0, ts.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="unknown option"):
+        flowsde.sdeint_adjoint(sde, y0, ts, adjoint_options=dict(step_size=0.1))
+    with pytest.raises(NotImplementedError, match="logqp"):
+        flowsde.sdeint_adjoint(sde, y0, ts, logqp=True)
+    ys = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.1, seed=0)
+    (g,) = torch.autograd.grad(ys.sum(), [y0], create_graph=True)
+    with pytest.raises(RuntimeError):  # double backward: refused, not a silently wrong second derivative
+        torch.autograd.grad(g.sum(), [y0])
