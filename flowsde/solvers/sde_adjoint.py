@@ -12,7 +12,6 @@ Euler–Maruyama. Each step's vector-Jacobian products are one ``torch.autograd.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
