@@ -56,7 +56,9 @@ def rel(a, b):
     ("stratonovich", "scalar", "heun", "midpoint"), ("stratonovich", "general", "heun", "midpoint"),
     ("stratonovich", "additive", "heun", "heun"),
     ("ito", "diagonal", "euler", "euler"), ("ito", "diagonal", "milstein", "euler"), ("ito", "scalar", "euler", "euler"),
-    ("ito", "general", "euler", "euler"), ("ito", "additive", "euler", "euler")])
+    ("ito", "general", "euler", "euler"), ("ito", "additive", "euler", "euler"),
+    ("ito", "diagonal", "euler", "milstein"), ("ito", "diagonal", "milstein", None),  # (None: torchsde's default)
+    ("stratonovich", "diagonal", "milstein", "milstein")])
 def test_gradients_equal_torchsde_sdeint_adjoint(sde_type, noise_type, method, adjoint_method):
     """Same BrownianInterval, same forward and backward methods and steps: the gradients of y0 and of the drift's
     and diffusion's parameters equal torchsde's to 1e-12 (Itô: torchsde's reverse-drift and adjoint corrections;
@@ -74,11 +76,13 @@ def test_gradients_equal_torchsde_sdeint_adjoint(sde_type, noise_type, method, a
 
 
 @pytest.mark.parametrize("sde_type,method,adjoint_method,rates", [
-    ("stratonovich", "heun", "midpoint", (3.0, 3.0, 3.0)), ("ito", "euler", "euler", (3.0, 3.0, 1.4))])
+    ("stratonovich", "heun", "midpoint", (3.0, 3.0, 3.0, 3.0)), ("ito", "euler", "euler", (3.0, 3.0, 3.0, 1.4)),
+    ("ito", "milstein", "milstein", (3.0, 3.0, 3.0, 3.0))])
 def test_gradients_tend_to_backpropagation_through_the_solve(sde_type, method, adjoint_method, rates):
-    """On one Brownian path, the adjoint's gradients approach those of backpropagating through flowsde.sdeint
-    as dt shrinks: each 4x smaller dt at least `rates` times closer (Stratonovich midpoint/Heun: first order;
-    Itô Euler–Maruyama: first order in y0 and the drift, half order in the diffusion's parameters)."""
+    """On one Brownian path, the adjoint's gradients (y0, the drift's w and b, the diffusion's wg) approach those of
+    backpropagating through flowsde.sdeint as dt shrinks: each 4x smaller dt at least `rates` times closer
+    (Stratonovich midpoint/Heun and Itô Milstein: first order; Itô Euler–Maruyama: first order in y0 and the
+    drift, half order in the diffusion's parameters)."""
     sde = NeuralSDE(sde_type, "diagonal")
     y0 = torch.randn(64, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
@@ -89,6 +93,7 @@ def test_gradients_tend_to_backpropagation_through_the_solve(sde_type, method, a
         _, b = _grads(flowsde.sdeint, sde, y0, ts, bm=bm, method=method, dt=dt)
         errs.append([float((p - q).abs().max() / q.abs().max()) for p, q in zip(a, b)])
     for coarse, fine in zip(errs, errs[1:]):
+        assert len(coarse) == len(rates)
         for e0, e1, r in zip(coarse, fine, rates):
             assert e0 / e1 > r
 
@@ -118,8 +123,8 @@ def test_errors():
     ts = torch.tensor([0.0, 1.0], dtype=F64)
     with pytest.raises(ValueError, match="nn.Module"):
         flowsde.sdeint_adjoint(type("P", (), dict(f=sde.f, g=sde.g, noise_type="diagonal", sde_type="ito"))(), y0, ts)
-    with pytest.raises(ValueError, match="Milstein adjoint is not implemented"):
-        flowsde.sdeint_adjoint(sde, y0, ts, adjoint_method="milstein")
+    with pytest.raises(ValueError, match="'milstein' needs diagonal noise"):
+        flowsde.sdeint_adjoint(NeuralSDE("ito", "general"), y0, ts, adjoint_method="milstein")
     with pytest.raises(ValueError, match="not a backward method for ito"):
         flowsde.sdeint_adjoint(sde, y0, ts, adjoint_method="midpoint")
     with pytest.raises(NotImplementedError, match="adjoint_adaptive"):

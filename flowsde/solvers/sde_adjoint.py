@@ -5,10 +5,11 @@ The forward solve is :func:`flowsde.sdeint` without a graph. The backward pass i
 time to the one before and on the same Brownian path queried backwards, the augmented SDE of
 ``(y, a, a_p)``: ``y`` reconstructed by the reverse-time SDE, ``a' = -a^T df/dy dt - a^T d(g dW)/dy`` and
 ``a_p' = -a^T df/dp dt - a^T d(g dW)/dp``, restarting ``y`` from the forward solution at every output time and
-adding that time's incoming gradient to ``a``. Stratonovich SDEs reverse as they are (midpoint or Heun
-backward steps); an Itô SDE's reverse drift and adjoint carry torchsde's corrections (``f - sum_j (dg_j/dy)
-g_j`` and the adjoint's Itô term, ``(a^T dg/dy) dg/d(y, p)``; additive noise needs none), stepped by
-Euler–Maruyama. Each step's vector-Jacobian products are one ``torch.autograd.grad``.
+adding that time's incoming gradient to ``a``. Stratonovich SDEs reverse as they are (midpoint, Heun or
+Milstein backward steps); an Itô SDE's reverse drift and adjoint carry torchsde's corrections (``f - sum_j
+(dg_j/dy) g_j`` and the adjoint's Itô term, ``(a^T dg/dy) dg/d(y, p)``; additive noise needs none), stepped
+by Euler–Maruyama or, for diagonal noise, Milstein (with the augmented SDE's own Milstein term). Each
+evaluation's vector-Jacobian products are taken by autograd, with no graph kept between steps.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from . import fixed
 from .adjoint import differentiated_params
 
 #: the backward methods, by the forward SDE's type (the first is the default, as torchsde's for Stratonovich)
-ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun"), "ito": ("euler",)}
+ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun", "milstein"), "ito": ("euler", "milstein")}
 _ALIASES = {"euler_maruyama": "euler"}
-_STAGES = {"midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "euler": (0.0,)}
+_STAGES = {"midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "euler": (0.0,), "milstein": (0.0,)}
 
 
 def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e-3, adaptive=False,
@@ -35,9 +36,9 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     arguments and results).
 
     ``adjoint_params``: the tensors to differentiate besides ``y0`` (default ``sde.parameters()``; ``sde`` must
-    then be an ``nn.Module``). ``adjoint_method``: the backward steps — ``"midpoint"`` (default) or ``"heun"``
-    for Stratonovich SDEs, ``"euler"`` for Itô SDEs (torchsde's default for Itô diagonal noise, Milstein, is
-    not implemented: pass ``adjoint_method="euler"`` to torchsde to compare). The backward steps are ``dt``
+    then be an ``nn.Module``). ``adjoint_method``: the backward steps, with torchsde's defaults —
+    ``"midpoint"`` (default), ``"heun"`` or ``"milstein"`` for Stratonovich SDEs, ``"milstein"`` (default for
+    diagonal noise) or ``"euler"`` (default otherwise) for Itô SDEs; Milstein needs diagonal noise. The backward steps are ``dt``
     long, from each output time down to the one before. ``bm``: any Brownian object that answers queries
     in any order (torchsde's ``BrownianInterval`` / ``BrownianTree``, flowsde's ``VirtualBrownianTree``);
     with ``bm=None`` a :class:`~flowsde.brownian.VirtualBrownianTree` from ``seed`` (so the path is not
@@ -58,12 +59,14 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     known = ADJOINT_METHODS.get(kind)
     if known is None:
         raise ValueError(f"sde.sde_type must be 'ito' or 'stratonovich', got {kind!r}")
-    adjoint_method = known[0] if adjoint_method is None else _ALIASES.get(adjoint_method, adjoint_method)
+    if adjoint_method is None:  # torchsde's defaults: Milstein for Itô diagonal noise, midpoint for Stratonovich
+        adjoint_method = "milstein" if kind == "ito" and inner.noise_type == "diagonal" else known[0]
+    adjoint_method = _ALIASES.get(adjoint_method, adjoint_method)
     if adjoint_method not in known:
-        why = (" (torchsde's Milstein adjoint is not implemented: use 'euler')" if adjoint_method == "milstein"
-               and kind == "ito" else "")
-        raise ValueError(f"adjoint_method {adjoint_method!r} is not a backward method for {kind} SDEs here; known: "
-                         f"{known}{why}")
+        raise ValueError(f"adjoint_method {adjoint_method!r} is not a backward method for {kind} SDEs; known: {known}")
+    if adjoint_method == "milstein" and inner.noise_type != "diagonal":
+        raise ValueError(f"adjoint_method 'milstein' needs diagonal noise (the adjoint of {inner.noise_type} noise is "
+                         f"not diagonal, as in torchsde); use {known[0]!r}")
     adjoint_options = _checks.check_options(adjoint_options, (), "sdeint_adjoint's adjoint_options")
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"y0 must be a tensor, got {type(y0).__name__}")
@@ -176,7 +179,7 @@ class _Augmented:
         self.sde, self.params, self.nt = sde, list(params), sde.noise_type
         self.ito = sde.sde_type == "ito" and self.nt != "additive"
 
-    def __call__(self, t, y, a, v, cf, cg):
+    def __call__(self, t, y, a, v, cf, cg, milstein=False):
         with torch.enable_grad():
             yv = y.detach().requires_grad_(True)
             f = self.sde.f(t, yv)
@@ -197,21 +200,40 @@ class _Augmented:
             dy = cf * f + cg * gv
             wrt = [yv] + self.params
             ito_extra = self.ito and g.requires_grad
-            adj = _vjp([dy], wrt, [a], retain=ito_extra)
+            adj = _vjp([dy], wrt, [a], retain=True)
             if ito_extra:  # the adjoint SDE's Itô form: (a^T dg/dy) dg/d(y, p), with a^T dg/dy held constant
                 if self.nt == "diagonal":
                     (adg,) = torch.autograd.grad(g, yv, a, retain_graph=True, allow_unused=True)
-                    extra = _vjp([g], wrt, [adg if adg is not None else torch.zeros_like(y)])
+                    extra = _vjp([g], wrt, [adg if adg is not None else torch.zeros_like(y)], retain=True)
                 else:
                     cols = [g.squeeze(-1)] if self.nt == "scalar" else list(g.unbind(-1))
                     extra = [torch.zeros_like(x) for x in wrt]
-                    for j, c in enumerate(cols):
+                    for c in cols:
                         (adg,) = torch.autograd.grad(c, yv, a, retain_graph=True, allow_unused=True)
                         if adg is None:
                             continue
-                        extra = [e + x for e, x in zip(extra, _vjp([c], wrt, [adg], retain=j + 1 < len(cols)))]
+                        extra = [e + x for e, x in zip(extra, _vjp([c], wrt, [adg], retain=True))]
                 adj = [u + cf * e for u, e in zip(adj, extra)]
-        return dy.detach(), [-u for u in adj]
+            adj = [-u for u in adj]
+            if milstein and g.requires_grad:  # Milstein's term of the augmented SDE (diagonal noise)
+                dy, adj = self._milstein(g, yv, a, v, cf, wrt, dy, adj)
+        return dy.detach(), adj
+
+    def _milstein(self, g, yv, a, v, h, wrt, dy, adj):
+        """The augmented SDE's ``g dg/dy (dW^2 - dt) / 2`` (Itô; ``dW^2 / 2`` Stratonovich) for diagonal noise, as
+        torchsde's adjoint computes it: the state's part ``g g' v2`` and the adjoints' part ``(a v2 dg_i/dy_i)^T
+        dg/d(y, p) - d/d(y, p) [(a v2 g)^T dg/dy]``, ``v2`` the Milstein weight."""
+        v2 = 0.5 * (v * v - abs(h)) if self.sde.sde_type == "ito" else 0.5 * v * v
+        zeros = [torch.zeros_like(x) for x in wrt]
+        (vgdg,) = torch.autograd.grad(g, yv, v2 * g, retain_graph=True, allow_unused=True)
+        (dgdy,) = torch.autograd.grad(g.sum(), yv, retain_graph=True, allow_unused=True)
+        prod = _vjp([g], wrt, [a * v2 * dgdy], retain=True) if dgdy is not None else zeros
+        (avg,) = torch.autograd.grad(g, yv, (a * v2 * g).detach(), create_graph=True, allow_unused=True)
+        mixed = _vjp([avg.sum()], wrt, [torch.ones((), dtype=avg.dtype, device=avg.device)]) \
+            if avg is not None else zeros
+        if vgdg is not None:
+            dy = dy + vgdg
+        return dy, [u + p - m for u, p, m in zip(adj, prod, mixed)]
 
 
 def _backward(sde, ys, grads, params, t_host, t_dtype, step, bm, method):
@@ -235,8 +257,8 @@ def _backward(sde, ys, grads, params, t_host, t_dtype, step, bm, method):
 
 def _step(aug, method, t, h, y, a, ap, v):
     """One backward step of ``method`` (torchsde's midpoint / Heun / Euler–Maruyama on the augmented SDE)."""
-    if method == "euler":
-        dy, (da, *dp) = aug(t[0], y, a, v, h, 1.0)
+    if method in ("euler", "milstein"):
+        dy, (da, *dp) = aug(t[0], y, a, v, h, 1.0, milstein=method == "milstein")
         return y + dy, a + da, [p + d for p, d in zip(ap, dp)]
     if method == "midpoint":
         dy, (da, *_) = aug(t[0], y, a, v, 0.5 * h, 0.5)
