@@ -511,3 +511,92 @@ def test_return_pred_original_sample_false_gives_the_same_samples_without_the_es
         assert len(b) == 1 and a.pred_original_sample is not None
         assert torch.equal(a.prev_sample, b[0])
         xa, xb = a.prev_sample, b[0]
+
+
+def test_pred_original_sample_dtypes_are_the_replaced_schedulers():
+    """Euler widens a half sample to float32 for its data estimate; 'sample' prediction returns the model output
+    itself (its dtype); both as diffusers'."""
+    ref = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ours = FlowSDEScheduler.from_config(ref.config, method="euler")
+    for s in (ref, ours):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(8)
+    x, o = (torch.randn(1, 4, 8, 8, generator=g) * 14.6).half(), torch.randn(1, 4, 8, 8, generator=g).half()
+    a, b = ref.step(o, ref.timesteps[0], x), ours.step(o, ours.timesteps[0], x)
+    assert b.pred_original_sample.dtype == a.pred_original_sample.dtype == torch.float32
+    # diffusers multiplies sigma (a 0-dim float32 tensor) by the half output in half precision; flowsde does not
+    exact = x.double() - float(ref.sigmas[0]) * o.double()
+    err_ref = float((a.pred_original_sample.double() - exact).abs().max())
+    err_ours = float((b.pred_original_sample.double() - exact).abs().max())
+    assert err_ours < 1e-4 < err_ref < 0.05
+    assert b.prev_sample.dtype == a.prev_sample.dtype == torch.float16
+    for cls, method in (("DDIMScheduler", "ddim"), ("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun")):
+        ref = getattr(diffusers, cls)(prediction_type="sample", **({} if method == "euler" else dict(clip_sample=False)))
+        ours = FlowSDEScheduler.from_config(ref.config, method=method)
+        for s in (ref, ours):
+            s.set_timesteps(10)
+        x, o = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g).half()
+        a = ref.step(o, ref.timesteps[0], x, return_dict=False)
+        b = ours.step(o, ours.timesteps[0], x, return_dict=False)
+        assert b[1].dtype == a[1].dtype == torch.float16 and torch.equal(a[1], b[1])
+
+
+def test_fractional_timesteps_given_as_python_floats_find_their_step():
+    ts = [998.7, 500.3, 1.2]
+    for cls, method in (("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun")):
+        ref = getattr(diffusers, cls)()
+        ours = FlowSDEScheduler.from_config(ref.config, method=method)
+        for s in (ref, ours):
+            s.set_timesteps(timesteps=ts)
+        x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(9))
+        for s in (ref, ours):
+            s.scale_model_input(x, ts[0])
+        assert ours.step_index == ref.step_index == 0
+        a = ref.step(torch.tanh(x), torch.tensor(ts[0], dtype=torch.float64), x).prev_sample
+        b = ours.step(torch.tanh(x), torch.tensor(ts[0], dtype=torch.float64), x).prev_sample
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ddim_eta_advances_the_generator_as_ddim_scheduler_and_refuses_two_noise_sources():
+    """A step of zero variance (the last one, with set_alpha_to_one) draws its noise all the same in diffusers:
+    the generator's state after a run must agree, or reusing it gives other images from the second run on."""
+    ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ours = FlowSDEScheduler.from_config(ref.config, method="ddim")
+    states = []
+    for s in (ref, ours):
+        s.set_timesteps(5)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        for t in s.timesteps:
+            x = s.step(torch.tanh(x), t, x, eta=1.0, generator=gen).prev_sample
+        states.append((x, torch.randn(1, generator=gen)))
+    assert torch.allclose(states[0][0], states[1][0], atol=1e-4) and torch.equal(states[0][1], states[1][1])
+    ours.set_timesteps(5)
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="either generator or variance_noise"):
+        ours.step(x, ours.timesteps[0], x, eta=1.0, generator=torch.Generator(), variance_noise=x)
+
+
+def test_spacing_and_clipping_defaults_are_the_reproduced_schedulers():
+    """A config that took its scheduler's default spacing / clipping (an SD-1.x PNDM config, a bare DDIM one)
+    gets Euler's / Heun's defaults under method='euler' / 'heun', as EulerDiscreteScheduler.from_config gives
+    (leading spacing had started Euler at timestep 801, not 999); the model's schedule is carried over."""
+    pndm = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   skip_prk_steps=True, steps_offset=1)
+    cfg = dict(pndm.config)
+    cfg["_use_default_values"] = ["timestep_spacing", "clip_sample", "prediction_type"]
+    for cls, method in (("EulerDiscreteScheduler", "euler"), ("HeunDiscreteScheduler", "heun")):
+        ref = getattr(diffusers, cls).from_config(cfg)
+        ours = FlowSDEScheduler.from_config(cfg, method=method)
+        assert ours.config.timestep_spacing == ref.config.timestep_spacing == "linspace"
+        for s in (ref, ours):
+            s.set_timesteps(10)
+        assert torch.allclose(ours.timesteps.double(), ref.timesteps.double(), atol=1e-3)
+        assert float(ours.timesteps[0]) == 999.0 and ours.config.beta_start == 0.00085
+    heun = FlowSDEScheduler.from_config(diffusers.DDIMScheduler().config, method="heun")
+    assert heun.config.clip_sample is False  # (as HeunDiscreteScheduler.from_config of that config)
+    assert diffusers.HeunDiscreteScheduler.from_config(diffusers.DDIMScheduler().config).config.clip_sample is False
+    ddim = FlowSDEScheduler.from_config(cfg, method="ddim")
+    assert ddim.config.timestep_spacing == "leading" and ddim.config.clip_sample is True
+    ddim.set_timesteps(4, device="meta")  # the host tables are built before the move: no read-back
+    assert ddim.timesteps.device.type == "meta"

@@ -91,6 +91,10 @@ UNSUPPORTED_CONFIG = {"thresholding": False, "rescale_betas_zero_snr": False, "u
                       "interpolation_type": "linear", "final_sigmas_type": "zero", "stochastic_sampling": False}
 
 
+#: options whose default is the sampling method's (DDIM's / Euler's / Heun's), not the replaced config's
+SAMPLER_DEFAULTS = ("timestep_spacing", "clip_sample")
+
+
 def _check_supported(cfg: dict, where: str):
     """Refuse the options that would change the schedule or the update to a value not implemented here."""
     for key, default in UNSUPPORTED_CONFIG.items():
@@ -110,7 +114,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: Optional[list] = None,
-                 prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
+                 prediction_type: str = "epsilon", timestep_spacing: Optional[str] = None, steps_offset: int = 0,
                  set_alpha_to_one: bool = True, clip_sample: Optional[bool] = None, clip_sample_range: float = 1.0,
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
@@ -121,6 +125,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         if clip_sample is None:  # the replaced scheduler's default: DDIMScheduler clips, HeunDiscreteScheduler
             # not (a config without the key, e.g. Euler's or DPM-Solver's, clamped Heun's latents to [-1, 1])
             self.register_to_config(clip_sample=method == "ddim")
+        if timestep_spacing is None:  # likewise: DDIMScheduler's "leading", Euler's and Heun's "linspace" (an
+            # SD-1.x config, whose spacing is PNDM's default, started Euler at timestep 801 instead of 999)
+            timestep_spacing = "leading" if method == "ddim" else "linspace"
+            self.register_to_config(timestep_spacing=timestep_spacing)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if family == "flow" and method == "ddim" and eta:
@@ -162,9 +170,13 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         if cfg.get("use_flow_sigmas") or kwargs.get("use_flow_sigmas"):
             raise ValueError("use_flow_sigmas=True (a flow-matching model run by DPM-Solver / UniPC): pass "
                              "family='flow' and a FlowMatch scheduler's shift instead")
-        # the replaced scheduler's defaults are its behaviour: carry them over instead of ours
+        # the replaced scheduler's defaults describe its model (betas, prediction type, shift): carry them over
+        # instead of ours; the sampler's own choices that default per scheduler (spacing, clipping) take the
+        # defaults of the scheduler the method reproduces, as that scheduler's from_config would
         for key in cfg.get("_use_default_values", []) or []:
-            if key in params and key in cfg and key not in kwargs:
+            if key in SAMPLER_DEFAULTS:
+                cfg.pop(key, None)
+            elif key in params and key in cfg and key not in kwargs:
                 kwargs[key] = cfg[key]
         if "family" not in kwargs and "family" not in cfg:
             flow = str(cfg.get("_class_name", "")).startswith("FlowMatch") or (
@@ -225,7 +237,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             self.num_inference_steps = num_inference_steps
             if cfg.method == "ddim":
                 self._set_diffusion(ts, custom)
-                self.timesteps = torch.from_numpy(ts).to(device)
+                self.timesteps = torch.from_numpy(ts)  # (moved to the device below, after the host copy)
             else:
                 self._set_karras_style(num_inference_steps, ts.astype(np.float32) if custom else None)  # (as
                 # EulerDiscreteScheduler and HeunDiscreteScheduler keep custom timesteps: float32)
@@ -338,6 +350,9 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             value = host[timestep.storage_offset() - ts.storage_offset()]
         else:
             value = float(timestep.reshape(-1)[0] if isinstance(timestep, torch.Tensor) else timestep)
+            if ts.dtype == torch.float32:  # compared in the schedule's float32, as diffusers' (timesteps == t)
+                # does: 998.7 given is 998.70001220703125 there
+                value = float(np.float32(value))
         hits = [i for i, v in enumerate(host) if v == value]
         if not hits:
             raise ValueError(f"timestep {value} is not one of this scheduler's timesteps (set_timesteps made "
@@ -363,6 +378,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                              f"implemented; use method='ddim' with eta, or sde_sigma on a flow")
         if per_token_timesteps is not None:
             raise ValueError("per_token_timesteps (a timestep per token) is not implemented by FlowSDEScheduler")
+        if generator is not None and variance_noise is not None:
+            raise ValueError("pass either generator or variance_noise to step, not both (as DDIMScheduler)")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)}, sample {tuple(sample.shape)}")
         if self._step_index is None:
@@ -415,16 +432,19 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         # the data estimate z (returned as pred_original_sample) is one pass; the update reads it with
         # clip_sample (z clamped; the noise estimate the unclamped one, or with use_clipped_model_output the
         # one recomputed from the clamped estimate, (x - a z) / b), else x and out directly
-        z = ops.combine([(p1, x), (p2, out)]) if cfg.clip_sample or cfg.return_pred_original_sample else None
+        z = None
+        if cfg.clip_sample or cfg.return_pred_original_sample:  # ('sample': the model output itself, as DDIM's)
+            z = out if cfg.prediction_type == "sample" else ops.combine([(p1, x), (p2, out)])
         if cfg.clip_sample:
-            z = z.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
+            z = z.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
             terms = [(ap - c * a / b, z), (c / b, x)] if use_clipped else [(ap, z), (c * q1, x), (c * q2, out)]
         else:
             terms = [(ap * p1 + c * q1, x), (ap * p2 + c * q2, out)]
-        if std > 0:
-            # drawn in the model output's dtype, as DDIMScheduler draws it (same generator, same numbers)
+        if eta > 0:  # drawn in the model output's dtype, as DDIMScheduler draws it (same generator, same numbers),
+            # even on a step of zero variance, where it adds nothing: the generator advances as there
             noise = variance_noise if variance_noise is not None else _randn(out, generator)
-            return ops.combine(terms, [(std, None)], noise), z
+            if std > 0:
+                return ops.combine(terms, [(std, None)], noise), z
         return ops.combine(terms), z
 
     def _derivative(self, sigma: float):
@@ -450,9 +470,13 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         clip = cfg.method == "heun" and cfg.clip_sample
         if cfg.family == "flow" or not (clip or cfg.return_pred_original_sample):
             return cx, co, out, None
-        x0 = ops.combine([(1.0 - sigma * cx, x), (-sigma * co, out)])
+        if cfg.prediction_type == "sample":  # the model output itself, as diffusers returns it
+            x0 = out
+        else:  # (EulerDiscreteScheduler computes it from a float32 sample: a half sample is widened first)
+            xs = x.float() if cfg.method == "euler" and x.dtype in (torch.float16, torch.bfloat16) else x
+            x0 = ops.combine([(1.0 - sigma * cx, xs), (-sigma * co, out)])
         if clip:
-            x0 = x0.clamp_(-cfg.clip_sample_range, cfg.clip_sample_range)
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
             return 1.0 / sigma, -1.0 / sigma, x0, x0
         return cx, co, out, x0
 
