@@ -133,9 +133,52 @@ def test_errors():
         flowsde.sdeint_adjoint(sde, y0, ts.clone().requires_grad_(True))
     with pytest.raises(ValueError, match="unknown option"):
         flowsde.sdeint_adjoint(sde, y0, ts, adjoint_options=dict(step_size=0.1))
-    with pytest.raises(NotImplementedError, match="logqp"):
+    with pytest.raises(ValueError, match="logqp=True needs the prior drift"):
         flowsde.sdeint_adjoint(sde, y0, ts, logqp=True)
+    with pytest.raises(ValueError, match=r"logqp=True needs y0 of shape \(batch, d\)"):
+        flowsde.sdeint(LatentSDE("ito", "diagonal"), torch.randn(2, 3, 1, dtype=F64), ts, logqp=True)
     ys = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.1, seed=0)
     (g,) = torch.autograd.grad(ys.sum(), [y0], create_graph=True)
     with pytest.raises(RuntimeError):  # double backward: refused, not a silently wrong second derivative
         torch.autograd.grad(g.sum(), [y0])
+
+
+class LatentSDE(NeuralSDE):
+    """A posterior SDE with a prior drift h (a latent SDE), for torchsde's logqp=True."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.hw = torch.nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(9), dtype=F64) * 0.4)
+
+    def h(self, t, y):
+        return -y @ self.hw
+
+
+@pytest.mark.parametrize("sde_type,noise_type,method,adjoint_method", [
+    ("ito", "diagonal", "euler", "euler"), ("ito", "diagonal", "milstein", None),
+    ("stratonovich", "diagonal", "heun", "midpoint"), ("stratonovich", "scalar", "heun", "heun"),
+    ("ito", "general", "euler", "euler"), ("ito", "additive", "euler", "euler")])
+def test_logqp_equals_torchsde_through_sdeint_and_the_adjoint(sde_type, noise_type, method, adjoint_method):
+    """logqp=True: the solution and the log-ratio increments (T - 1, batch) of torchsde's SDELogqp (|(f - h) / g|^2 / 2
+    for diagonal noise, the pseudo-inverse otherwise), and their gradients by backpropagation (sdeint) and by the
+    adjoint (sdeint_adjoint), equal to torchsde's on the same BrownianInterval (of d + 1 channels for diagonal
+    noise, as torchsde's augmented state)."""
+    sde = LatentSDE(sde_type, noise_type)
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ts = torch.tensor([0.0, 0.25, 0.5, 0.8], dtype=F64)
+    size = (4, 4) if noise_type == "diagonal" else sde.noise_shape(4)
+    bm = torchsde.BrownianInterval(0.0, 0.8, size=size, dtype=F64, entropy=3, levy_area_approximation="none")
+    out = {}
+    for name, fn in (("ours", flowsde.sdeint), ("ref", torchsde.sdeint), ("ours_adj", flowsde.sdeint_adjoint),
+                     ("ref_adj", torchsde.sdeint_adjoint)):
+        kw = dict(bm=bm, method=method, dt=2 ** -5, logqp=True)
+        if name.endswith("adj"):
+            kw["adjoint_method"] = adjoint_method
+        ys, log_ratio = fn(sde, y0, ts, **kw)
+        loss = (ys ** 2).sum() + 0.3 * log_ratio.sum()
+        out[name] = (ys.detach(), log_ratio.detach(), torch.autograd.grad(loss, [y0] + list(sde.parameters())))
+    assert out["ours"][1].shape == (3, 4)
+    for ours, ref in (("ours", "ref"), ("ours_adj", "ref_adj")):
+        assert float((out[ours][0] - out[ref][0]).abs().max()) < 1e-12
+        assert float((out[ours][1] - out[ref][1]).abs().max()) < 1e-12
+        assert rel(out[ours][2], out[ref][2]) < 1e-12

@@ -220,7 +220,7 @@ def test_torchsde_names_and_f_and_g_and_their_refusals():
                          atol=np.float32(1e-3), seed=0)
     assert torch.equal(got, flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, adaptive=True, rtol=1e-3,
                                            atol=float(np.float32(1e-3)), seed=0))
-    for kw, err in ((dict(logqp=True), NotImplementedError), (dict(extra=True), NotImplementedError),
+    for kw, err in ((dict(logqp=True), ValueError), (dict(extra=True), NotImplementedError),  # (logqp: no prior h)
                     (dict(names={"drifts": "f"}), ValueError)):
         with pytest.raises(err):
             flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, **kw)

@@ -152,13 +152,61 @@ class _Renamed:
         return self._g(t, y) if callable(self._g) else self._pair(t, y)[1]
 
 
+class _Logqp:
+    """torchsde's ``logqp=True``: the state ``(batch, d)`` gains a last column, the running integral of
+    ``|u|^2 / 2`` with ``u = (f - h) / g`` (diagonal noise; ``pinv(g) (f - h)`` otherwise), ``h`` the prior
+    drift — the log-ratio (KL) penalty of latent SDEs. Its diffusion is zero. The diffusion computed for the
+    drift is kept for the ``g`` asked next at the same point."""
+
+    def __init__(self, sde, prior):
+        self.noise_type, self.sde_type = sde.noise_type, sde.sde_type
+        self.sde, self.h, self._last = sde, prior, None
+
+    def _g(self, t, y):
+        last, grad = self._last, torch.is_grad_enabled()
+        if last is None or last[0] is not t or last[1] is not y or last[2] != grad:
+            self._last = last = (t, y, grad, self.sde.g(t, y[:, :-1]))
+        return last[3]
+
+    def f(self, t, y):
+        x = y[:, :-1]
+        f, g, h = self.sde.f(t, x), self._g(t, y), self.h(t, x)
+        if self.noise_type == "diagonal":  # (torchsde's stable division: |g| below 1e-7 taken as 1e-7)
+            u = (f - h) / torch.where(g.abs() > 1e-7, g, 1e-7 * g.sign())
+        else:
+            u = torch.bmm(torch.linalg.pinv(g), (f - h).unsqueeze(-1)).squeeze(-1)
+        return torch.cat([f, 0.5 * (u * u).sum(dim=1, keepdim=True)], dim=1)
+
+    def g(self, t, y):
+        g = self._g(t, y)
+        zero = g.new_zeros((g.shape[0], 1) + tuple(g.shape[2:]))
+        return torch.cat([g, zero], dim=1)
+
+
+def _with_logqp(sde, y0, names):
+    """The SDE and state of a ``logqp=True`` solve (``y0`` of shape ``(batch, d)``, a prior drift ``h``)."""
+    if not isinstance(y0, torch.Tensor) or y0.dim() != 2:
+        raise ValueError(f"logqp=True needs y0 of shape (batch, d), got "
+                         f"{tuple(y0.shape) if isinstance(y0, torch.Tensor) else type(y0).__name__}")
+    name = (names or {}).get("prior_drift", "h")
+    prior = getattr(sde, name, None)
+    if not callable(prior):
+        raise ValueError(f"logqp=True needs the prior drift: the sde has no method {name}(t, y)")
+    inner = _torchsde_arguments(sde, names, False, False, None)
+    return _Logqp(inner, prior), torch.cat([y0, y0.new_zeros((y0.shape[0], 1))], dim=1)
+
+
+def _split_logqp(ys):
+    """``(ys, log_ratio)``: the solution and the penalty's increments between successive times, ``(T - 1, batch)``."""
+    return ys[..., :-1], ys[1:, :, -1] - ys[:-1, :, -1]
+
+
 def _torchsde_arguments(sde, names, logqp, extra, extra_solver_state):
     """torchsde's ``names``, ``logqp``, ``extra`` and ``extra_solver_state``: ``names`` maps its keys to
-    the SDE's method names; the others (the latent-SDE KL term, solver state for resuming) are refused
-    with a clear error rather than ignored."""
+    the SDE's method names; ``logqp`` is handled by the caller (:func:`_with_logqp`); solver state for
+    resuming is refused with a clear error rather than ignored."""
     if logqp:
-        raise NotImplementedError("logqp=True (the KL term of latent SDEs) is not supported by flowsde.sdeint; "
-                                  "use torchsde.sdeint for it")
+        raise NotImplementedError("internal: logqp is applied by _with_logqp")
     if extra or extra_solver_state is not None:
         raise NotImplementedError("extra / extra_solver_state (torchsde's solver state, to resume a solve) are "
                                   "not supported by flowsde.sdeint")
@@ -200,6 +248,14 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ``nge``, ``steps``), ``grad_free``, ``backend``.
     """
     from .adaptive_sde import ADAPTIVE_SDE_OPTIONS, sdeint_adaptive
+    if logqp:  # the KL penalty as a last state column (torchsde's SDELogqp), split off the result
+        if extra or extra_solver_state is not None:
+            _torchsde_arguments(sde, names, False, extra, extra_solver_state)
+        aug, y_aug = _with_logqp(sde, y0, names)
+        out = sdeint(aug, y_aug, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, None, seed=seed)
+        if isinstance(out, tuple):
+            return _split_logqp(out[0]) + (out[1],)
+        return _split_logqp(out)
     opts = _checks.check_options(options, ADAPTIVE_SDE_OPTIONS if adaptive else SDE_OPTIONS,
                                  f"sdeint(adaptive={bool(adaptive)})")
     for attr, allowed in (("noise_type", NOISE_TYPES), ("sde_type", SDE_TYPES)):

@@ -42,16 +42,21 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     long, from each output time down to the one before. ``bm``: any Brownian object that answers queries
     in any order (torchsde's ``BrownianInterval`` / ``BrownianTree``, flowsde's ``VirtualBrownianTree``);
     with ``bm=None`` a :class:`~flowsde.brownian.VirtualBrownianTree` from ``seed`` (so the path is not
-    ``sdeint``'s own ``bm=None`` stream). ``adjoint_adaptive``, ``logqp``, ``extra`` and double backward are
-    not supported (refused).
+    ``sdeint``'s own ``bm=None`` stream). ``logqp=True`` returns ``(ys, log_ratio)`` as torchsde (the
+    penalty differentiated with the rest). ``adjoint_adaptive``, ``extra`` and double backward are not
+    supported (refused).
     """
-    from .sde import SDE_METHODS, _torchsde_arguments, sdeint
+    from .sde import SDE_METHODS, _split_logqp, _torchsde_arguments, _with_logqp, sdeint
 
     params = differentiated_params(sde, adjoint_params, "sdeint_adjoint: sde")
     if adjoint_adaptive:
         raise NotImplementedError("sdeint_adjoint: adjoint_adaptive=True is not supported (the backward steps are "
                                   "dt long)")
-    inner = _torchsde_arguments(sde, names, logqp, extra, extra_solver_state)
+    inner = _torchsde_arguments(sde, names, False, extra, extra_solver_state)
+    solved, solved_names = sde, names
+    if logqp:  # the KL penalty as a last state column, differentiated with the rest (as torchsde)
+        inner, y0 = _with_logqp(sde, y0, names)
+        solved, solved_names = inner, None
     for attr in ("noise_type", "sde_type"):
         if not hasattr(inner, attr):
             raise ValueError(f"sde has no attribute {attr}")
@@ -86,8 +91,8 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     stats = {}
 
     def forward(y):
-        out = sdeint(sde, y, ts, bm=bm, method=method, dt=dt, adaptive=adaptive, rtol=rtol, atol=atol,
-                     dt_min=dt_min, options=opts, names=names, seed=seed)
+        out = sdeint(solved, y, ts, bm=bm, method=method, dt=dt, adaptive=adaptive, rtol=rtol, atol=atol,
+                     dt_min=dt_min, options=opts, names=solved_names, seed=seed)
         if opts.get("return_stats", False):
             out, st = out
             stats.update(st)
@@ -97,7 +102,10 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
         return _backward(inner, ys, grads, params, t_host, ts.dtype, step, bm, adjoint_method)
 
     ys = _SDEAdjoint.apply(forward, backward, y0, *params)
-    return (ys, stats) if opts.get("return_stats", False) else ys
+    result = _split_logqp(ys) if logqp else (ys,)
+    if opts.get("return_stats", False):
+        return result + (stats,)
+    return result if logqp else ys
 
 
 def _default_tree(sde, y0, ts, t_host, step, seed):
