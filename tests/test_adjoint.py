@@ -284,3 +284,29 @@ def test_time_gradients_of_exponential_growth_are_exact():
     (gt,) = torch.autograd.grad(ys[-1].sum(), [t])
     yT = float(ys[-1].sum())
     assert gt.tolist() == pytest.approx([-0.7 * yT, 0.7 * yT], rel=1e-8)
+
+
+def test_a_one_element_tuple_state_hands_its_norm_a_tuple_in_the_backward_pass_too():
+    """The forward norm of a 1-tuple state gets a tuple (as torchdiffeq); the backward default and seminorm
+    norms apply it to y and a_y as tuples too (a bare tensor had made another norm: other backward steps)."""
+    W = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(11), requires_grad=True)
+
+    def norm(xs):
+        assert isinstance(xs, tuple)
+        return xs[0].abs().max()
+    for aopts in (None, dict(norm="seminorm")):
+        out = {}
+        for name, lib in (("flowsde", flowsde), ("torchdiffeq", torchdiffeq)):
+            n = [0]
+
+            def f(t, ys):
+                n[0] += 1
+                return (torch.tanh(ys[0] @ W) * torch.cos(t),)
+            y0 = (torch.tensor([0.3, -0.2, 0.5], dtype=F64, requires_grad=True),)
+            t = torch.tensor([0.0, 2.0], dtype=F64, requires_grad=True)
+            ys = lib.odeint_adjoint(f, y0, t, adjoint_params=(W,), options=dict(norm=norm), adjoint_options=aopts)
+            fwd = n[0]
+            g = torch.autograd.grad(ys[0][-1].sum(), [y0[0], W, t])
+            out[name] = (fwd, n[0] - fwd, g)
+        assert out["flowsde"][:2] == out["torchdiffeq"][:2]
+        assert rel(out["flowsde"][2], out["torchdiffeq"][2]) < 1e-10

@@ -1,4 +1,5 @@
 """flowsde.odeint against torchdiffeq.odeint: same grid, same method, same outputs."""
+import numpy as np
 import pytest
 import torch
 import torchdiffeq
@@ -127,6 +128,13 @@ def test_float32_times_leave_no_sliver_step_and_take_torchdiffeqs_steps():
                                  options=dict(step_size=h, return_stats=True))
         assert st64["steps"] == round(t1 / h) + (float(t[1].double()) / h - round(t1 / h) > 1e-10)
     assert flowsde.solvers.fixed.uniform_grid(0.0, float(torch.tensor(0.3)), 0.1, torch.float32).size == 4
+    # the tolerance is the ends' own rounding (an ulp each), not a fixed floor: a real last fraction of a step,
+    # a few ulps long or at small times, is kept, as torchdiffeq's float32 grid keeps it
+    for t0, t1, h, n in [(0.0, 0.0010004, 1e-6, 1001), (1000.0, 1000.3502, 1e-3, 351), (-2.0, 1.05, 0.1, 31)]:
+        _, st = flowsde.odeint(LinearODE(), y0, torch.tensor([t0, t1]), method="euler",
+                               options=dict(step_size=h, return_stats=True))
+        grid = flowsde.solvers.fixed.uniform_grid(*torch.tensor([t0, t1]).double().tolist(), h, torch.float32)
+        assert st["steps"] == n and np.diff(grid).max() <= h * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("method", ["dopri5", "bosh3", "heun_euler"])

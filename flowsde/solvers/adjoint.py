@@ -85,7 +85,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
             return (event_t,) + (tuple(sol) if parts else (sol,))
         return tuple(out) if parts else (out,)
 
-    adjoint_options = _adjoint_norm(adjoint_options, options.get("norm"), len(y_parts))
+    adjoint_options = _adjoint_norm(adjoint_options, options.get("norm"), len(y_parts), parts)
 
     def backward(times, sols, grads):
         return _backward(odeint, func, times, sols, grads, params, parts, adjoint_rtol, adjoint_atol,
@@ -102,9 +102,10 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     return result
 
 
-def _adjoint_norm(adjoint_options: dict, state_norm, k: int) -> dict:
+def _adjoint_norm(adjoint_options: dict, state_norm, k: int, parts: bool) -> dict:
     """The backward solves' error norm, as torchdiffeq chooses it (``adjoint_options["norm"]``). The
-    augmented state is the tuple ``(a_t, y..., a_y..., a_p...)`` (``k`` parts each of ``y`` and ``a_y``):
+    augmented state is the tuple ``(a_t, y..., a_y..., a_p...)`` (``k`` parts each of ``y`` and ``a_y``;
+    ``parts``: ``y0`` was a tuple):
 
     * absent: ``max(|a_t|, n(y), n(a_y), mixed(a_p))``, ``n`` the forward solve's norm (``options["norm"]``:
       RMS, or the mixed norm of a tuple state, unless given) and ``mixed`` the largest of the parameters'
@@ -129,7 +130,7 @@ def _adjoint_norm(adjoint_options: dict, state_norm, k: int) -> dict:
     def n(ps):
         if state_norm is None:
             return [_rms(p) for p in ps]
-        r = state_norm(tuple(ps) if k > 1 else ps[0])
+        r = state_norm(tuple(ps) if parts else ps[0])  # (a tuple for a tuple state, 1-tuples included)
         return [r if isinstance(r, torch.Tensor) else torch.as_tensor(r, device=ps[0].device)]
 
     def augmented_norm(state):
@@ -212,7 +213,7 @@ def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, metho
     t_vjps = [None] * n
 
     def output_time_vjp(i):  # f(t_i, y_i) . dL/dy_i, the gradient of the output at t_i with respect to t_i
-        f = func(times[i].to(ydt[0]), tuple(s[i] for s in sols) if parts else sols[0][i])
+        f = func(times[i].to(device=sols[0].device, dtype=ydt[0]), tuple(s[i] for s in sols) if parts else sols[0][i])
         fs = tuple(f) if parts else (f,)
         return sum((o.to(g.dtype) * g[i]).sum() for o, g in zip(fs, grads)).to(state[0].dtype)
     for i in range(n - 1, 0, -1):
@@ -232,4 +233,5 @@ def _backward(odeint, func, times, sols, grads, params, parts, rtol, atol, metho
     if not t_grad:
         return state[1 + k:1 + 2 * k], state[1 + 2 * k:], None
     t_vjps[0] = state[0]
-    return state[1 + k:1 + 2 * k], state[1 + 2 * k:], torch.stack(t_vjps)
+    return state[1 + k:1 + 2 * k], state[1 + 2 * k:], torch.stack(t_vjps).to(times.device)  # (t's device: host
+    # times beside a CUDA state are allowed)

@@ -22,12 +22,16 @@ SLIVER = 1e-10
 
 def sliver_tolerance(t0: float, t1: float, dt: float, time_dtype: Optional[torch.dtype] = None) -> float:
     """The fraction of a step below which a last step is a sliver: :data:`SLIVER`, or for times of a
-    narrower dtype than float64 the rounding of that dtype at the times' magnitude (float32 0.3 is
-    0.30000001192: ``0.3 / 0.1`` steps would otherwise end with a step of 1.2e-8), at most half a step."""
+    narrower dtype than float64 the rounding of the two ends in that dtype (one ulp each: float32 0.3 is
+    0.30000001192, and ``0.3 / 0.1`` steps would otherwise end with a step of 1.2e-8), at most half a step."""
     if time_dtype is None or time_dtype == torch.float64 or not time_dtype.is_floating_point:
         return SLIVER
-    rounding = 4 * torch.finfo(time_dtype).eps * max(1.0, abs(t0), abs(t1))
-    return min(0.5, max(SLIVER, rounding / dt))
+    fi = torch.finfo(time_dtype)
+
+    def ulp(x):  # the spacing of time_dtype at x (each end is within half of it of the value meant)
+        x = abs(x)
+        return fi.eps * 2.0 ** math.floor(math.log2(x)) if x >= fi.tiny else fi.tiny
+    return min(0.5, max(SLIVER, (ulp(t0) + ulp(t1)) / dt))
 
 
 def uniform_grid(t0: float, t1: float, dt: float, time_dtype: Optional[torch.dtype] = None) -> np.ndarray:
