@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--widths", default="16,32,64", help="MLP widths for the RK4 comparison")
-    ap.add_argument("--only", choices=["ou", "rk4", "dopri5"], help="run one section")
+    ap.add_argument("--only", choices=["ou", "rk4", "dopri5", "adjoint"], help="run one section")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"flowsde CPU comparison: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -60,6 +60,31 @@ def main(argv=None):
         rk4_section(args)
     if args.only in (None, "dopri5"):
         dopri5_section(args)
+    if args.only in (None, "adjoint"):
+        adjoint_section(args)
+
+
+def adjoint_section(args):
+    field, y0, t = peers.adjoint_ode_problem()
+    res = rounds_of({
+        "flowsde": lambda: peers.adjoint_ode(peers.flowsde, field, y0, t),
+        "torchdiffeq": lambda: peers.adjoint_ode(peers.torchdiffeq, field, y0, t),
+        "flowsde, seminorm": lambda: peers.adjoint_ode(peers.flowsde, field, y0, t,
+                                                      adjoint_options=dict(norm="seminorm")),
+        "torchdiffeq, seminorm": lambda: peers.adjoint_ode(peers.torchdiffeq, field, y0, t,
+                                                          adjoint_options=dict(norm="seminorm")),
+    }, args.rounds)
+    print(table("odeint_adjoint forward + backward (dopri5, rtol = atol = 1e-5, the same steps), MLP 2-32-32-2, "
+                "B=1024, 5 outputs", res) + "\n")
+    for sde_type, methods in (("stratonovich", "Heun forward, midpoint backward"),
+                              ("ito", "Euler forward, Milstein backward")):
+        sde, y0, ts = peers.adjoint_sde_problem(sde_type=sde_type)
+        res = rounds_of({
+            "flowsde": lambda: peers.adjoint_sde(peers.flowsde, sde, y0, ts),
+            "torchsde": lambda: peers.adjoint_sde(peers.torchsde, sde, y0, ts),
+        }, args.rounds)
+        print(table(f"sdeint_adjoint forward + backward ({sde_type}, {methods}, the same BrownianInterval and "
+                    f"steps), MLP drift 2-32-2, B=256, dt=0.02", res) + "\n")
 
 
 def dopri5_section(args):

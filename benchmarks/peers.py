@@ -113,3 +113,53 @@ def dopri5_flowsde(field, y0, t, tol=1e-5):
 def dopri5_torchdiffeq(field, y0, t, tol=1e-5):
     with torch.no_grad():
         return torchdiffeq.odeint(field, y0, t, rtol=tol, atol=tol)
+
+
+# ---- adjoint gradients: forward and backward pass, flowsde against torchdiffeq / torchsde ---------------
+def adjoint_ode_problem(B=1024, width=32):
+    field = MLPField(width=width)
+    y0 = torch.randn(B, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.0, 1.0, 5)
+    return field, y0, t
+
+
+def adjoint_ode(lib, field, y0, t, tol=1e-5, **kw):
+    """One forward and backward pass of an adjoint solve (dopri5), the gradient of a loss on every output."""
+    y = y0.clone().requires_grad_(True)
+    ys = lib.odeint_adjoint(field, y, t, rtol=tol, atol=tol, **kw)
+    return torch.autograd.grad(ys.pow(2).mean(), [y] + list(field.parameters()))
+
+
+class NeuralSDE(torch.nn.Module):
+    """A small latent-style SDE: an MLP drift and a state-dependent diagonal diffusion."""
+
+    def __init__(self, sde_type="stratonovich", d=2, width=32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.sde_type, self.noise_type = sde_type, "diagonal"
+        self.drift = torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.Tanh(), torch.nn.Linear(width, d))
+        self.scale = torch.nn.Parameter(torch.full((d,), 0.3))
+
+    def f(self, t, y):
+        return self.drift(y)
+
+    def g(self, t, y):
+        return self.scale * torch.sigmoid(y)
+
+
+def adjoint_sde_problem(B=256, sde_type="stratonovich"):
+    sde = NeuralSDE(sde_type)
+    y0 = torch.randn(B, 2, generator=torch.Generator().manual_seed(0))
+    ts = torch.linspace(0.0, 1.0, 3)
+    return sde, y0, ts
+
+
+def adjoint_sde(lib, sde, y0, ts, dt=0.02, entropy=0):
+    """One forward and backward pass of sdeint_adjoint on a fresh BrownianInterval (the same for both
+    libraries: the comparison is of the solvers, not the Brownian objects), torchsde's default methods."""
+    bm = torchsde.BrownianInterval(float(ts[0]), float(ts[-1]), size=tuple(y0.shape), entropy=entropy,
+                                   levy_area_approximation="none")
+    y = y0.clone().requires_grad_(True)
+    method = "heun" if sde.sde_type == "stratonovich" else "euler"
+    ys = lib.sdeint_adjoint(sde, y, ts, bm=bm, method=method, dt=dt)
+    return torch.autograd.grad(ys.pow(2).mean(), [y] + list(sde.parameters()))

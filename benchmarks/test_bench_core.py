@@ -36,3 +36,21 @@ def test_rk4_mlp(benchmark, mlp, who):
     fn = {"flowsde": peers.mlp_flowsde, "torchdiffeq": peers.mlp_torchdiffeq}[who]
     ys = benchmark.pedantic(fn, args=mlp, rounds=5, warmup_rounds=1)
     assert ys.shape == (51, 4096, 2)
+
+
+@pytest.mark.benchmark(group="odeint-adjoint-dopri5-mlp-1024")
+@pytest.mark.parametrize("who", ["flowsde", "torchdiffeq"])
+def test_odeint_adjoint(benchmark, who):
+    field, y0, t = peers.adjoint_ode_problem()
+    lib = {"flowsde": peers.flowsde, "torchdiffeq": peers.torchdiffeq}[who]
+    grads = benchmark.pedantic(peers.adjoint_ode, args=(lib, field, y0, t), rounds=3, warmup_rounds=1)
+    assert grads[0].shape == y0.shape
+
+
+@pytest.mark.benchmark(group="sdeint-adjoint-stratonovich-256")
+@pytest.mark.parametrize("who", ["flowsde", "torchsde"])
+def test_sdeint_adjoint(benchmark, who):
+    sde, y0, ts = peers.adjoint_sde_problem()
+    lib = {"flowsde": peers.flowsde, "torchsde": peers.torchsde}[who]
+    grads = benchmark.pedantic(peers.adjoint_sde, args=(lib, sde, y0, ts), rounds=3, warmup_rounds=1)
+    assert grads[0].shape == y0.shape
