@@ -360,3 +360,36 @@ def test_events_and_the_adjoint_on_cuda_equal_the_cpu():
         res[dev] = [v.cpu() for e in ev for v in e] + [g.cpu() for g in grads]
     for a, b in zip(res["cpu"], res[DEV]):
         assert float((a - b).abs().max()) <= 1e-9 * max(1.0, float(a.abs().max()))
+
+
+@gpu
+def test_adjoint_time_gradients_norms_and_the_stochastic_adjoint_on_cuda_equal_the_cpu():
+    """odeint_adjoint with a t that requires grad (on the host beside a CUDA state, as check_times allows),
+    a max-norm and seminorm; sdeint_adjoint (Stratonovich midpoint, Itô Milstein, logqp) on a flowsde
+    VirtualBrownianTree: the CPU's gradients."""
+    import sys as _sys
+    _sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_sde_adjoint import LatentSDE
+    res = {}
+    for dev in ("cpu", DEV):
+        model = MLPVelocity(width=16, generator=_g(0)).to(dev).double()
+        x0 = torch.randn(64, 2, generator=_g(1), dtype=torch.float64).to(dev).requires_grad_(True)
+        t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)  # host times
+        ys = flowsde.odeint_adjoint(model.ode_field(), x0, t, adjoint_params=tuple(model.parameters()),
+                                    options=dict(norm=lambda x: x.abs().max()),
+                                    adjoint_options=dict(norm="seminorm"))
+        ode = torch.autograd.grad((ys ** 2).sum(), [x0, t] + list(model.parameters()))
+        assert ode[1].device.type == "cpu"
+        sde = LatentSDE("ito", "diagonal").to(dev)
+        y0 = torch.randn(8, 3, generator=_g(2), dtype=torch.float64).to(dev).requires_grad_(True)
+        ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64, device=dev)
+        out = []
+        for kind, kw in (("ito", {}), ("ito", dict(logqp=True))):
+            bm = flowsde.VirtualBrownianTree(0.0, 1.0, shape=(8, 4 if kw else 3), seed=3, tol=2 ** -12,
+                                             dtype=torch.float64, device=dev)
+            r = flowsde.sdeint_adjoint(sde, y0, ts, bm=bm, dt=0.05, **kw)
+            loss = (r[0] ** 2).sum() + r[1].sum() if kw else (r ** 2).sum()
+            out += list(torch.autograd.grad(loss, [y0] + list(sde.parameters())))
+        res[dev] = [v.detach().cpu() for v in ode] + [v.cpu() for v in out]
+    for a, b in zip(res["cpu"], res[DEV]):
+        assert float((a - b).abs().max()) <= 1e-9 * max(1.0, float(a.abs().max()))
