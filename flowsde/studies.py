@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .brownian import GridBrownian, SampledPath
-from .solvers import odeint, sdeint
+from .solvers import SDE_METHODS, odeint, sdeint
 
 
 def fit_order(hs: Sequence[float], errors: Sequence[float]) -> float:
@@ -142,9 +142,12 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128,
 #: Problems a convergence study knows, with the methods it runs on each and the order theory predicts.
 SDE_PROBLEMS = {
     # problem: {method: (strong order, weak order or None)}
-    "ou": {"euler": (1.0, 1.0), "milstein": (1.0, None), "heun": (1.0, None)},     # additive noise
-    "gbm": {"euler": (0.5, None), "milstein": (1.0, None), "heun": (1.0, None)},   # multiplicative noise
-    "bm": {"euler": (0.5, None), "milstein": (0.5, None), "heun": (0.5, None)},    # whole-path error
+    "ou": {"euler": (1.0, 1.0), "milstein": (1.0, None), "heun": (1.0, None),      # additive noise
+           "midpoint": (1.0, None), "euler_heun": (1.0, None)},
+    "gbm": {"euler": (0.5, None), "milstein": (1.0, None), "heun": (1.0, None),    # multiplicative noise
+            "midpoint": (1.0, None), "euler_heun": (1.0, None)},
+    "bm": {"euler": (0.5, None), "milstein": (0.5, None), "heun": (0.5, None),     # whole-path error
+           "midpoint": (0.5, None), "euler_heun": (0.5, None)},
 }
 ODE_PROBLEMS = {
     "ou_drift": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4},
@@ -244,7 +247,7 @@ def convergence(problem: str = "ou", method: str = "euler", steps: Sequence[int]
     fine = GridBrownian(t0=0.0, t1=t1, steps=n_fine, shape=(hi - lo, 1), seed=seed, dtype=dt, device=device,
                         stream="philox", row_start=lo)
     bm = SampledPath(fine.grid, fine.path())  # drawn once, shared by every step count
-    strat = method == "heun"
+    strat = "ito" not in SDE_METHODS[method].sde_types  # (Stratonovich-only methods solve the Stratonovich form)
     if problem == "ou":
         sde = OrnsteinUhlenbeck(1.0, 1.0, sde_type="stratonovich" if strat else "ito")
         ref = sde.pathwise(y0, bm.grid, bm.values)

@@ -58,7 +58,8 @@ def rel(a, b):
     ("ito", "diagonal", "euler", "euler"), ("ito", "diagonal", "milstein", "euler"), ("ito", "scalar", "euler", "euler"),
     ("ito", "general", "euler", "euler"), ("ito", "additive", "euler", "euler"),
     ("ito", "diagonal", "euler", "milstein"), ("ito", "diagonal", "milstein", None),  # (None: torchsde's default)
-    ("stratonovich", "diagonal", "milstein", "milstein")])
+    ("stratonovich", "diagonal", "milstein", "milstein"), ("stratonovich", "diagonal", "midpoint", "euler_heun"),
+    ("stratonovich", "general", "euler_heun", "euler_heun"), ("stratonovich", "scalar", None, None)])
 def test_gradients_equal_torchsde_sdeint_adjoint(sde_type, noise_type, method, adjoint_method):
     """Same BrownianInterval, same forward and backward methods and steps: the gradients of y0 and of the drift's
     and diffusion's parameters equal torchsde's to 1e-12 (Itô: torchsde's reverse-drift and adjoint corrections;

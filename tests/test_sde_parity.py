@@ -35,6 +35,8 @@ class Nonlinear:
 CASES = [(m, nt, st, gf) for m, nts, sts, gfs in [
     ("euler", ("diagonal", "scalar", "additive", "general"), ("ito",), (False,)),
     ("heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
+    ("midpoint", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
+    ("euler_heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
     ("milstein", ("diagonal", "scalar", "additive"), ("ito", "stratonovich"), (False, True)),
 ] for nt in nts for st in sts for gf in gfs]
 
@@ -254,3 +256,16 @@ def test_f_and_g_pairs_are_not_reused_across_grad_modes():
         flowsde.sdeint(Missing(), y0.detach(), ts, dt=0.1, names={"drift": "nope"})
     with pytest.raises(NotImplementedError, match="g_prod"):
         flowsde.sdeint(_Renamed(), y0.detach(), ts, dt=0.1, names={"drift_and_diffusion_prod": "drift"})
+
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "general"])
+def test_the_default_stratonovich_method_is_torchsdes_midpoint(noise_type):
+    """method=None on a Stratonovich SDE: torchsde's default (midpoint), so the same call gives the same numbers."""
+    sde = Nonlinear(noise_type, "stratonovich")
+    y0 = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, noise_size(noise_type)), dtype=torch.float64, entropy=5)
+    ours = flowsde.sdeint(sde, y0, ts, bm=bm, dt=2 ** -5)
+    ref = torchsde.sdeint(sde, y0, ts, bm=bm, dt=2 ** -5).detach()
+    assert float((ours - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    assert torch.equal(ours, flowsde.sdeint(sde, y0, ts, bm=bm, dt=2 ** -5, method="midpoint"))

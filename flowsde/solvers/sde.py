@@ -238,9 +238,10 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ``(len(ts), *y0.shape)``. Steps of size ``dt`` run from ``ts[0]`` to ``ts[-1]`` and outputs inside
     a step are interpolated linearly, as torchsde does.
 
-    Methods: ``euler`` (Itô Euler–Maruyama, alias ``euler_maruyama``), ``heun`` (Stratonovich) and
-    ``milstein`` (Itô or Stratonovich; diagonal, scalar or additive noise; ``options=dict(grad_free=True)``
-    for the derivative-free variant). The default is ``euler`` for Itô and ``heun`` for Stratonovich SDEs.
+    Methods: ``euler`` (Itô Euler–Maruyama, alias ``euler_maruyama``), ``heun``, ``midpoint`` and
+    ``euler_heun`` (Stratonovich, torchsde's) and ``milstein`` (Itô or Stratonovich; diagonal, scalar or
+    additive noise; ``options=dict(grad_free=True)`` for the derivative-free variant). The default is
+    ``euler`` for Itô and ``midpoint`` (torchsde's default) for Stratonovich SDEs.
 
     ``bm``: any Brownian object answering ``bm(ta, tb)`` (a torchsde one, or a
     :class:`flowsde.brownian.GridBrownian`); with ``bm=None`` flowsde draws its increments from ``seed``

@@ -5,8 +5,8 @@ The forward solve is :func:`flowsde.sdeint` without a graph. The backward pass i
 time to the one before and on the same Brownian path queried backwards, the augmented SDE of
 ``(y, a, a_p)``: ``y`` reconstructed by the reverse-time SDE, ``a' = -a^T df/dy dt - a^T d(g dW)/dy`` and
 ``a_p' = -a^T df/dp dt - a^T d(g dW)/dp``, restarting ``y`` from the forward solution at every output time and
-adding that time's incoming gradient to ``a``. Stratonovich SDEs reverse as they are (midpoint, Heun or
-Milstein backward steps); an Itô SDE's reverse drift and adjoint carry torchsde's corrections (``f - sum_j
+adding that time's incoming gradient to ``a``. Stratonovich SDEs reverse as they are (midpoint, Heun,
+Euler–Heun or Milstein backward steps); an Itô SDE's reverse drift and adjoint carry torchsde's corrections (``f - sum_j
 (dg_j/dy) g_j`` and the adjoint's Itô term, ``(a^T dg/dy) dg/d(y, p)``; additive noise needs none), stepped
 by Euler–Maruyama or, for diagonal noise, Milstein (with the augmented SDE's own Milstein term). Each
 evaluation's vector-Jacobian products are taken by autograd, with no graph kept between steps.
@@ -23,9 +23,9 @@ from . import fixed
 from .adjoint import differentiated_params
 
 #: the backward methods, by the forward SDE's type (the first is the default, as torchsde's for Stratonovich)
-ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun", "milstein"), "ito": ("euler", "milstein")}
+ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun", "euler_heun", "milstein"), "ito": ("euler", "milstein")}
 _ALIASES = {"euler_maruyama": "euler"}
-_STAGES = {"midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "euler": (0.0,), "milstein": (0.0,)}
+_STAGES = {"midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "euler_heun": (0.0, 1.0), "euler": (0.0,), "milstein": (0.0,)}
 
 
 def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e-3, adaptive=False,
@@ -37,7 +37,7 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
 
     ``adjoint_params``: the tensors to differentiate besides ``y0`` (default ``sde.parameters()``; ``sde`` must
     then be an ``nn.Module``). ``adjoint_method``: the backward steps, with torchsde's defaults —
-    ``"midpoint"`` (default), ``"heun"`` or ``"milstein"`` for Stratonovich SDEs, ``"milstein"`` (default for
+    ``"midpoint"`` (default), ``"heun"``, ``"euler_heun"`` or ``"milstein"`` for Stratonovich SDEs, ``"milstein"`` (default for
     diagonal noise) or ``"euler"`` (default otherwise) for Itô SDEs; Milstein needs diagonal noise. The backward steps are ``dt``
     long, from each output time down to the one before. ``bm``: any Brownian object that answers queries
     in any order (torchsde's ``BrownianInterval`` / ``BrownianTree``, flowsde's ``VirtualBrownianTree``);
@@ -268,6 +268,11 @@ def _step(aug, method, t, h, y, a, ap, v):
     if method in ("euler", "milstein"):
         dy, (da, *dp) = aug(t[0], y, a, v, h, 1.0, milstein=method == "milstein")
         return y + dy, a + da, [p + d for p, d in zip(ap, dp)]
+    if method == "euler_heun":  # the diffusion averaged over the start and the predictor y + g dW
+        dyg, (dag, *_) = aug(t[0], y, a, v, 0.0, 1.0)
+        dyf, (daf, *dpf) = aug(t[0], y, a, v, h, 0.5)
+        dy1, (da1, *dp1) = aug(t[1], y + dyg, a + dag, v, 0.0, 0.5)
+        return y + dyf + dy1, a + daf + da1, [p + d + d1 for p, d, d1 in zip(ap, dpf, dp1)]
     if method == "midpoint":
         dy, (da, *_) = aug(t[0], y, a, v, 0.5 * h, 0.5)
         dy1, (da1, *dp1) = aug(t[1], y + dy, a + da, v, h, 1.0)

@@ -58,6 +58,30 @@ def _heun_step(ctx, k, y):
                               ctx.noise_type)
 
 
+def _midpoint_step(ctx, k, y):
+    """torchsde's ``midpoint`` (Stratonovich): the drift and diffusion at the half-step state, one increment."""
+    (t0, tm), dt = ctx.times[k], ctx.h[k]
+    f = ctx.f(t0, y)
+    g = ctx.g(t0, y)
+    z, sc = ctx.noise(k, g)
+    y_mid = ctx.ops.sde_update(y, [(0.5 * dt, f)], [(0.5 * sc, g)], z, ctx.noise_type)
+    f1 = ctx.f(tm, y_mid)
+    g1 = ctx.g(tm, y_mid)
+    return ctx.ops.sde_update(y, [(dt, f1)], [(sc, g1)], z, ctx.noise_type)
+
+
+def _euler_heun_step(ctx, k, y):
+    """torchsde's ``euler_heun`` (Stratonovich): the drift at the start, the diffusion averaged over the start
+    and a predictor ``y + g dW`` (two diffusion evaluations, one drift)."""
+    (t0, t1), dt = ctx.times[k], ctx.h[k]
+    f = ctx.f(t0, y)
+    g = ctx.g(t0, y)
+    z, sc = ctx.noise(k, g)
+    y_pred = ctx.ops.sde_update(y, [], [(sc, g)], z, ctx.noise_type)
+    g1 = ctx.g(t1, y_pred)
+    return ctx.ops.sde_update(y, [(dt, f)], [(0.5 * sc, g), (0.5 * sc, g1)], z, ctx.noise_type)
+
+
 def _milstein_step(ctx, k, y):
     t0, dt = ctx.times[k][0], ctx.h[k]
     nt = ctx.noise_type
@@ -163,12 +187,18 @@ HEUN = SDEMethod("heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "defau
                  stage_c=(0.0, 1.0))
 MILSTEIN = SDEMethod("milstein", SDE_TYPES, ("diagonal", "scalar", "additive"), {"default": 1.0}, 1.0,
                      _milstein_step)
+MIDPOINT = SDEMethod("midpoint", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0,
+                     _midpoint_step, stage_c=(0.0, 0.5))
+EULER_HEUN = SDEMethod("euler_heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0,
+                       _euler_heun_step, stage_c=(0.0, 1.0))
 
 #: SDE methods by name (aliases included).
 SDE_METHODS: Dict[str, SDEMethod] = {
     "euler": EULER,
     "euler_maruyama": EULER,
     "heun": HEUN,
+    "midpoint": MIDPOINT,
+    "euler_heun": EULER_HEUN,
     "milstein": MILSTEIN,
 }
-DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "heun"}
+DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "midpoint"}  # (torchsde: srk for Itô, not built here; midpoint)
