@@ -83,9 +83,10 @@ class BrownianMotion:
         raise NotImplementedError
 
     def __call__(self, ta, tb=None, return_U=False, return_A=False):
-        if return_U or return_A:  # torchsde's reverse-time wrapper (sdeint_adjoint) passes both, False
-            raise NotImplementedError("flowsde's Brownian motions give increments only (no space-time Levy "
-                                      "area): levy_area_approximation is 'none'")
+        if return_A or (return_U and self.levy_area_approximation != "space-time"):
+            raise NotImplementedError(f"this {type(self).__name__} gives "
+                                      f"{'increments only' if not return_A else 'no Levy area A'} (its "
+                                      f"levy_area_approximation is {self.levy_area_approximation!r})")
         loose = _narrow_time(ta) or _narrow_time(tb)  # float32 tensor times (torchsde's, for a float32 state)
         ta = _as_time(ta)
         if tb is None:
@@ -95,10 +96,30 @@ class BrownianMotion:
         if tb < ta:
             raise ValueError(f"Brownian increment needs ta < tb, got ta={ta}, tb={tb}")
         if tb == ta:  # (``bm(t0)``, or a step of zero length): W(t) - W(t) = 0, as torchsde's
-            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        if loose and hasattr(self, "_tol32"):  # a grid motion: grid times as float32 accumulates them
-            return self.increment(ta, tb, loose=True)
-        return self.increment(ta, tb)
+            zero = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            return (zero, zero.clone()) if return_U else zero
+        kw = dict(loose=True) if loose and hasattr(self, "_tol32") else {}  # (a grid motion: grid times as
+        # float32 accumulates them)
+        if return_U:
+            return self.increment_and_area(ta, tb, **kw)
+        return self.increment(ta, tb, **kw)
+
+
+def _space_time_area(dw: torch.Tensor, h: float, z: torch.Tensor) -> torch.Tensor:
+    """``U = int_0^h (W_s - W_0) ds`` of a step of length ``h`` with increment ``dw``: ``h dw / 2 + h H`` with
+    ``H ~ N(0, h / 12)`` independent of ``dw`` (``z`` its standard normal)."""
+    return dw * (0.5 * h) + z * (h * math.sqrt(h / 12.0))
+
+
+def _area_over_steps(values_at, areas_at, grid, ia: int, ib: int) -> torch.Tensor:
+    """``int_{t_ia}^{t_ib} (W_s - W_{t_ia}) ds`` from the grid values and each step's own area:
+    ``sum_j [(W_j - W_ia) h_j + U_j]``."""
+    w0 = values_at(ia)
+    out = None
+    for j in range(ia, ib):
+        term = (values_at(j) - w0) * float(grid[j + 1] - grid[j]) + areas_at(j)
+        out = term if out is None else out.add_(term)
+    return out
 
 
 class GridBrownian(BrownianMotion):
@@ -153,6 +174,7 @@ class GridBrownian(BrownianMotion):
         per_row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
         self._offset = int(row_start) * per_row
         self._tol, self._tol32 = _grid_tols(grid)
+        self._area_keys = None
 
     def normal(self, k: int) -> torch.Tensor:
         """The standard normal draw behind step ``k`` (shape ``self.shape``)."""
@@ -165,6 +187,37 @@ class GridBrownian(BrownianMotion):
     def philox_key(self, k: int) -> int:
         """The Philox key of step ``k`` (63 bits: kernels take it as an int64 scalar)."""
         return self._keys[k] & KEY_MASK
+
+    levy_area_approximation = "space-time"  # (torchsde's srk accepts it: the areas below are exact)
+
+    def area(self, k: int, dw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The space-time Lévy area of step ``k``, ``U_k = int (W_s - W(grid[k])) ds`` over the step, given its
+        increment ``dw`` (drawn if not given): ``h dw / 2 + h H``, ``H ~ N(0, h / 12)`` from a stream of its
+        own keyed by ``(seed, k)``, independent of the increments (the same normal whatever the stream)."""
+        if self._area_keys is None:
+            self._area_keys = step_keys(step_key(self.seed, -5), self.grid.size - 1)
+        n = int(np.prod(self.shape)) if self.shape else 1
+        z = philox_randn(self._area_keys[k] & KEY_MASK, n, self.device, self._offset).to(self.dtype).reshape(self.shape)
+        h = float(self.grid[k + 1] - self.grid[k])
+        return _space_time_area(self.step(k) if dw is None else dw, h, z)
+
+    def areas(self) -> torch.Tensor:
+        """Every step's space-time area (:meth:`area`), shape ``(len(grid) - 1, *shape)``: with :meth:`path`,
+        what a :class:`SampledPath` needs to answer ``return_U`` (the srk method) on this path."""
+        return torch.stack([self.area(k) for k in range(self.grid.size - 1)])
+
+    def increment_and_area(self, ta: float, tb: float, loose: bool = False):
+        """``(W(tb) - W(ta), int_ta^tb (W_s - W_ta) ds)`` between grid times (torchsde's ``return_U``)."""
+        ia, ib = self.index(ta, loose), self.index(tb, loose)
+        if ib == ia:
+            zero = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            return zero, zero.clone()
+        steps = [self.step(k) for k in range(ia, ib)]
+        values = [torch.zeros_like(steps[0])]
+        for d in steps:
+            values.append(values[-1] + d)
+        u = _area_over_steps(lambda j: values[j - ia], lambda j: self.area(j, steps[j - ia]), self.grid, ia, ib)
+        return values[-1], u
 
     def draw(self, k: int):
         """The standard normal draw of step ``k`` in the form a fused update takes: on the philox stream
@@ -237,19 +290,38 @@ class SampledPath(BrownianMotion):
     :meth:`GridBrownian.path` returns). Increments between grid times are differences of stored values,
     so the many solves of a convergence study share one path without drawing it again."""
 
-    def __init__(self, grid, values: torch.Tensor):
+    def __init__(self, grid, values: torch.Tensor, areas: Optional[torch.Tensor] = None):
         grid = _check_grid(grid)
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"values must be a tensor, got {type(values).__name__}")
         if values.shape[0] != grid.size:
             raise ValueError(f"values must have one row per grid time ({grid.size}), got {values.shape[0]}")
-        self.grid, self.values = grid, values
+        if areas is not None and (not isinstance(areas, torch.Tensor) or tuple(areas.shape) != (grid.size - 1,
+                                                                                            *values.shape[1:])):
+            raise ValueError(f"areas must hold one space-time area per grid step, shape "
+                             f"{(grid.size - 1, *values.shape[1:])}")
+        self.grid, self.values, self.areas = grid, values, areas
         self.t0, self.t1 = float(grid[0]), float(grid[-1])
         self.shape, self.dtype, self.device = tuple(values.shape[1:]), values.dtype, values.device
         self._tol, self._tol32 = _grid_tols(grid)
+        self.levy_area_approximation = "none" if areas is None else "space-time"
+        if areas is not None:  # prefix sums: the area between any two grid times in a few ops
+            h = torch.as_tensor(np.diff(grid), dtype=values.dtype, device=values.device)
+            h = h.reshape(-1, *([1] * (values.dim() - 1)))
+            zero = torch.zeros_like(values[:1])
+            self._cum_u = torch.cat([zero, torch.cumsum(areas, 0)])
+            self._cum_wh = torch.cat([zero, torch.cumsum(values[:-1] * h, 0)])
 
     def increment(self, ta: float, tb: float, loose: bool = False) -> torch.Tensor:
         return self.values[_grid_index(self, tb, loose)] - self.values[_grid_index(self, ta, loose)]
+
+    def increment_and_area(self, ta: float, tb: float, loose: bool = False):
+        """``(W(tb) - W(ta), int_ta^tb (W_s - W_ta) ds)`` between grid times, from the stored step areas."""
+        ia, ib = _grid_index(self, ta, loose), _grid_index(self, tb, loose)
+        w = self.values[ib] - self.values[ia]
+        u = (self._cum_u[ib] - self._cum_u[ia]) + (self._cum_wh[ib] - self._cum_wh[ia]) \
+            - self.values[ia] * float(self.grid[ib] - self.grid[ia])
+        return w, u
 
 
 class DeviceKeys:

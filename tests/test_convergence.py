@@ -63,6 +63,17 @@ def test_stratonovich_heun_strong_one_on_gbm(path):
     assert abs(r.order - 1.0) <= TOL, r
 
 
+@pytest.mark.parametrize("noise_type", ["diagonal", "scalar"])
+def test_srk_strong_one_and_a_half_on_gbm(path, noise_type):
+    """Rößler's SRI2 on the shared path, given each fine step's space-time area (a SampledPath with areas)."""
+    from flowsde.brownian import SampledPath
+    bm, y0 = path
+    sp = SampledPath(bm.grid, bm.path(), bm.areas())
+    gbm = GeometricBrownianMotion(mu=0.5, sigma=0.5, noise_type=noise_type)
+    r = sde_convergence("srk", gbm, y0, T, sp, gbm.exact(y0, T, sp(0.0, T)), [4, 8, 16, 32, 64], 1.5)
+    assert abs(r.order - 1.5) <= TOL, r
+
+
 @pytest.mark.parametrize("noise_type", ["diagonal", "additive"])
 def test_euler_maruyama_strong_one_on_additive_ou(path, noise_type):
     bm, y0 = path

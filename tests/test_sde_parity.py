@@ -37,6 +37,7 @@ CASES = [(m, nt, st, gf) for m, nts, sts, gfs in [
     ("heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
     ("midpoint", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
     ("euler_heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
+    ("srk", ("diagonal", "scalar", "additive"), ("ito",), (False,)),
     ("milstein", ("diagonal", "scalar", "additive"), ("ito", "stratonovich"), (False, True)),
 ] for nt in nts for st in sts for gf in gfs]
 
@@ -51,7 +52,8 @@ def test_sdeint_matches_torchsde(method, noise_type, sde_type, grad_free, dt):
     sde = Nonlinear(noise_type, sde_type)
     y0 = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ts = torch.tensor([0.0, 0.3, 0.55, 1.0], dtype=torch.float64)
-    bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, noise_size(noise_type)), dtype=torch.float64, entropy=7)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, noise_size(noise_type)), dtype=torch.float64, entropy=7,
+                                   levy_area_approximation="space-time" if method == "srk" else "none")
     opts = dict(grad_free=grad_free) if method == "milstein" else None
     ours = flowsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=dt, options=opts)
     ref = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=dt, options=opts).detach()
@@ -269,3 +271,29 @@ def test_the_default_stratonovich_method_is_torchsdes_midpoint(noise_type):
     ref = torchsde.sdeint(sde, y0, ts, bm=bm, dt=2 ** -5).detach()
     assert float((ours - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
     assert torch.equal(ours, flowsde.sdeint(sde, y0, ts, bm=bm, dt=2 ** -5, method="midpoint"))
+
+
+def test_srk_takes_the_space_time_area_from_flowsdes_motions_and_refuses_motions_without_it():
+    """flowsde's GridBrownian answers return_U (exact areas from a stream of their own): torchsde's srk on it equals
+    flowsde's, and flowsde's own noise (bm=None) is that motion; a motion without areas is refused by name."""
+    sde = Nonlinear("diagonal", "ito")
+    y0 = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    bm = flowsde.GridBrownian(t0=0.0, t1=1.0, steps=32, shape=(B, D), seed=5, dtype=torch.float64)
+    ours = flowsde.sdeint(sde, y0, ts, bm=bm, method="srk", dt=1 / 32)
+    ref = torchsde.sdeint(sde, y0, ts, bm=bm, method="srk", dt=1 / 32).detach()
+    assert float((ours - ref).abs().max()) < 1e-13
+    assert torch.equal(ours, flowsde.sdeint(sde, y0, ts, method="srk", dt=1 / 32, seed=5))
+    # the area over several steps is the sum of their own areas plus the rectangles of W (torchsde's U)
+    w, u = bm(0.25, 0.5, return_U=True)
+    h = 1 / 32
+    steps = [bm.step(k) for k in range(8, 16)]
+    vals = torch.cumsum(torch.stack([torch.zeros_like(steps[0])] + steps[:-1]), 0)
+    assert torch.allclose(u, sum(v * h + bm.area(8 + j, d) for j, (v, d) in enumerate(zip(vals, steps))))
+    assert torch.allclose(w, sum(steps))
+    for bad in (torchsde.BrownianInterval(0.0, 1.0, size=(B, D), dtype=torch.float64),
+                flowsde.VirtualBrownianTree(0.0, 1.0, shape=(B, D), dtype=torch.float64)):
+        with pytest.raises(ValueError, match="space-time Levy area"):
+            flowsde.sdeint(sde, y0, ts, bm=bad, method="srk", dt=0.1)
+    with pytest.raises(ValueError, match="fixed steps only"):
+        flowsde.sdeint(sde, y0, ts, method="srk", dt=0.1, adaptive=True)

@@ -105,6 +105,25 @@ class StepContext:
             z, scale = self.bm(self.grid[k], self.grid[k + 1]), 1.0
         return _checks.check_output("bm (Brownian increment)", z, self.like, self.noise_shape()), scale
 
+    def space_time(self, k, g):
+        """``(dW, U)`` over grid step ``k``: the increment and its space-time Lévy area ``int (W_s - W_tk) ds``
+        (the srk method's), from flowsde's own motion or a ``bm`` answering ``bm(ta, tb, return_U=True)``."""
+        if self.bm is None or self.own_grid:
+            dw = self.dw(k, g)  # (starts flowsde's own motion on first use)
+            return dw, self.bm.area(k, dw)
+        try:
+            out = self.bm(self.grid[k], self.grid[k + 1], return_U=True)
+        except (TypeError, NotImplementedError, ValueError) as e:
+            out = e
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], torch.Tensor)):
+            raise ValueError("method 'srk' needs the space-time Levy area of each step: bm must answer bm(ta, tb, "
+                             "return_U=True) (torchsde's BrownianInterval with levy_area_approximation='space-time', "
+                             "'davie' or 'foster', or flowsde's GridBrownian), or pass bm=None") from (
+                out if isinstance(out, Exception) else None)
+        shape = self.noise_shape()
+        return tuple(_checks.check_output(f"bm {what}", v, self.like, shape) for what, v in
+                     (("increment", out[0]), ("space-time area", out[1])))
+
     def dw(self, k, g):
         """The Brownian increment ``W(t_{k+1}) - W(t_k)`` itself."""
         z, scale = self.noise(k, g)
@@ -307,6 +326,9 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             if not np.all(np.diff(ts_host) > 0):
                 raise ValueError(f"ts is not strictly increasing on the bm's interval [{span[0]}, {span[1]}]")
 
+    if adaptive and method == "srk":
+        raise ValueError("method 'srk' runs fixed steps only (step doubling would need the space-time area of "
+                         "every half step); use adaptive=False, or milstein / euler adaptively")
     if adaptive:
         return sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
     if len(ts_host) == 1:  # nothing to integrate: y0 (a copy), as torchsde returns it

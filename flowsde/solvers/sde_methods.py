@@ -10,7 +10,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from ..kernels.reference import axpy_
+from ..kernels.reference import axpy_, noise_prod
 
 NOISE_TYPES = ("diagonal", "scalar", "additive", "general")
 SDE_TYPES = ("ito", "stratonovich")
@@ -80,6 +80,62 @@ def _euler_heun_step(ctx, k, y):
     y_pred = ctx.ops.sde_update(y, [], [(sc, g)], z, ctx.noise_type)
     g1 = ctx.g(t1, y_pred)
     return ctx.ops.sde_update(y, [(dt, f)], [(0.5 * sc, g), (0.5 * sc, g1)], z, ctx.noise_type)
+
+
+# Rößler's stochastic Runge–Kutta methods (A. Rößler, "Runge–Kutta methods for the strong approximation of
+# solutions of stochastic differential equations", SIAM J. Numer. Anal. 48(3), 2010), strong order 1.5: SRI2 for
+# diagonal and scalar noise, SRA1 for additive noise, with the coefficients torchsde tabulates (srid2, sra1)
+_SRI = dict(c0=(0.0, 1.0, 0.5, 0.0), c1=(0.0, 0.25, 1.0, 0.25),
+            a0=((), (1.0,), (0.25, 0.25), (0.0, 0.0, 0.0)), a1=((), (0.25,), (1.0, 0.0), (0.0, 0.0, 0.25)),
+            b0=((), (0.0,), (1.0, 0.5), (0.0, 0.0, 0.0)), b1=((), (-0.5,), (1.0, 0.0), (2.0, -1.0, 0.5)),
+            alpha=(1 / 6, 1 / 6, 2 / 3, 0.0), beta1=(-1.0, 4 / 3, 2 / 3, 0.0), beta2=(1.0, -4 / 3, 1 / 3, 0.0),
+            beta3=(2.0, -4 / 3, -2 / 3, 0.0), beta4=(-2.0, 5 / 3, -2 / 3, 1.0))
+_SRA = dict(c0=(0.0, 0.75), c1=(1.0, 0.0), a0=((), (0.75,)), b0=((), (1.5,)), alpha=(1 / 3, 2 / 3),
+            beta1=(1.0, 0.0), beta2=(-1.0, 1.0))
+_SRK_C = (0.0, 0.25, 0.5, 0.75, 1.0)  # every stage time of both tableaux, as fractions of the step
+
+
+def _srk_step(ctx, k, y):
+    """One step of Rößler's SRI2 (diagonal / scalar noise) or SRA1 (additive noise), from the step's increment
+    ``I`` and space-time area ``U`` (``I_k0``): each stage's drift and diffusion evaluated once."""
+    t = dict(zip(_SRK_C, ctx.times[k]))
+    h = ctx.h[k]
+    lin = ctx.ops.lincomb
+    if ctx.noise_type == "additive":  # the diffusion depends on t alone: evaluated at y
+        T = _SRA
+        gs = [ctx.g(t[c], y) for c in T["c1"]]
+        dw, u = ctx.space_time(k, gs[0])
+        prod = lambda g, w: noise_prod(g, w, "additive")  # noqa: E731
+        f0 = ctx.f(t[T["c0"][0]], y)
+        h1 = lin(y, [(T["a0"][1][0] * h, f0)]) + prod(gs[0], u * (T["b0"][1][0] / h))
+        f1 = ctx.f(t[T["c0"][1]], h1)
+        noise = sum(prod(g, dw * b1 + u * (b2 / h)) for g, b1, b2 in zip(gs, T["beta1"], T["beta2"]))
+        return lin(y, [(T["alpha"][0] * h, f0), (T["alpha"][1] * h, f1)]) + noise
+    T = _SRI
+    scalar = ctx.noise_type == "scalar"
+    col = (lambda g: g.squeeze(-1)) if scalar else (lambda g: g)  # noqa: E731
+    g0 = ctx.g(t[T["c1"][0]], y)
+    dw, u = ctx.space_time(k, g0)
+    sq = h ** 0.5
+    ikk, ikkk = (dw * dw - h) * 0.5, (dw * dw * dw - 3.0 * h * dw) / 6.0
+    h0s, fs, gs = [y], [None] * 4, [col(g0)]
+
+    def f_of(j):  # a stage's drift, evaluated once and only where a coefficient needs it
+        if fs[j] is None:
+            fs[j] = ctx.f(t[T["c0"][j]], h0s[j])
+        return fs[j]
+    for s in range(1, 4):
+        drift0 = [(T["a0"][s][j] * h, f_of(j)) for j in range(s) if T["a0"][s][j]]
+        drift1 = [(T["a1"][s][j] * h, f_of(j)) for j in range(s) if T["a1"][s][j]]
+        noise0 = [(T["b0"][s][j] / h, gs[j] * u) for j in range(s) if T["b0"][s][j]]
+        noise1 = [(T["b1"][s][j] * sq, gs[j]) for j in range(s) if T["b1"][s][j]]
+        h0s.append(lin(y, drift0 + noise0))
+        gs.append(col(ctx.g(t[T["c1"][s]], lin(y, drift1 + noise1))))
+    out = lin(y, [(T["alpha"][s] * h, f_of(s)) for s in range(4) if T["alpha"][s]])
+    for s in range(4):
+        w = dw * T["beta1"][s] + ikk * (T["beta2"][s] / sq) + u * (T["beta3"][s] / h) + ikkk * (T["beta4"][s] / h)
+        out = out + gs[s] * w
+    return out
 
 
 def _milstein_step(ctx, k, y):
@@ -189,6 +245,8 @@ MILSTEIN = SDEMethod("milstein", SDE_TYPES, ("diagonal", "scalar", "additive"), 
                      _milstein_step)
 MIDPOINT = SDEMethod("midpoint", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0,
                      _midpoint_step, stage_c=(0.0, 0.5))
+SRK = SDEMethod("srk", ("ito",), ("diagonal", "scalar", "additive"), {"default": 1.5}, 1.5, _srk_step,
+                stage_c=_SRK_C)
 EULER_HEUN = SDEMethod("euler_heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0,
                        _euler_heun_step, stage_c=(0.0, 1.0))
 
@@ -200,5 +258,6 @@ SDE_METHODS: Dict[str, SDEMethod] = {
     "midpoint": MIDPOINT,
     "euler_heun": EULER_HEUN,
     "milstein": MILSTEIN,
+    "srk": SRK,
 }
 DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "midpoint"}  # (torchsde: srk for Itô, not built here; midpoint)
