@@ -1149,3 +1149,17 @@ def test_twelve_or_more_terms_fold_as_often_as_needed():
     terms = [(0.1 * (i + 1), y) for i, y in enumerate(ys)]
     a, b = _both(lambda o: o.combine(terms))
     assert torch.allclose(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "scalar", "additive"])
+def test_srk_backends_agree_on_a_grid_motion_with_areas(noise_type):
+    """srk (lincombs of its stages on the kernels, areas from the motion's own stream) on both backends."""
+    from test_sde_parity import Nonlinear
+    sde = Nonlinear(noise_type, "ito")
+    y0 = rnd((5, 3), torch.float64, 0)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    shape = {"diagonal": (5, 3), "scalar": (5, 1)}.get(noise_type, (5, 2))
+    out = [flowsde.sdeint(sde, y0, ts, method="srk", dt=0.1, options=dict(backend=be),
+                          bm=flowsde.GridBrownian(t0=0.0, t1=1.0, steps=10, shape=shape, seed=3, dtype=torch.float64))
+           for be in ("triton", "torch")]
+    assert float((out[0] - out[1]).abs().max()) < 1e-12
