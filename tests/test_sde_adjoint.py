@@ -1,6 +1,8 @@
 """``flowsde.sdeint_adjoint``: torchsde's ``sdeint_adjoint`` gradients on the same Brownian path (same backward
 steps), convergence to backpropagation through the solve as dt shrinks, no graph kept by the forward solve,
 the default tree, and clear errors."""
+import math
+
 import pytest
 import torch
 import torchsde
@@ -110,10 +112,12 @@ def test_forward_keeps_no_graph_and_the_default_tree_is_seeded():
     g2 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=7).sum(), [y0])[0]
     g3 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=8).sum(), [y0])[0]
     assert torch.equal(g1, g2) and not torch.equal(g1, g3)
-    # the default path is a VirtualBrownianTree of (batch, m) from the seed: passing it gives the same numbers
-    tree = flowsde.VirtualBrownianTree(0.0, 0.5, shape=(3, 2), seed=7, tol=0.05 / 8, dtype=F64)
-    g4 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, bm=tree, dt=0.05).sum(), [y0])[0]
-    assert torch.equal(g1, g4)
+    # the default path: a GridBrownian of (batch, m) from the seed on the grid both passes step on (here the
+    # forward grid, which the backward pass walks in reverse): passing it gives the same numbers
+    grid = flowsde.solvers.fixed.uniform_grid(0.0, 0.5, 0.05)
+    motion = flowsde.GridBrownian(grid=grid, shape=(3, 2), seed=7, dtype=F64)
+    g4 = torch.autograd.grad(flowsde.sdeint_adjoint(sde, y0, ts, bm=motion, dt=0.05).sum(), [y0])[0]
+    assert torch.allclose(g1, g4, rtol=1e-12, atol=0)  # (its grid points agree to rounding: 0.5 - 0.05 k)
     ys, st = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, seed=7, options=dict(return_stats=True))
     assert st["steps"] == 10 and ys.requires_grad
 
@@ -139,9 +143,10 @@ def test_errors():
     with pytest.raises(ValueError, match=r"logqp=True needs y0 of shape \(batch, d\)"):
         flowsde.sdeint(LatentSDE("ito", "diagonal"), torch.randn(2, 3, 1, dtype=F64), ts, logqp=True)
     ys = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.1, seed=0)
-    (g,) = torch.autograd.grad(ys.sum(), [y0], create_graph=True)
-    with pytest.raises(RuntimeError):  # double backward: refused, not a silently wrong second derivative
-        torch.autograd.grad(g.sum(), [y0])
+    with pytest.raises(RuntimeError, match="does not support double backward"):  # refused, not a silently
+        torch.autograd.grad(ys.sum(), [y0], create_graph=True)                   # wrong second derivative
+    with pytest.raises(ValueError, match="sde has no attribute noise_type"):
+        flowsde.sdeint_adjoint(torch.nn.Linear(3, 3), y0, ts)
 
 
 class LatentSDE(NeuralSDE):
@@ -183,3 +188,56 @@ def test_logqp_equals_torchsde_through_sdeint_and_the_adjoint(sde_type, noise_ty
         assert float((out[ours][0] - out[ref][0]).abs().max()) < 1e-12
         assert float((out[ours][1] - out[ref][1]).abs().max()) < 1e-12
         assert rel(out[ours][2], out[ref][2]) < 1e-12
+
+
+class _ItoWdW(torch.nn.Module):
+    """(W, Z) with dZ = W dW (Itô): under Euler–Maruyama W_1^2 - 2 Z_1 is the sum of the squared increments."""
+    noise_type, sde_type = "general", "ito"
+
+    def f(self, t, y):
+        return torch.zeros_like(y)
+
+    def g(self, t, y):
+        return torch.stack([torch.ones_like(y[:, 0]), y[:, 0]], 1).unsqueeze(-1)
+
+
+def test_the_default_motion_is_exact_at_every_step_and_serves_srk_and_float32_grid_times():
+    """bm=None: the increments have the Brownian variance at every forward step (dt not a power of two, outputs
+    off the step grid: a tree with leaves of dt / 8 had made the quadratic variation 3 % low), adaptive steps
+    are unbiased (E[X_1] = 1 for dX = X dW; it had been 1.28), srk runs (its areas come with the motion), and
+    float32 ts on a GridBrownian are the grid times the forward pass snapped them to."""
+    ts = torch.tensor([0.0, 0.37, 1.0], dtype=F64)
+    ys = flowsde.sdeint_adjoint(_ItoWdW(), torch.zeros(20000, 2, dtype=F64), ts, dt=0.01, seed=0, method="euler",
+                                adjoint_params=())
+    qv = ys[-1, :, 0] ** 2 - 2 * ys[-1, :, 1]
+    assert abs(float(qv.mean()) - 1.0) < 5 * float(qv.std()) / 20000 ** 0.5
+
+    class GBM(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def __init__(self):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.tensor(1.0, dtype=F64))
+
+        def f(self, t, y):
+            return torch.zeros_like(y)
+
+        def g(self, t, y):
+            return self.s * y
+    x1 = flowsde.sdeint_adjoint(GBM(), torch.ones(4000, 1, dtype=F64), ts[[0, 2]], dt=0.05, adaptive=True,
+                                rtol=1e-3, atol=1e-3, seed=0)[-1].detach()
+    assert abs(float(x1.mean()) - 1.0) < 5 * (math.e - 1) ** 0.5 / 4000 ** 0.5  # (the bias had been 0.28)
+    sde = NeuralSDE("ito", "diagonal")
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    ys = flowsde.sdeint_adjoint(sde, y0, ts, dt=0.05, method="srk", seed=1)
+    assert torch.autograd.grad(ys.sum(), [y0])[0].shape == y0.shape
+    # float32 ts on a GridBrownian: the same gradients as torchsde's adjoint on that motion
+    sde32 = NeuralSDE("ito", "diagonal").float()
+    y32 = y0.detach().float().requires_grad_(True)
+    t32 = torch.tensor([0.0, 0.1, 0.3])
+    bm = flowsde.GridBrownian(t0=0.0, t1=0.3, steps=3, shape=(4, 3), seed=1, dtype=torch.float32)
+    a = torch.autograd.grad(flowsde.sdeint_adjoint(sde32, y32, t32, bm=bm, dt=0.1, method="euler",
+                                                   adjoint_method="euler").sum(), [y32])[0]
+    b = torch.autograd.grad(torchsde.sdeint_adjoint(sde32, y32, t32, bm=bm, dt=0.1, method="euler",
+                                                    adjoint_method="euler").sum(), [y32])[0]
+    assert torch.allclose(a, b, atol=1e-5)

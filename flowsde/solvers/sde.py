@@ -246,6 +246,30 @@ def _snapped(bm, t: float) -> float:
         return t
 
 
+def times_on_motion(bm, ts, ts_host, y0) -> np.ndarray:
+    """The host times ``ts`` as a given Brownian object sees them: checked against its dtype and interval;
+    within the rounding of ``ts``'s dtype (float32 0.1 is 0.10000000149) clipped onto the motion's interval,
+    as torchsde does, and on a grid motion snapped onto the grid times they name."""
+    if not callable(bm):
+        raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
+    if hasattr(bm, "dtype") and bm.dtype != y0.dtype:
+        raise TypeError(f"bm has dtype {bm.dtype} but y0 has dtype {y0.dtype}")
+    span = _bm_interval(bm)
+    if span is None:
+        return ts_host
+    tol = 4 * torch.finfo(ts.dtype).eps * max(1.0, float(np.abs(ts_host).max()))
+    if not (span[0] <= ts_host[0] + tol and span[1] >= ts_host[-1] - tol):
+        raise ValueError(f"bm covers [{span[0]}, {span[1]}] but ts spans [{ts_host[0]}, {ts_host[-1]}]")
+    ts_host = np.clip(ts_host, span[0], span[1])
+    if getattr(bm, "_tol32", None) is not None and ts.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # float32 ts on a grid motion: a time within float32 rounding of a grid time is that time (0.1 in
+        # float32 is 0.10000000149, not a grid point to the float64 tolerance)
+        ts_host = np.array([_snapped(bm, v) for v in ts_host])
+    if not np.all(np.diff(ts_host) > 0):
+        raise ValueError(f"ts is not strictly increasing on the bm's interval [{span[0]}, {span[1]}]")
+    return ts_host
+
+
 def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5, atol=1e-4, dt_min=1e-5,
            options=None, names=None, logqp=False, extra=False, extra_solver_state=None, seed=None):
     """Integrate the SDE ``dY = f(t, Y) dt + g(t, Y) dW`` and return ``Y`` at every time in ``ts``.
@@ -307,24 +331,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ops = kernels.ops(opts.get("backend"), y0.device, y0.numel())
     _checks.check_seed(seed)
     if bm is not None:
-        if not callable(bm):
-            raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
-        if hasattr(bm, "dtype") and bm.dtype != y0.dtype:
-            raise TypeError(f"bm has dtype {bm.dtype} but y0 has dtype {y0.dtype}")
-        span = _bm_interval(bm)
-        if span is not None:
-            # within the rounding of ts's dtype (float32 0.1 is 0.10000000149): ts is clipped onto the
-            # motion's interval, as torchsde does
-            tol = 4 * torch.finfo(ts.dtype).eps * max(1.0, float(np.abs(ts_host).max()))
-            if not (span[0] <= ts_host[0] + tol and span[1] >= ts_host[-1] - tol):
-                raise ValueError(f"bm covers [{span[0]}, {span[1]}] but ts spans [{ts_host[0]}, {ts_host[-1]}]")
-            ts_host = np.clip(ts_host, span[0], span[1])
-            if getattr(bm, "_tol32", None) is not None and ts.dtype in (torch.float32, torch.float16, torch.bfloat16):
-                # float32 ts on a grid motion: a time within float32 rounding of a grid time is that time (0.1 in
-                # float32 is 0.10000000149, not a grid point to the float64 tolerance)
-                ts_host = np.array([_snapped(bm, v) for v in ts_host])
-            if not np.all(np.diff(ts_host) > 0):
-                raise ValueError(f"ts is not strictly increasing on the bm's interval [{span[0]}, {span[1]}]")
+        ts_host = times_on_motion(bm, ts, ts_host, y0)
 
     if adaptive and method == "srk":
         raise ValueError("method 'srk' runs fixed steps only (step doubling would need the space-time area of "

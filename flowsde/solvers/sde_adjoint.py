@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from ..brownian import VirtualBrownianTree
+from ..brownian import GridBrownian, VirtualBrownianTree
 from ..kernels.reference import noise_prod
 from . import fixed
 from .adjoint import differentiated_params
@@ -41,25 +41,26 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     diagonal noise) or ``"euler"`` (default otherwise) for Itô SDEs; Milstein needs diagonal noise. The backward steps are ``dt``
     long, from each output time down to the one before. ``bm``: any Brownian object that answers queries
     in any order (torchsde's ``BrownianInterval`` / ``BrownianTree``, flowsde's ``VirtualBrownianTree``);
-    with ``bm=None`` a :class:`~flowsde.brownian.VirtualBrownianTree` from ``seed`` (so the path is not
-    ``sdeint``'s own ``bm=None`` stream). ``logqp=True`` returns ``(ys, log_ratio)`` as torchsde (the
+    with ``bm=None`` an exact motion from ``seed`` that knows every time both passes ask (see
+    :func:`_default_motion`; not ``sdeint``'s own ``bm=None`` stream). ``logqp=True`` returns ``(ys, log_ratio)`` as torchsde (the
     penalty differentiated with the rest). ``adjoint_adaptive``, ``extra`` and double backward are not
     supported (refused).
     """
-    from .sde import SDE_METHODS, _split_logqp, _torchsde_arguments, _with_logqp, sdeint
+    from .sde import SDE_METHODS, _split_logqp, _torchsde_arguments, _with_logqp, sdeint, times_on_motion
 
     params = differentiated_params(sde, adjoint_params, "sdeint_adjoint: sde")
     if adjoint_adaptive:
         raise NotImplementedError("sdeint_adjoint: adjoint_adaptive=True is not supported (the backward steps are "
                                   "dt long)")
+    for attr in ("noise_type", "sde_type"):
+        if not hasattr(sde, attr):
+            raise ValueError(f"sde has no attribute {attr}: set it (noise_type: diagonal, scalar, additive or "
+                             f"general; sde_type: ito or stratonovich)")
     inner = _torchsde_arguments(sde, names, False, extra, extra_solver_state)
     solved, solved_names = sde, names
     if logqp:  # the KL penalty as a last state column, differentiated with the rest (as torchsde)
         inner, y0 = _with_logqp(sde, y0, names)
         solved, solved_names = inner, None
-    for attr in ("noise_type", "sde_type"):
-        if not hasattr(inner, attr):
-            raise ValueError(f"sde has no attribute {attr}")
     kind = inner.sde_type
     known = ADJOINT_METHODS.get(kind)
     if known is None:
@@ -82,9 +83,8 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     step = _checks.check_step("dt", dt)
     t_host = _checks.host_times("ts", _checks.check_times("ts", ts, y0, at_least_two=False), increasing_only=True)
     if bm is None:
-        bm = _default_tree(inner, y0, ts, t_host, step, seed)
-    elif not callable(bm):
-        raise TypeError("bm must be a Brownian object callable as bm(ta, tb)")
+        bm = _default_motion(inner, y0, ts, t_host, step, seed, adaptive)
+    t_host = times_on_motion(bm, ts, t_host, y0)  # (the times the forward solve steps between, snapped as there)
     if method is not None and method not in SDE_METHODS:
         raise ValueError(f"unknown SDE method {method!r}; known methods: {sorted(SDE_METHODS)}")
     opts = dict(options or {})
@@ -108,10 +108,13 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     return result if logqp else ys
 
 
-def _default_tree(sde, y0, ts, t_host, step, seed):
-    """torchsde's default Brownian object is a ``BrownianInterval``; flowsde's is a virtual tree on
-    ``[ts[0], ts[-1]]`` with leaves at most ``dt / 8`` long, shaped as the noise (``m`` channels read off one
-    diffusion evaluation for additive / general noise)."""
+def _default_motion(sde, y0, ts, t_host, step, seed, adaptive):
+    """flowsde's Brownian motion for ``bm=None`` (torchsde's default is a ``BrownianInterval``), exact at every
+    time either pass asks: for fixed steps a :class:`~flowsde.brownian.GridBrownian` on the union of the
+    forward grid and every backward interval's grid (with space-time areas, for ``srk``); for adaptive steps
+    a :class:`~flowsde.brownian.VirtualBrownianTree` on ``[ts[0], ts[-1]]`` at its default resolution (leaves
+    ``span 2^-20``, as adaptive ``sdeint``'s own). Shaped as the noise (``m`` channels read off one diffusion
+    evaluation for additive / general noise)."""
     nt = sde.noise_type
     if nt == "diagonal":
         shape = tuple(y0.shape)
@@ -125,11 +128,18 @@ def _default_tree(sde, y0, ts, t_host, step, seed):
                              f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
         shape = (y0.shape[0], g.shape[-1])
     t0, t1 = float(t_host[0]), float(t_host[-1])
-    if not t1 > t0:  # (one time, or none to integrate: no path needed)
-        t1 = t0 + 1.0
-    span = t1 - t0
-    tol = min(max(step / 8, span * 2.0 ** -30), span * 2.0 ** -4)
-    return VirtualBrownianTree(t0, t1, shape=shape, seed=seed, tol=tol, dtype=y0.dtype, device=y0.device)
+    if not t1 > t0:  # (one time, nothing to integrate: any motion will do)
+        return GridBrownian(grid=[t0, t0 + 1.0], shape=shape, seed=seed, dtype=y0.dtype, device=y0.device)
+    if adaptive:
+        return VirtualBrownianTree(t0, t1, shape=shape, seed=seed, dtype=y0.dtype, device=y0.device)
+    grids = [fixed.uniform_grid(t0, t1, step, ts.dtype)]
+    grids += [fixed.uniform_grid(float(t_host[i]), float(t_host[i - 1]), step, ts.dtype) for i in range(1, len(t_host))]
+    grid = np.unique(np.concatenate(grids))
+    # a forward point and a backward one that differ by rounding (0.5 - 0.05 k against 0.05 (10 - k)) are one
+    # time: the motion's own lookup tolerance (1e-9 of its smallest step) then answers both
+    grid = grid[np.concatenate([[True], np.diff(grid) > 1e-9 * step])]
+    grid[-1] = t1
+    return GridBrownian(grid=grid, shape=shape, seed=seed, dtype=y0.dtype, device=y0.device)
 
 
 class _SDEAdjoint(torch.autograd.Function):
@@ -142,8 +152,10 @@ class _SDEAdjoint(torch.autograd.Function):
         return ys
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys):
+        if torch.is_grad_enabled():  # (create_graph=True: a graph of the gradient was asked for)
+            raise RuntimeError("sdeint_adjoint does not support double backward (create_graph=True): the backward "
+                               "solve is not differentiated; backpropagate through flowsde.sdeint instead")
         (ys,) = ctx.saved_tensors
         with torch.no_grad():
             adj_y, adj_p = ctx.backward(ys, grad_ys)

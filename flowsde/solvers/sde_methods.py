@@ -260,4 +260,5 @@ SDE_METHODS: Dict[str, SDEMethod] = {
     "milstein": MILSTEIN,
     "srk": SRK,
 }
-DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "midpoint"}  # (torchsde: srk for Itô, not built here; midpoint)
+DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "midpoint"}  # (torchsde: srk for Itô — here method="srk",
+# which needs the space-time area of every step — and midpoint)
