@@ -135,6 +135,16 @@ class StepContext:
 _NAMES = ("drift", "diffusion", "prior_drift", "drift_and_diffusion", "drift_and_diffusion_prod")
 
 
+def _at_point(owner, t, y, compute):
+    """``compute(t, y)``, kept on ``owner._last`` for the next call at the same point (the same ``t`` and ``y``
+    objects) in the same grad mode: the solvers ask for the drift and then the diffusion at one point (a value
+    made without grad has no graph for Milstein's dg/dy)."""
+    last, grad = owner._last, torch.is_grad_enabled()
+    if last is None or last[0] is not t or last[1] is not y or last[2] != grad:
+        owner._last = last = (t, y, grad, compute(t, y))
+    return last[3]
+
+
 class _Renamed:
     """An SDE seen through torchsde's ``names`` (its methods under other names) and/or defined by
     ``f_and_g`` alone: ``f`` and ``g`` for the solvers. ``f_and_g`` is called once per ``(t, y)``: the
@@ -159,10 +169,7 @@ class _Renamed:
                                 f"the diffusion itself)")
 
     def _pair(self, t, y):
-        last, grad = self._last, torch.is_grad_enabled()  # (a pair made without grad has no graph for
-        if last is None or last[0] is not t or last[1] is not y or last[2] != grad:  # Milstein's dg/dy)
-            self._last = last = (t, y, grad, self._fg(t, y))
-        return last[3]
+        return _at_point(self, t, y, self._fg)
 
     def f(self, t, y):
         return self._f(t, y) if callable(self._f) else self._pair(t, y)[0]
@@ -182,10 +189,7 @@ class _Logqp:
         self.sde, self.h, self._last = sde, prior, None
 
     def _g(self, t, y):
-        last, grad = self._last, torch.is_grad_enabled()
-        if last is None or last[0] is not t or last[1] is not y or last[2] != grad:
-            self._last = last = (t, y, grad, self.sde.g(t, y[:, :-1]))
-        return last[3]
+        return _at_point(self, t, y, lambda t, y: self.sde.g(t, y[:, :-1]))
 
     def f(self, t, y):
         x = y[:, :-1]

@@ -25,7 +25,6 @@ from .adjoint import differentiated_params
 #: the backward methods, by the forward SDE's type (the first is the default, as torchsde's for Stratonovich)
 ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun", "euler_heun", "milstein"), "ito": ("euler", "milstein")}
 _ALIASES = {"euler_maruyama": "euler"}
-_STAGES = {"midpoint": (0.0, 0.5), "heun": (0.0, 1.0), "euler_heun": (0.0, 1.0), "euler": (0.0,), "milstein": (0.0,)}
 
 
 def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e-3, adaptive=False,
@@ -172,10 +171,15 @@ def _vjp(outputs, inputs, grad_outputs, retain=False):
     return [torch.zeros_like(x) if v is None else v for x, v in zip(inputs, got)]
 
 
+def _columns(g, noise_type):
+    """The noise columns ``g_j`` of a scalar / general (or additive) diffusion ``(batch, d, m)``."""
+    return [g.squeeze(-1)] if noise_type == "scalar" else list(g.unbind(-1))
+
+
 def _jvp_columns(g, y, noise_type):
     """``sum_j (dg_j/dy) g_j`` over the noise columns ``g_j`` of a scalar / general diffusion (each a
     Jacobian-vector product by double backward, kept differentiable)."""
-    cols = [g.squeeze(-1)] if noise_type == "scalar" else list(g.unbind(-1))
+    cols = _columns(g, noise_type)
     total = torch.zeros_like(y)
     for c in cols:
         if not c.requires_grad:
@@ -219,16 +223,14 @@ class _Augmented:
             gv = noise_prod(g, v, self.nt)
             dy = cf * f + cg * gv
             wrt = [yv] + self.params
-            ito_extra = self.ito and g.requires_grad
             adj = _vjp([dy], wrt, [a], retain=True)
-            if ito_extra:  # the adjoint SDE's Itô form: (a^T dg/dy) dg/d(y, p), with a^T dg/dy held constant
+            if self.ito and g.requires_grad:  # the adjoint SDE's Itô form: (a^T dg/dy) dg/d(y, p), with a^T dg/dy held constant
                 if self.nt == "diagonal":
                     (adg,) = torch.autograd.grad(g, yv, a, retain_graph=True, allow_unused=True)
                     extra = _vjp([g], wrt, [adg if adg is not None else torch.zeros_like(y)], retain=True)
                 else:
-                    cols = [g.squeeze(-1)] if self.nt == "scalar" else list(g.unbind(-1))
                     extra = [torch.zeros_like(x) for x in wrt]
-                    for c in cols:
+                    for c in _columns(g, self.nt):
                         (adg,) = torch.autograd.grad(c, yv, a, retain_graph=True, allow_unused=True)
                         if adg is None:
                             continue
@@ -261,7 +263,8 @@ def _backward(sde, ys, grads, params, t_host, t_dtype, step, bm, method):
     aug = _Augmented(sde, params)
     y, a = ys[-1], grads[-1].clone()
     ap = [torch.zeros_like(p) for p in params]
-    c = _STAGES[method]
+    from .sde_methods import SDE_METHODS
+    c = SDE_METHODS[method].stage_c  # (the backward steps are the forward methods' on the augmented SDE)
     for i in range(len(t_host) - 1, 0, -1):
         grid = fixed.uniform_grid(float(t_host[i]), float(t_host[i - 1]), step, t_dtype)
         times = fixed.StageTimes(grid, c, t_dtype, y.device)
