@@ -76,12 +76,13 @@ def adjoint_section(args):
     }, args.rounds)
     print(table("odeint_adjoint forward + backward (dopri5, rtol = atol = 1e-5, the same steps), MLP 2-32-32-2, "
                 "B=1024, 5 outputs", res) + "\n")
-    for sde_type, methods in (("stratonovich", "Heun forward, midpoint backward"),
-                              ("ito", "Euler forward, Milstein backward")):
+    for sde_type, method, methods in (("stratonovich", None, "Heun forward, midpoint backward"),
+                                      ("ito", None, "Euler forward, Milstein backward"),
+                                      ("stratonovich", "reversible_heun", "reversible Heun, run backwards exactly")):
         sde, y0, ts = peers.adjoint_sde_problem(sde_type=sde_type)
         res = rounds_of({
-            "flowsde": lambda: peers.adjoint_sde(peers.flowsde, sde, y0, ts),
-            "torchsde": lambda: peers.adjoint_sde(peers.torchsde, sde, y0, ts),
+            "flowsde": lambda: peers.adjoint_sde(peers.flowsde, sde, y0, ts, method=method),
+            "torchsde": lambda: peers.adjoint_sde(peers.torchsde, sde, y0, ts, method=method),
         }, args.rounds)
         print(table(f"sdeint_adjoint forward + backward ({sde_type}, {methods}, the same BrownianInterval and "
                     f"steps), MLP drift 2-32-2, B=256, dt=0.02", res) + "\n")

@@ -154,12 +154,13 @@ def adjoint_sde_problem(B=256, sde_type="stratonovich"):
     return sde, y0, ts
 
 
-def adjoint_sde(lib, sde, y0, ts, dt=0.02, entropy=0):
+def adjoint_sde(lib, sde, y0, ts, dt=0.02, entropy=0, method=None):
     """One forward and backward pass of sdeint_adjoint on a fresh BrownianInterval (the same for both
-    libraries: the comparison is of the solvers, not the Brownian objects), torchsde's default methods."""
+    libraries: the comparison is of the solvers, not the Brownian objects), torchsde's default backward
+    method for the forward ``method`` (default Heun for Stratonovich SDEs, Euler for Itô ones)."""
     bm = torchsde.BrownianInterval(float(ts[0]), float(ts[-1]), size=tuple(y0.shape), entropy=entropy,
                                    levy_area_approximation="none")
     y = y0.clone().requires_grad_(True)
-    method = "heun" if sde.sde_type == "stratonovich" else "euler"
+    method = method or ("heun" if sde.sde_type == "stratonovich" else "euler")
     ys = lib.sdeint_adjoint(sde, y, ts, bm=bm, method=method, dt=dt)
     return torch.autograd.grad(ys.pow(2).mean(), [y] + list(sde.parameters()))

@@ -54,3 +54,13 @@ def test_sdeint_adjoint(benchmark, who):
     lib = {"flowsde": peers.flowsde, "torchsde": peers.torchsde}[who]
     grads = benchmark.pedantic(peers.adjoint_sde, args=(lib, sde, y0, ts), rounds=3, warmup_rounds=1)
     assert grads[0].shape == y0.shape
+
+
+@pytest.mark.benchmark(group="sdeint-adjoint-reversible-heun-256")
+@pytest.mark.parametrize("who", ["flowsde", "torchsde"])
+def test_sdeint_adjoint_reversible_heun(benchmark, who):
+    sde, y0, ts = peers.adjoint_sde_problem()
+    lib = {"flowsde": peers.flowsde, "torchsde": peers.torchsde}[who]
+    grads = benchmark.pedantic(peers.adjoint_sde, args=(lib, sde, y0, ts), kwargs=dict(method="reversible_heun"),
+                               rounds=3, warmup_rounds=1)
+    assert grads[0].shape == y0.shape

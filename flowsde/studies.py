@@ -143,13 +143,15 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128,
 SDE_PROBLEMS = {
     # problem: {method: (strong order, weak order or None)}
     "ou": {"euler": (1.0, 1.0), "milstein": (1.0, None), "heun": (1.0, None),      # additive noise
-           "midpoint": (1.0, None), "euler_heun": (1.0, None),
+           "midpoint": (1.0, None), "euler_heun": (1.0, None), "reversible_heun": (1.0, None),
            "srk": (2.0, None)},  # (Rößler's SRA1 on a linear drift with additive noise: its order-1.5 error
     # terms vanish, the first left is of order 2 — measured 2.00 [1.99, 2.01]; order 1.5 on GBM below)
     "gbm": {"euler": (0.5, None), "milstein": (1.0, None), "heun": (1.0, None),    # multiplicative noise
-            "midpoint": (1.0, None), "euler_heun": (1.0, None), "srk": (1.5, None)},
+            "midpoint": (1.0, None), "euler_heun": (1.0, None), "srk": (1.5, None),
+            "reversible_heun": (1.0, None)},  # (torchsde lists reversible Heun's order for other than additive
+    # noise as unknown, 1/2 at least; on GBM's commutative noise it measures 0.98 [0.96, 0.99], 4000 paths)
     "bm": {"euler": (0.5, None), "milstein": (0.5, None), "heun": (0.5, None),     # whole-path error
-           "midpoint": (0.5, None), "euler_heun": (0.5, None), "srk": (0.5, None)},
+           "midpoint": (0.5, None), "euler_heun": (0.5, None), "srk": (0.5, None), "reversible_heun": (0.5, None)},
 }
 ODE_PROBLEMS = {
     "ou_drift": {"euler": 1, "midpoint": 2, "heun": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4},

@@ -241,3 +241,82 @@ def test_the_default_motion_is_exact_at_every_step_and_serves_srk_and_float32_gr
     b = torch.autograd.grad(torchsde.sdeint_adjoint(sde32, y32, t32, bm=bm, dt=0.1, method="euler",
                                                     adjoint_method="euler").sum(), [y32])[0]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---- reversible Heun: the exact gradient of the discretised solve ------------------------------------------
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "scalar", "additive", "general"])
+def test_reversible_heun_adjoint_is_backpropagation_exactly_and_torchsde_on_whole_steps(noise_type):
+    """adjoint_reversible_heun (the default for method='reversible_heun') runs the solve backwards exactly: its
+    gradients equal backpropagation through flowsde.sdeint's reversible Heun solve to rounding, for output times
+    inside steps too (where torchsde's, stepping from each output time, differ by 5-20 % here), and torchsde's
+    sdeint_adjoint where the output times are whole numbers of steps apart."""
+    sde = NeuralSDE("stratonovich", noise_type)
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    for ts, whole in ((torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=F64), True),
+                      (torch.tensor([0.0, 0.3, 0.55, 1.0], dtype=F64), False)):
+        bm = torchsde.BrownianInterval(0.0, 1.0, size=sde.noise_shape(4), dtype=F64, entropy=5)
+        kw = dict(bm=bm, method="reversible_heun", dt=2 ** -5)
+        ys, ours = _grads(flowsde.sdeint_adjoint, sde, y0, ts, **kw)
+        ys_bp, bp = _grads(flowsde.sdeint, sde, y0, ts, **kw)
+        assert torch.equal(ys, ys_bp)
+        assert rel(ours, bp) < 1e-12
+        _, ref = _grads(torchsde.sdeint_adjoint, sde, y0, ts, **kw)
+        if whole:
+            assert rel(ours, ref) < 1e-12
+        else:  # (torchsde warns that its backward steps differ from the forward's here)
+            assert rel(ref, bp) > 1e-3
+
+
+def test_reversible_heun_adjoint_makes_one_evaluation_per_step_keeps_no_graph_and_takes_logqp_float32_and_seed():
+    class Counting(LatentSDE):
+        calls = 0
+
+        def f(self, t, y):
+            Counting.calls += 1
+            return super().f(t, y)
+
+    sde = Counting("stratonovich", "diagonal")
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    ts = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    bm = flowsde.VirtualBrownianTree(0.0, 1.0, shape=(4, 3), seed=1, dtype=F64)
+    ys = flowsde.sdeint_adjoint(sde, y0, ts, bm=bm, method="reversible_heun", dt=0.05)
+    assert ys.grad_fn is not None and Counting.calls == 21  # forward: 20 steps, one drift each, and the start
+    Counting.calls = 0
+    ys.sum().backward()
+    assert Counting.calls == 21  # backward: one (f, g) per grid point (torchsde's backward step makes two)
+    bm1 = flowsde.VirtualBrownianTree(0.0, 1.0, shape=(4, 4), seed=1, dtype=F64)  # (d + 1 channels for logqp)
+    kw = dict(bm=bm1, method="reversible_heun", dt=0.05, logqp=True)
+    grads = []
+    for fn in (flowsde.sdeint_adjoint, flowsde.sdeint):
+        ys, log_ratio = fn(sde, y0, ts, **kw)
+        grads.append(torch.autograd.grad(ys.pow(2).sum() + log_ratio.sum(), [y0] + list(sde.parameters())))
+    assert rel(*grads) < 1e-9
+    ys = flowsde.sdeint_adjoint(sde, y0, ts, method="reversible_heun", dt=0.05, seed=4)  # bm=None
+    (g,) = torch.autograd.grad(ys.sum(), y0)
+    assert torch.isfinite(g).all() and torch.equal(ys, flowsde.sdeint_adjoint(sde, y0, ts, method="reversible_heun",
+                                                                              dt=0.05, seed=4))
+    sde32 = NeuralSDE("stratonovich", "general").float()
+    y32 = y0.detach().float().requires_grad_(True)
+    bm32 = torchsde.BrownianInterval(0.0, 1.0, size=(4, 2), entropy=2)
+    a = _grads(flowsde.sdeint_adjoint, sde32, y32, ts.float(), bm=bm32, method="reversible_heun", dt=0.05)[1]
+    b = _grads(flowsde.sdeint, sde32, y32, ts.float(), bm=bm32, method="reversible_heun", dt=0.05)[1]
+    assert a[0].dtype == torch.float32 and rel(a, b) < 1e-5
+
+
+def test_reversible_heun_adjoint_errors():
+    sde = NeuralSDE("stratonovich", "diagonal")
+    y0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(ValueError, match="runs a method='reversible_heun' solve backwards"):
+        flowsde.sdeint_adjoint(sde, y0, ts, method="heun", adjoint_method="adjoint_reversible_heun")
+    with pytest.raises(ValueError, match="fixed steps only"):
+        flowsde.sdeint_adjoint(sde, y0, ts, method="reversible_heun", adaptive=True)
+    with pytest.raises(ValueError, match="the forward method is 'euler'"):
+        flowsde.sdeint_adjoint(NeuralSDE("ito", "diagonal"), y0, ts, method="euler",
+                               adjoint_method="adjoint_reversible_heun")
+    with pytest.raises(ValueError, match="solves stratonovich SDEs"):
+        flowsde.sdeint_adjoint(NeuralSDE("ito", "diagonal"), y0, ts, method="reversible_heun")
+    # a continuous-adjoint backward method for a reversible Heun solve: allowed (approximate gradients)
+    ys = flowsde.sdeint_adjoint(sde, y0, ts, method="reversible_heun", adjoint_method="midpoint", dt=0.1, seed=0)
+    assert torch.isfinite(torch.autograd.grad(ys.sum(), y0)[0]).all()

@@ -37,6 +37,7 @@ CASES = [(m, nt, st, gf) for m, nts, sts, gfs in [
     ("heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
     ("midpoint", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
     ("euler_heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
+    ("reversible_heun", ("diagonal", "scalar", "additive", "general"), ("stratonovich",), (False,)),
     ("srk", ("diagonal", "scalar", "additive"), ("ito",), (False,)),
     ("milstein", ("diagonal", "scalar", "additive"), ("ito", "stratonovich"), (False, True)),
 ] for nt in nts for st in sts for gf in gfs]
@@ -59,6 +60,49 @@ def test_sdeint_matches_torchsde(method, noise_type, sde_type, grad_free, dt):
     ref = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=dt, options=opts).detach()
     assert ours.shape == ref.shape == (len(ts), B, D)
     assert float((ours - ref).abs().max() / ref.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("noise_type", ["diagonal", "general"])
+def test_extra_solver_state_equals_torchsde_and_resumes_a_solve(noise_type):
+    """extra=True returns torchsde's extra_solver_state: reversible Heun's (f, g, z) at ts[-1] (equal to
+    torchsde's), () for the one-step methods; passed back as extra_solver_state it resumes the solve exactly
+    where it stopped (two halves equal one whole solve), with logqp too; a wrong state is refused by name."""
+    sde = Nonlinear(noise_type, "stratonovich")
+    y0 = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(B, noise_size(noise_type)), dtype=torch.float64, entropy=4)
+    kw = dict(bm=bm, method="reversible_heun", dt=2 ** -5)
+    ys, state = flowsde.sdeint(sde, y0, ts, extra=True, **kw)
+    ref, ref_state = torchsde.sdeint(sde, y0, ts, extra=True, **kw)
+    assert len(state) == 3 and all(float((a - b).abs().max()) < 1e-12 for a, b in zip(state, ref_state))
+    first, mid = flowsde.sdeint(sde, y0, ts[:2], extra=True, **kw)
+    second, end = flowsde.sdeint(sde, first[-1], ts[1:], extra=True, extra_solver_state=mid, **kw)
+    assert float((second[-1] - ys[-1]).abs().max()) < 1e-13
+    assert all(float((a - b).abs().max()) < 1e-13 for a, b in zip(end, state))
+    restart = flowsde.sdeint(sde, first[-1], ts[1:], **kw)  # (without the state: z restarts at y, another solve)
+    assert float((restart[-1] - ys[-1]).abs().max()) > 1e-6
+    one = flowsde.sdeint(sde, y0, ts[:1], extra=True, **kw)
+    assert torch.equal(one[1][2], y0) and torch.equal(one[1][0], sde.f(ts[0], y0))
+    ys_e, empty = flowsde.sdeint(sde, y0, ts, bm=bm, method="midpoint", dt=2 ** -5, extra=True)
+    assert empty == () and torch.equal(ys_e, flowsde.sdeint(sde, y0, ts, bm=bm, method="midpoint", dt=2 ** -5))
+    out = flowsde.sdeint(sde, y0, ts, extra=True, options=dict(return_stats=True), **kw)
+    assert len(out) == 3 and torch.equal(out[0], ys) and out[2]["steps"] == 32
+    sde.h = lambda t, y: -y  # a prior drift: logqp's (ys, log_ratio, extra_solver_state), as torchsde's
+    size = (B, D + 1) if noise_type == "diagonal" else (B, M)
+    bm1 = torchsde.BrownianInterval(0.0, 1.0, size=size, dtype=torch.float64, entropy=4)
+    lq = dict(bm=bm1, method="reversible_heun", dt=2 ** -5, logqp=True, extra=True)
+    ours, theirs = flowsde.sdeint(sde, y0, ts, **lq), torchsde.sdeint(sde, y0, ts, **lq)
+    assert len(ours) == 3 and ours[2][2].shape == (B, D + 1)
+    assert all(float((a - b).abs().max() / b.abs().max()) < 1e-12 for a, b in zip(ours[:2] + ours[2],
+                                                                                 theirs[:2] + theirs[2]))
+    with pytest.raises(ValueError, match=r"must be 3 tensors \('f', 'g', 'z'\)"):
+        flowsde.sdeint(sde, y0, ts, extra_solver_state=state[:2], **kw)
+    with pytest.raises(ValueError, match="extra_solver_state z returned shape"):
+        flowsde.sdeint(sde, y0, ts, extra_solver_state=(state[0], state[1], state[2][:2]), **kw)
+    with pytest.raises(ValueError, match="fixed steps only"):
+        flowsde.sdeint(sde, y0, ts, bm=bm, method="reversible_heun", adaptive=True)
+    with pytest.raises(TypeError, match="tuple of tensors"):
+        flowsde.sdeint(sde, y0, ts, extra_solver_state=state[0], **kw)
 
 
 @pytest.mark.parametrize("sde", [GeometricBrownianMotion(), OrnsteinUhlenbeck(noise_type="additive"),
@@ -224,8 +268,8 @@ def test_torchsde_names_and_f_and_g_and_their_refusals():
                          atol=np.float32(1e-3), seed=0)
     assert torch.equal(got, flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, adaptive=True, rtol=1e-3,
                                            atol=float(np.float32(1e-3)), seed=0))
-    for kw, err in ((dict(logqp=True), ValueError), (dict(extra=True), NotImplementedError),  # (logqp: no prior h)
-                    (dict(names={"drifts": "f"}), ValueError)):
+    for kw, err in ((dict(logqp=True), ValueError), (dict(extra_solver_state=(y0,)), ValueError),  # (logqp: no
+                    (dict(names={"drifts": "f"}), ValueError)):  # prior h; euler keeps no solver state)
         with pytest.raises(err):
             flowsde.sdeint(OrnsteinUhlenbeck(), y0, ts, dt=0.1, **kw)
 

@@ -192,7 +192,8 @@ def test_odeint_backends_agree(method):
 @pytest.mark.parametrize("method,noise_type,sde_type", [
     ("euler", "diagonal", "ito"), ("euler", "scalar", "ito"), ("euler", "additive", "ito"), ("euler", "general", "ito"),
     ("heun", "diagonal", "stratonovich"), ("milstein", "diagonal", "ito"), ("milstein", "scalar", "ito"),
-    ("midpoint", "general", "stratonovich"), ("euler_heun", "diagonal", "stratonovich")])
+    ("midpoint", "general", "stratonovich"), ("euler_heun", "diagonal", "stratonovich"),
+    ("reversible_heun", "scalar", "stratonovich"), ("reversible_heun", "general", "stratonovich")])
 def test_sdeint_backends_agree_on_a_given_bm(method, noise_type, sde_type):
     from test_sde_parity import Nonlinear, noise_size
     sde = Nonlinear(noise_type, sde_type)

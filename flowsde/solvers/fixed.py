@@ -98,6 +98,30 @@ class StageTimes:
         return len(self._rows)
 
 
+def output_weights(grid: np.ndarray, t_out: np.ndarray):
+    """How :func:`integrate` makes each output from the grid values: per grid point ``j`` the list of
+    ``(i, w)`` with output ``i`` holding ``w`` times the value at ``j`` (``1`` on a grid point; ``1 - s`` and
+    ``s`` for the linear interpolation inside a step) — the transpose a backward pass applies."""
+    sign = 1.0 if grid[-1] > grid[0] else -1.0
+    at = [[] for _ in grid]
+    at[0].append((0, 1.0))
+    j, n_out = 1, len(t_out)
+    for k in range(len(grid) - 1):
+        ta, tb = grid[k], grid[k + 1]
+        while j < n_out and sign * (tb - t_out[j]) >= 0.0:
+            tj = t_out[j]
+            if tj == tb:
+                at[k + 1].append((j, 1.0))
+            elif tj == ta:
+                at[k].append((j, 1.0))
+            else:
+                s = (tj - ta) / (tb - ta)
+                at[k].append((j, 1.0 - s))
+                at[k + 1].append((j, s))
+            j += 1
+    return at
+
+
 def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndarray,
               interp: Optional[Callable] = None, lerp: Callable = kernels.lerp) -> torch.Tensor:
     """Run ``step(k, y) -> (y_next, aux)`` over ``grid`` and return the solution at every ``t_out``.

@@ -43,6 +43,7 @@ class StepContext:
             self.sqrt_h = np.sqrt(np.diff(grid)).tolist()
             self.times = fixed.StageTimes(grid, stage_c, t_dtype, y0.device)
         self.nfe = self.nge = 0
+        self.extra = None  # the state a method carries between steps (reversible_heun's (f, g, z))
         self.like = y0
         self.shape = tuple(y0.shape)
         self.batch = y0.shape[0]
@@ -215,7 +216,7 @@ def _with_logqp(sde, y0, names):
     prior = getattr(sde, name, None)
     if not callable(prior):
         raise ValueError(f"logqp=True needs the prior drift: the sde has no method {name}(t, y)")
-    inner = _torchsde_arguments(sde, names, False, False, None)
+    inner = _torchsde_arguments(sde, names)
     return _Logqp(inner, prior), torch.cat([y0, y0.new_zeros((y0.shape[0], 1))], dim=1)
 
 
@@ -224,15 +225,9 @@ def _split_logqp(ys):
     return ys[..., :-1], ys[1:, :, -1] - ys[:-1, :, -1]
 
 
-def _torchsde_arguments(sde, names, logqp, extra, extra_solver_state):
-    """torchsde's ``names``, ``logqp``, ``extra`` and ``extra_solver_state``: ``names`` maps its keys to
-    the SDE's method names; ``logqp`` is handled by the caller (:func:`_with_logqp`); solver state for
-    resuming is refused with a clear error rather than ignored."""
-    if logqp:
-        raise NotImplementedError("internal: logqp is applied by _with_logqp")
-    if extra or extra_solver_state is not None:
-        raise NotImplementedError("extra / extra_solver_state (torchsde's solver state, to resume a solve) are "
-                                  "not supported by flowsde.sdeint")
+def _torchsde_arguments(sde, names):
+    """torchsde's ``names``: maps its keys to the SDE's method names (``logqp`` is applied by
+    :func:`_with_logqp`, ``extra`` / ``extra_solver_state`` by :func:`_solver_state`)."""
     if names is not None:
         if not isinstance(names, dict) or any(k not in _NAMES or not isinstance(v, str) for k, v in names.items()):
             raise ValueError(f"names must map some of {_NAMES} to method names of the sde, got {names!r}")
@@ -240,6 +235,32 @@ def _torchsde_arguments(sde, names, logqp, extra, extra_solver_state):
     if names or not all(callable(getattr(sde, a, None)) for a in ("f", "g")):
         return _Renamed(sde, names)
     return sde
+
+
+def _solver_state(method, state, y0, noise_type, adaptive):
+    """torchsde's ``extra_solver_state``, checked: ``()`` (or ``None``) for a method that keeps none between
+    steps; for ``reversible_heun`` ``None`` (start from ``y0``) or its ``(f, g, z)`` at ``ts[0]``, as
+    ``extra=True`` returned it (to resume a solve where another ended)."""
+    if state is None:
+        return None
+    if not isinstance(state, (tuple, list)) or not all(isinstance(x, torch.Tensor) for x in state):
+        raise TypeError(f"extra_solver_state must be a tuple of tensors, got {type(state).__name__}")
+    names = method.solver_state
+    if len(state) != len(names):
+        what = f"{len(names)} tensors {names}" if names else "() (it keeps no state between steps)"
+        raise ValueError(f"extra_solver_state for method {method.name!r} must be {what}, got {len(state)} tensors")
+    if not names:
+        return None
+    if adaptive:
+        raise ValueError(f"method {method.name!r} runs fixed steps only (adaptive=False)")
+    f, g, z = state
+    for what, x in (("f", f), ("z", z)):
+        _checks.check_output(f"extra_solver_state {what}", x, y0, tuple(y0.shape))
+    g_shape = {"diagonal": tuple(y0.shape), "scalar": tuple(y0.shape) + (1,)}.get(noise_type)
+    if g_shape is None:  # additive / general: (batch, d, m), any m
+        g_shape = tuple(y0.shape) + ((g.shape[-1],) if isinstance(g, torch.Tensor) and g.dim() == 3 else ("m",))
+    _checks.check_output("extra_solver_state g", g, y0, g_shape)
+    return tuple(state)
 
 
 def _snapped(bm, t: float) -> float:
@@ -285,24 +306,27 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     ``(len(ts), *y0.shape)``. Steps of size ``dt`` run from ``ts[0]`` to ``ts[-1]`` and outputs inside
     a step are interpolated linearly, as torchsde does.
 
-    Methods: ``euler`` (Itô Euler–Maruyama, alias ``euler_maruyama``), ``heun``, ``midpoint`` and
-    ``euler_heun`` (Stratonovich, torchsde's) and ``milstein`` (Itô or Stratonovich; diagonal, scalar or
-    additive noise; ``options=dict(grad_free=True)`` for the derivative-free variant). The default is
-    ``euler`` for Itô and ``midpoint`` (torchsde's default) for Stratonovich SDEs.
+    Methods: ``euler`` (Itô Euler–Maruyama, alias ``euler_maruyama``), ``srk`` (Itô, Rößler's), ``heun``,
+    ``midpoint``, ``euler_heun`` and ``reversible_heun`` (Stratonovich, torchsde's) and ``milstein`` (Itô
+    or Stratonovich; diagonal, scalar or additive noise; ``options=dict(grad_free=True)`` for the
+    derivative-free variant). The default is ``euler`` for Itô and ``midpoint`` (torchsde's default) for
+    Stratonovich SDEs.
+
+    ``extra=True`` also returns torchsde's ``extra_solver_state`` at ``ts[-1]`` (reversible Heun's ``(f, g,
+    z)``, ``()`` for the other methods); ``extra_solver_state`` resumes a solve from one.
 
     ``bm``: any Brownian object answering ``bm(ta, tb)`` (a torchsde one, or a
     :class:`flowsde.brownian.GridBrownian`); with ``bm=None`` flowsde draws its increments from ``seed``
     (same seed, same result). ``options``: ``return_stats`` (returns ``(ys, stats)`` with ``nfe``,
-    ``nge``, ``steps``), ``grad_free``, ``backend``.
+    ``nge``, ``steps``; after ``extra_solver_state`` with ``extra``), ``grad_free``, ``backend``.
     """
     from .adaptive_sde import ADAPTIVE_SDE_OPTIONS, sdeint_adaptive
     if logqp:  # the KL penalty as a last state column (torchsde's SDELogqp), split off the result
-        if extra or extra_solver_state is not None:
-            _torchsde_arguments(sde, names, False, extra, extra_solver_state)
         aug, y_aug = _with_logqp(sde, y0, names)
-        out = sdeint(aug, y_aug, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, None, seed=seed)
+        out = sdeint(aug, y_aug, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, None, extra=extra,
+                     extra_solver_state=extra_solver_state, seed=seed)
         if isinstance(out, tuple):
-            return _split_logqp(out[0]) + (out[1],)
+            return _split_logqp(out[0]) + out[1:]
         return _split_logqp(out)
     opts = _checks.check_options(options, ADAPTIVE_SDE_OPTIONS if adaptive else SDE_OPTIONS,
                                  f"sdeint(adaptive={bool(adaptive)})")
@@ -311,7 +335,7 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             raise ValueError(f"sde has no attribute {attr}: set it to one of {allowed}")
         if getattr(sde, attr) not in allowed:
             raise ValueError(f"sde.{attr} must be one of {allowed}, got {getattr(sde, attr)!r}")
-    sde = _torchsde_arguments(sde, names, logqp, extra, extra_solver_state)
+    sde = _torchsde_arguments(sde, names)
     if method is None:
         method = DEFAULT_SDE_METHOD[sde.sde_type]
     if not isinstance(method, str) or method not in SDE_METHODS:
@@ -336,16 +360,26 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     _checks.check_seed(seed)
     if bm is not None:
         ts_host = times_on_motion(bm, ts, ts_host, y0)
+    if adaptive and (method == "srk" or m.solver_state):
+        why = ("step doubling would need the space-time area of every half step" if method == "srk" else
+               "a rejected step would have to restore the state it carries")
+        raise ValueError(f"method {method!r} runs fixed steps only ({why}); use adaptive=False, or milstein / "
+                         f"euler adaptively")
+    state = _solver_state(m, extra_solver_state, y0, sde.noise_type, adaptive)
 
-    if adaptive and method == "srk":
-        raise ValueError("method 'srk' runs fixed steps only (step doubling would need the space-time area of "
-                         "every half step); use adaptive=False, or milstein / euler adaptively")
+    def result(ys, final_state, stats):  # torchsde's layout (extra_solver_state after ys), then the stats
+        out = (ys,) + ((final_state,) if extra else ()) + ((stats,) if opts.get("return_stats", False) else ())
+        return out if len(out) > 1 else ys
     if adaptive:
-        return sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
+        out = sdeint_adaptive(sde, y0, ts, ts_host, m, step, rtol, atol, dt_min, bm, seed, opts, ops)
+        ys, stats = out if isinstance(out, tuple) else (out, None)
+        return result(ys, (), stats)
     if len(ts_host) == 1:  # nothing to integrate: y0 (a copy), as torchsde returns it
         ys = y0.clone().unsqueeze(0)
         stats = {"nfe": 0, "nge": 0, "steps": 0, "accepted": 0, "rejected": 0, "status": "success"}
-        return (ys, stats) if opts.get("return_stats", False) else ys
+        if extra and m.solver_state and state is None:  # (the state a solve from here would start with)
+            state = (sde.f(ts[0], y0), sde.g(ts[0], y0), y0)
+        return result(ys, state or (), stats)
     grid = fixed.uniform_grid(ts_host[0], ts_host[-1], step, ts.dtype)
     if isinstance(bm, VirtualBrownianTree):  # below a leaf the tree is linear: too little variance
         leaf = (bm.t1 - bm.t0) / 2 ** bm.depth
@@ -355,21 +389,34 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
             warnings.warn(f"{which} is below the VirtualBrownianTree's resolution (its leaves are {leaf:.3g} long, "
                           f"inside which W is linear: increments there have too little variance); build it with "
                           f"a smaller tol", UserWarning, stacklevel=2)
-    return solve_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed, bool(opts.get("grad_free", False)),
-                         bool(opts.get("return_stats", False)), ops)
+    ys, final_state, stats = run_on_grid(sde, y0, grid, ts_host, m, ts.dtype, bm, seed,
+                                         bool(opts.get("grad_free", False)), ops, state)
+    return result(ys, final_state, stats)
 
 
-def solve_on_grid(sde, y0, grid, t_out, method, t_dtype, bm=None, seed=None, grad_free=False,
-                  return_stats=False, ops=None):
-    """Run the SDE ``method`` (an :class:`SDEMethod`) over a prepared host ``grid`` (float64, increasing)
-    and return the solution at the times ``t_out`` (the driver behind ``sdeint`` and ``flowsde.sample``)."""
+def run_on_grid(sde, y0, grid, t_out, method, t_dtype, bm=None, seed=None, grad_free=False, ops=None,
+                extra_solver_state=None):
+    """Run the SDE ``method`` (an :class:`SDEMethod`) over a prepared host ``grid`` (float64, increasing):
+    ``(ys, extra_solver_state, stats)``, the solution at the times ``t_out``, the state the method carries
+    at the grid's end (``()`` for one-step methods) and the counts of evaluations."""
     ctx = StepContext(sde, y0, grid, t_dtype, bm, seed, grad_free, method.stage_c, ops)
+    if extra_solver_state is not None:
+        ctx.extra = extra_solver_state
+        g = extra_solver_state[method.solver_state.index("g")]
+        if ctx.g_shape is None:  # (additive / general noise: the channels the given diffusion has)
+            ctx.m, ctx.g_shape = g.shape[-1], tuple(g.shape)
     step_fn = method.step
 
     def do_step(k, y):
         return step_fn(ctx, k, y), None
 
     ys = fixed.integrate(do_step, y0, grid, t_out, lerp=ctx.ops.lerp)
-    if return_stats:
-        return ys, ctx.stats
-    return ys
+    return ys, (tuple(ctx.extra) if method.solver_state else ()), ctx.stats
+
+
+def solve_on_grid(sde, y0, grid, t_out, method, t_dtype, bm=None, seed=None, grad_free=False,
+                  return_stats=False, ops=None):
+    """:func:`run_on_grid`'s solution (and stats with ``return_stats``): the driver behind ``sdeint`` and
+    ``flowsde.sample``."""
+    ys, _, stats = run_on_grid(sde, y0, grid, t_out, method, t_dtype, bm, seed, grad_free, ops)
+    return (ys, stats) if return_stats else ys

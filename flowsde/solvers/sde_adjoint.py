@@ -10,6 +10,9 @@ Euler–Heun or Milstein backward steps); an Itô SDE's reverse drift and adjoin
 (dg_j/dy) g_j`` and the adjoint's Itô term, ``(a^T dg/dy) dg/d(y, p)``; additive noise needs none), stepped
 by Euler–Maruyama or, for diagonal noise, Milstein (with the augmented SDE's own Milstein term). Each
 evaluation's vector-Jacobian products are taken by autograd, with no graph kept between steps.
+
+A ``reversible_heun`` solve is instead run backwards exactly, step for step on its own grid
+(:func:`_reversible_backward`, torchsde's ``adjoint_reversible_heun``): the gradient of the discretised solve.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from . import fixed
 from .adjoint import differentiated_params
 
 #: the backward methods, by the forward SDE's type (the first is the default, as torchsde's for Stratonovich)
-ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun", "euler_heun", "milstein"), "ito": ("euler", "milstein")}
+REVERSIBLE = "adjoint_reversible_heun"
+ADJOINT_METHODS = {"stratonovich": ("midpoint", "heun", "euler_heun", "milstein", REVERSIBLE),
+                   "ito": ("euler", "milstein")}
 _ALIASES = {"euler_maruyama": "euler"}
 
 
@@ -36,14 +41,15 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
 
     ``adjoint_params``: the tensors to differentiate besides ``y0`` (default ``sde.parameters()``; ``sde`` must
     then be an ``nn.Module``). ``adjoint_method``: the backward steps, with torchsde's defaults —
-    ``"midpoint"`` (default), ``"heun"``, ``"euler_heun"`` or ``"milstein"`` for Stratonovich SDEs, ``"milstein"`` (default for
+    ``"midpoint"`` (default), ``"heun"``, ``"euler_heun"`` or ``"milstein"`` for Stratonovich SDEs (and
+    ``"adjoint_reversible_heun"``, the default for ``method="reversible_heun"``: its exact gradient), ``"milstein"`` (default for
     diagonal noise) or ``"euler"`` (default otherwise) for Itô SDEs; Milstein needs diagonal noise. The backward steps are ``dt``
     long, from each output time down to the one before. ``bm``: any Brownian object that answers queries
     in any order (torchsde's ``BrownianInterval`` / ``BrownianTree``, flowsde's ``VirtualBrownianTree``);
     with ``bm=None`` an exact motion from ``seed`` that knows every time both passes ask (see
     :func:`_default_motion`; not ``sdeint``'s own ``bm=None`` stream). ``logqp=True`` returns ``(ys, log_ratio)`` as torchsde (the
-    penalty differentiated with the rest). ``adjoint_adaptive``, ``extra`` and double backward are not
-    supported (refused).
+    penalty differentiated with the rest). ``adjoint_adaptive``, ``extra`` / ``extra_solver_state`` and double
+    backward are not supported (refused).
     """
     from .sde import SDE_METHODS, _split_logqp, _torchsde_arguments, _with_logqp, sdeint, times_on_motion
 
@@ -55,7 +61,10 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
         if not hasattr(sde, attr):
             raise ValueError(f"sde has no attribute {attr}: set it (noise_type: diagonal, scalar, additive or "
                              f"general; sde_type: ito or stratonovich)")
-    inner = _torchsde_arguments(sde, names, False, extra, extra_solver_state)
+    if extra or extra_solver_state is not None:
+        raise NotImplementedError("sdeint_adjoint: extra / extra_solver_state (torchsde's solver state, to resume "
+                                  "a solve) are not supported; flowsde.sdeint takes them")
+    inner = _torchsde_arguments(sde, names)
     solved, solved_names = sde, names
     if logqp:  # the KL penalty as a last state column, differentiated with the rest (as torchsde)
         inner, y0 = _with_logqp(sde, y0, names)
@@ -64,11 +73,18 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     known = ADJOINT_METHODS.get(kind)
     if known is None:
         raise ValueError(f"sde.sde_type must be 'ito' or 'stratonovich', got {kind!r}")
-    if adjoint_method is None:  # torchsde's defaults: Milstein for Itô diagonal noise, midpoint for Stratonovich
-        adjoint_method = "milstein" if kind == "ito" and inner.noise_type == "diagonal" else known[0]
+    if adjoint_method is None:  # torchsde's defaults: Milstein for Itô diagonal noise, midpoint for Stratonovich,
+        # the exact backward run of a reversible Heun solve
+        adjoint_method = "milstein" if kind == "ito" and inner.noise_type == "diagonal" else \
+            REVERSIBLE if method == "reversible_heun" else known[0]
     adjoint_method = _ALIASES.get(adjoint_method, adjoint_method)
+    if adjoint_method == REVERSIBLE and method != "reversible_heun":
+        raise ValueError(f"adjoint_method {REVERSIBLE!r} runs a method='reversible_heun' solve backwards; the "
+                         f"forward method is {method!r}")
     if adjoint_method not in known:
         raise ValueError(f"adjoint_method {adjoint_method!r} is not a backward method for {kind} SDEs; known: {known}")
+    if adjoint_method == REVERSIBLE and adaptive:
+        raise ValueError("method 'reversible_heun' runs fixed steps only (adaptive=False)")
     if adjoint_method == "milstein" and inner.noise_type != "diagonal":
         raise ValueError(f"adjoint_method 'milstein' needs diagonal noise (the adjoint of {inner.noise_type} noise is "
                          f"not diagonal, as in torchsde); use {known[0]!r}")
@@ -82,22 +98,29 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     step = _checks.check_step("dt", dt)
     t_host = _checks.host_times("ts", _checks.check_times("ts", ts, y0, at_least_two=False), increasing_only=True)
     if bm is None:
-        bm = _default_motion(inner, y0, ts, t_host, step, seed, adaptive)
+        bm = _default_motion(inner, y0, ts, t_host, step, seed, adaptive, adjoint_method != REVERSIBLE)
     t_host = times_on_motion(bm, ts, t_host, y0)  # (the times the forward solve steps between, snapped as there)
     if method is not None and method not in SDE_METHODS:
         raise ValueError(f"unknown SDE method {method!r}; known methods: {sorted(SDE_METHODS)}")
     opts = dict(options or {})
     stats = {}
 
+    reversible = adjoint_method == REVERSIBLE
+    carried = []  # (the reversible Heun solve's (f, g, z) at ts[-1], where its backward run starts)
+
     def forward(y):
         out = sdeint(solved, y, ts, bm=bm, method=method, dt=dt, adaptive=adaptive, rtol=rtol, atol=atol,
-                     dt_min=dt_min, options=opts, names=solved_names, seed=seed)
+                     dt_min=dt_min, options=opts, names=solved_names, extra=reversible, seed=seed)
+        out = out if isinstance(out, tuple) else (out,)
+        if reversible:
+            carried[:] = [out[1]]
         if opts.get("return_stats", False):
-            out, st = out
-            stats.update(st)
-        return out
+            stats.update(out[-1])
+        return out[0]
 
     def backward(ys, grads):
+        if reversible:
+            return _reversible_backward(inner, ys, grads, params, t_host, ts.dtype, step, bm, carried[0])
         return _backward(inner, ys, grads, params, t_host, ts.dtype, step, bm, adjoint_method)
 
     ys = _SDEAdjoint.apply(forward, backward, y0, *params)
@@ -107,7 +130,7 @@ def sdeint_adjoint(sde, y0, ts, bm=None, method=None, adjoint_method=None, dt=1e
     return result if logqp else ys
 
 
-def _default_motion(sde, y0, ts, t_host, step, seed, adaptive):
+def _default_motion(sde, y0, ts, t_host, step, seed, adaptive, backward_grids=True):
     """flowsde's Brownian motion for ``bm=None`` (torchsde's default is a ``BrownianInterval``), exact at every
     time either pass asks: for fixed steps a :class:`~flowsde.brownian.GridBrownian` on the union of the
     forward grid and every backward interval's grid (with space-time areas, for ``srk``); for adaptive steps
@@ -132,7 +155,9 @@ def _default_motion(sde, y0, ts, t_host, step, seed, adaptive):
     if adaptive:
         return VirtualBrownianTree(t0, t1, shape=shape, seed=seed, dtype=y0.dtype, device=y0.device)
     grids = [fixed.uniform_grid(t0, t1, step, ts.dtype)]
-    grids += [fixed.uniform_grid(float(t_host[i]), float(t_host[i - 1]), step, ts.dtype) for i in range(1, len(t_host))]
+    if backward_grids:  # (a reversible Heun solve runs backwards on its own grid)
+        grids += [fixed.uniform_grid(float(t_host[i]), float(t_host[i - 1]), step, ts.dtype)
+                  for i in range(1, len(t_host))]
     grid = np.unique(np.concatenate(grids))
     # a forward point and a backward one that differ by rounding (0.5 - 0.05 k against 0.05 (10 - k)) are one
     # time: the motion's own lookup tolerance (1e-9 of its smallest step) then answers both
@@ -276,6 +301,65 @@ def _backward(sde, ys, grads, params, t_host, t_dtype, step, bm, method):
         y = ys[i - 1]
         a = a + grads[i - 1]
     return a, ap
+
+
+def _reversible_backward(sde, ys, grads, params, t_host, t_dtype, step, bm, state):
+    """The gradient of a ``reversible_heun`` solve, exact up to rounding (torchsde's ``adjoint_reversible_heun``):
+    its steps run backwards on the forward grid, from ``(y, f, g, z)`` at ``ts[-1]``, each reconstructing the
+    step's start exactly (``z0 = 2 y1 - z1 - f1 dt - g1 dW``, ``(f0, g0) = (f, g)(t0, z0)``, ``y0 = y1 - (f0 +
+    f1) dt / 2 - (g0 + g1) dW / 2``) and applying the transpose of the step's linear combinations to the
+    adjoints of ``(y, z, f, g)``; the adjoint of ``(f, g)`` at a grid point is pulled back through the one
+    evaluation there (a vector-Jacobian product, its graph kept for one step): one evaluation per step,
+    where torchsde's backward step makes two. Outputs inside a step (the linear interpolation) get their
+    gradients split between the step's ends, so the gradient is exact for any ``ts`` (torchsde's backward
+    steps from each output time instead, exact only when ``ts`` are whole numbers of steps apart)."""
+    from .sde import StepContext
+    grid = fixed.uniform_grid(float(t_host[0]), float(t_host[-1]), step, t_dtype)
+    at = fixed.output_weights(grid, t_host)
+    _, g1, z1 = state
+    y1 = ys[-1]
+    nt = sde.noise_type
+    ctx = StepContext(sde, y1, grid, t_dtype, bm, None, False, (0.0, 1.0))
+    if ctx.g_shape is None:  # (additive / general noise: the channels the forward diffusion had)
+        ctx.m, ctx.g_shape = g1.shape[-1], tuple(g1.shape)
+
+    def incoming(a, j):  # the outputs' gradients that reach grid point j
+        for i, w in at[j]:
+            a = a + grads[i] if w == 1.0 else a + w * grads[i]
+        return a
+
+    def evaluate(t, z):  # (f, g) at (t, z), with the graph for the next vector-Jacobian product
+        with torch.enable_grad():
+            zv = z.detach().requires_grad_(True)
+            return zv, ctx.f(t, zv), ctx.g(t, zv)
+
+    def outer(a, dw):  # the adjoint of g -> g dW with respect to g
+        return a * dw if nt == "diagonal" else a.unsqueeze(-1) * dw.unsqueeze(-2)
+
+    n = len(grid) - 1
+    a_y = incoming(torch.zeros_like(y1), n)
+    a_z, a_f, a_g = torch.zeros_like(y1), torch.zeros_like(y1), torch.zeros_like(g1)
+    a_p = [torch.zeros_like(p) for p in params]
+    zv, fv, gv = evaluate(ctx.times[n - 1][1], z1)
+    for k in range(n - 1, -1, -1):
+        t0, h = ctx.times[k][0], ctx.h[k]
+        dw = ctx.dw(k, gv)
+        a_f = a_f + (0.5 * h) * a_y  # (f1, g1)'s adjoints, now whole: pulled back to z1 and the parameters
+        a_g = a_g + outer(a_y, 0.5 * dw)
+        vz, *vp = _vjp([fv, gv], [zv] + list(params), [a_f, a_g])
+        a_z = a_z + vz
+        a_p = [p + v for p, v in zip(a_p, vp)]
+        f1, g1, z1 = fv.detach(), gv.detach(), zv.detach()
+        z0 = 2.0 * y1 - z1 - h * f1 - noise_prod(g1, dw, nt)
+        zv, fv, gv = evaluate(t0, z0)
+        y0 = y1 - (0.5 * h) * (fv.detach() + f1) - noise_prod(gv.detach() + g1, 0.5 * dw, nt)
+        a_y, a_z, a_f, a_g = (a_y + 2.0 * a_z, -a_z, (0.5 * h) * a_y + h * a_z,
+                              outer(a_y, 0.5 * dw) + outer(a_z, dw))
+        a_y = incoming(a_y, k)
+        on_grid = [i for i, _ in at[k] if t_host[i] == grid[k]]
+        y1 = ys[on_grid[0]] if on_grid else y0  # (an output at a grid point: the forward's value, as torchsde)
+    vz, *vp = _vjp([fv, gv], [zv] + list(params), [a_f, a_g])  # (f, g) at ts[0], evaluated at z0 = y0
+    return a_y + a_z + vz, [p + v for p, v in zip(a_p, vp)]
 
 
 def _step(aug, method, t, h, y, a, ap, v):

@@ -22,7 +22,9 @@ class SDEMethod:
 
     ``strong_order`` maps a noise type to the strong order of convergence (``None`` for "as general");
     ``weak_order`` is the weak order; ``step(ctx, k, y)`` advances ``y`` over grid step ``k``;
-    ``stage_c`` are the fractions of a step at which the step evaluates ``f`` and ``g``.
+    ``stage_c`` are the fractions of a step at which the step evaluates ``f`` and ``g``; ``solver_state``
+    names the state a method carries from step to step (``ctx.extra``, torchsde's ``extra_solver_state``;
+    empty for the one-step methods).
     """
 
     name: str
@@ -32,6 +34,7 @@ class SDEMethod:
     weak_order: float
     step: Callable
     stage_c: Tuple[float, ...] = (0.0,)
+    solver_state: Tuple[str, ...] = ()
 
     def strong_order(self, noise_type: str) -> float:
         """The strong order of convergence for SDEs of the given noise type."""
@@ -80,6 +83,27 @@ def _euler_heun_step(ctx, k, y):
     y_pred = ctx.ops.sde_update(y, [], [(sc, g)], z, ctx.noise_type)
     g1 = ctx.g(t1, y_pred)
     return ctx.ops.sde_update(y, [(dt, f)], [(0.5 * sc, g), (0.5 * sc, g1)], z, ctx.noise_type)
+
+
+def _reversible_heun_step(ctx, k, y):
+    """torchsde's ``reversible_heun`` (Stratonovich; Kidger, Foster, Li & Lyons 2021, "Efficient and accurate
+    gradients for neural SDEs"): a Heun step whose drift and diffusion are evaluated at a second state ``z``,
+    carried with them from step to step, so that each step costs one evaluation and can be run backwards
+    exactly (``ctx.extra = (f, g, z)``, starting from ``(f(t0, y0), g(t0, y0), y0)``)::
+
+        z1 = 2 y0 - z0 + f0 dt + g0 dW,   (f1, g1) = (f, g)(t1, z1),   y1 = y0 + (f0 + f1) dt / 2 + (g0 + g1) dW / 2
+    """
+    (t0, t1), dt = ctx.times[k], ctx.h[k]
+    if ctx.extra is None:
+        ctx.extra = (ctx.f(t0, y), ctx.g(t0, y), y)
+    f0, g0, z0 = ctx.extra
+    noise, sc = ctx.noise(k, g0)
+    z1 = ctx.ops.sde_update(y, [(1.0, y), (-1.0, z0), (dt, f0)], [(sc, g0)], noise, ctx.noise_type)
+    f1 = ctx.f(t1, z1)
+    g1 = ctx.g(t1, z1)
+    ctx.extra = (f1, g1, z1)
+    return ctx.ops.sde_update(y, [(0.5 * dt, f0), (0.5 * dt, f1)], [(0.5 * sc, g0), (0.5 * sc, g1)], noise,
+                              ctx.noise_type)
 
 
 # Rößler's stochastic Runge–Kutta methods (A. Rößler, "Runge–Kutta methods for the strong approximation of
@@ -249,6 +273,9 @@ SRK = SDEMethod("srk", ("ito",), ("diagonal", "scalar", "additive"), {"default":
                 stage_c=_SRK_C)
 EULER_HEUN = SDEMethod("euler_heun", ("stratonovich",), NOISE_TYPES, {"general": 0.5, "default": 1.0}, 1.0,
                        _euler_heun_step, stage_c=(0.0, 1.0))
+# strong order 1 for additive noise, 1/2 in general (torchsde's, from Kidger et al. 2021)
+REVERSIBLE_HEUN = SDEMethod("reversible_heun", ("stratonovich",), NOISE_TYPES, {"additive": 1.0, "default": 0.5},
+                            1.0, _reversible_heun_step, stage_c=(0.0, 1.0), solver_state=("f", "g", "z"))
 
 #: SDE methods by name (aliases included).
 SDE_METHODS: Dict[str, SDEMethod] = {
@@ -259,6 +286,7 @@ SDE_METHODS: Dict[str, SDEMethod] = {
     "euler_heun": EULER_HEUN,
     "milstein": MILSTEIN,
     "srk": SRK,
+    "reversible_heun": REVERSIBLE_HEUN,
 }
 DEFAULT_SDE_METHOD = {"ito": "euler", "stratonovich": "midpoint"}  # (torchsde: srk for Itô — here method="srk",
 # which needs the space-time area of every step — and midpoint)
