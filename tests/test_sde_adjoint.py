@@ -320,3 +320,25 @@ def test_reversible_heun_adjoint_errors():
     # a continuous-adjoint backward method for a reversible Heun solve: allowed (approximate gradients)
     ys = flowsde.sdeint_adjoint(sde, y0, ts, method="reversible_heun", adjoint_method="midpoint", dt=0.1, seed=0)
     assert torch.isfinite(torch.autograd.grad(ys.sum(), y0)[0]).all()
+
+
+def test_backward_steps_evaluate_the_drift_once_per_stage_point():
+    """Each backward step evaluates the SDE once per point it visits: midpoint and Heun two, Euler–Heun two (its
+    predictor and corrector combinations at the step's start share one evaluation), Euler one."""
+    class Counting(NeuralSDE):
+        calls = 0
+
+        def f(self, t, y):
+            Counting.calls += 1
+            return super().f(t, y)
+
+    y0 = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    for kind, method, per_step in (("stratonovich", "euler_heun", 2), ("stratonovich", "midpoint", 2),
+                                   ("stratonovich", "heun", 2), ("ito", "euler", 1)):
+        sde = Counting(kind, "diagonal")
+        ys = flowsde.sdeint_adjoint(sde, y0, ts, method="euler" if kind == "ito" else "heun", adjoint_method=method,
+                                    dt=0.1, seed=0)
+        Counting.calls = 0
+        ys.sum().backward()
+        assert Counting.calls == 10 * per_step, method

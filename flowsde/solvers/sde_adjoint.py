@@ -228,14 +228,32 @@ class _Augmented:
         self.sde, self.params, self.nt = sde, list(params), sde.noise_type
         self.ito = sde.sde_type == "ito" and self.nt != "additive"
 
+    def _evaluate(self, t, y):
+        """``(y', f, g)`` at ``(t, y)``, ``y'`` a leaf that requires grad (called under ``enable_grad``)."""
+        yv = y.detach().requires_grad_(True)
+        f = self.sde.f(t, yv)
+        g = self.sde.g(t, yv)
+        _checks.check_output("sde.f", f, y, tuple(y.shape))
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"sde.g must return a tensor, got {type(g).__name__}")
+        return yv, f, g
+
+    def weighted(self, t, y, a, v, weights):
+        """``[self(t, y, a, v, cf, cg) for cf, cg in weights]`` from one evaluation at the point (Stratonovich
+        SDEs, which have no Itô terms): the vector-Jacobian products of the drift and of ``g v`` taken once
+        each and combined with each pair of weights."""
+        with torch.enable_grad():
+            yv, f, g = self._evaluate(t, y)
+            gv = noise_prod(g, v, self.nt)
+            wrt = [yv] + self.params
+            af = _vjp([f], wrt, [a], retain=True)
+            ag = _vjp([gv], wrt, [a])
+        f, gv = f.detach(), gv.detach()
+        return [(cf * f + cg * gv, [-(cf * x + cg * z) for x, z in zip(af, ag)]) for cf, cg in weights]
+
     def __call__(self, t, y, a, v, cf, cg, milstein=False):
         with torch.enable_grad():
-            yv = y.detach().requires_grad_(True)
-            f = self.sde.f(t, yv)
-            g = self.sde.g(t, yv)
-            _checks.check_output("sde.f", f, y, tuple(y.shape))
-            if not isinstance(g, torch.Tensor):
-                raise TypeError(f"sde.g must return a tensor, got {type(g).__name__}")
+            yv, f, g = self._evaluate(t, y)
             if self.ito:  # the reverse-time Itô drift (torchsde's "double Stratonovich correction")
                 if self.nt == "diagonal":  # (g_i depends on y_i alone: the vector-Jacobian product is it)
                     corr = None
@@ -367,9 +385,9 @@ def _step(aug, method, t, h, y, a, ap, v):
     if method in ("euler", "milstein"):
         dy, (da, *dp) = aug(t[0], y, a, v, h, 1.0, milstein=method == "milstein")
         return y + dy, a + da, [p + d for p, d in zip(ap, dp)]
-    if method == "euler_heun":  # the diffusion averaged over the start and the predictor y + g dW
-        dyg, (dag, *_) = aug(t[0], y, a, v, 0.0, 1.0)
-        dyf, (daf, *dpf) = aug(t[0], y, a, v, h, 0.5)
+    if method == "euler_heun":  # the diffusion averaged over the start and the predictor y + g dW (both
+        # combinations at the start from its one evaluation)
+        (dyg, (dag, *_)), (dyf, (daf, *dpf)) = aug.weighted(t[0], y, a, v, [(0.0, 1.0), (h, 0.5)])
         dy1, (da1, *dp1) = aug(t[1], y + dyg, a + dag, v, 0.0, 0.5)
         return y + dyf + dy1, a + daf + da1, [p + d + d1 for p, d, d1 in zip(ap, dpf, dp1)]
     if method == "midpoint":
