@@ -600,3 +600,37 @@ def test_spacing_and_clipping_defaults_are_the_reproduced_schedulers():
     assert ddim.config.timestep_spacing == "leading" and ddim.config.clip_sample is True
     ddim.set_timesteps(4, device="meta")  # the host tables are built before the move: no read-back
     assert ddim.timesteps.device.type == "meta"
+
+
+@pytest.mark.parametrize("cls,method,kw", [
+    ("DDIMScheduler", "ddim", {}), ("EulerDiscreteScheduler", "euler", {}),
+    ("EulerDiscreteScheduler", "euler", dict(timestep_spacing="leading", beta_schedule="scaled_linear")),
+    ("HeunDiscreteScheduler", "heun", {}), ("FlowMatchEulerDiscreteScheduler", "euler", dict(shift=3.0)),
+    ("FlowMatchEulerDiscreteScheduler", "euler", dict(use_dynamic_shifting=True)),
+    ("FlowMatchHeunDiscreteScheduler", "heun", {})])
+def test_before_set_timesteps_the_schedule_is_the_replaced_schedulers(cls, method, kw):
+    """Training scripts noise with add_noise / scale_noise and read sigmas and timesteps without set_timesteps:
+    the schedule a fresh scheduler holds is the replaced one's, tensor for tensor (dtype included), and so is
+    the noised sample."""
+    ref = getattr(diffusers, cls)(**kw)
+    ours = FlowSDEScheduler.from_config(ref.config, method=method)
+    for attr in ("timesteps", "sigmas"):
+        want, got = getattr(ref, attr, None), getattr(ours, attr)
+        if want is None:  # (DDIM keeps no sigmas)
+            continue
+        assert got.dtype == want.dtype and torch.equal(got, want), attr
+    assert ours.num_inference_steps == getattr(ref, "num_inference_steps", None)
+    if hasattr(ref, "init_noise_sigma"):
+        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    if cls.startswith("FlowMatch"):
+        t = ref.timesteps[7:8]
+        want, got = ref.scale_noise(x, t, noise), ours.scale_noise(x, t, noise)
+    else:
+        t = ref.timesteps[torch.tensor([3, 500])].to(torch.int64 if method == "ddim" else ref.timesteps.dtype)
+        want, got = ref.add_noise(x, noise, t), ours.add_noise(x, noise, t)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    if not (method == "heun" and not cls.startswith("FlowMatch")):  # (Heun's own init runs set_timesteps(T))
+        with pytest.raises(ValueError, match="call set_timesteps before step"):
+            ours.step(x, t[0], x)

@@ -153,6 +153,37 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._ops = {}
+        self._initial_schedule()
+
+    def _initial_schedule(self):
+        """The schedule the replaced scheduler holds before ``set_timesteps``, every training timestep (training
+        scripts call ``add_noise`` and read ``sigmas`` / ``timesteps`` without ``set_timesteps``): DDIM's
+        integer timesteps; Euler's float32 ones with the training sigmas and a final 0; Heun's
+        ``set_timesteps(T)``, as ``HeunDiscreteScheduler`` calls it; a flow's ``T`` sigmas ``1, (T-1)/T, ...,
+        1/T``, shifted (unless the shift is dynamic), without the final 0 ``set_timesteps`` appends, and
+        timesteps ``T sigma`` — diffusers' float32 arithmetic, value for value."""
+        cfg, T = self.config, self.config.num_train_timesteps
+        if cfg.method == "heun" and cfg.family == "diffusion":
+            self.set_timesteps(T)
+            return
+        if cfg.family == "flow":
+            sig = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+            if not cfg.use_dynamic_shifting:
+                sig = cfg.shift * sig / (1 + (cfg.shift - 1) * sig)
+            self.timesteps, self.sigmas = sig * T, sig
+            self._host_sigmas = [float(v) for v in sig.tolist()] + [0.0]
+        elif cfg.method == "euler":
+            self._set_karras_style(T, np.linspace(0, T - 1, T, dtype=np.float64)[::-1].astype(np.float32))
+        self._finish_schedule(None)
+
+    def _finish_schedule(self, device):
+        """The host copies every step reads, the timesteps moved to ``device``, and a fresh run's counters."""
+        self._host_timesteps = [float(v) for v in self.timesteps.tolist()]  # (on the host still: no device read)
+        self.timesteps = self.timesteps.to(device)
+        self._calls = len(self.timesteps)
+        self._first = None  # Heun's first-stage state: (sample, output, its coefficients, dt)
+        self._step_index = None
+        self._begin_index = None
 
     # ---- diffusers' scheduler protocol --------------------------------------------------------------
     @classmethod
@@ -246,12 +277,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             self.timesteps = torch.cat([t[:1], t[1:].repeat_interleave(2)])
             self._host_sigmas = sg[:1] + [v for v in sg[1:-1] for _ in (0, 1)] + sg[-1:]
             self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
-        self._host_timesteps = [float(v) for v in self.timesteps.tolist()]  # (on the host still: no device read)
-        self.timesteps = self.timesteps.to(device)
-        self._calls = len(self.timesteps)
-        self._first = None  # Heun's first-stage state: (sample, output, its coefficients, dt)
-        self._step_index = None
-        self._begin_index = None
+        self._finish_schedule(device)
 
     def _set_karras_style(self, n: int, custom=None):
         """Euler / Heun on a diffusion model, in the variance-exploding coordinates ``x / sqrt(abar)`` with
@@ -272,7 +298,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.tensor(self._host_sigmas, dtype=torch.float32)
         self.timesteps = torch.from_numpy(ts)
         top = float(np.float32(sig.max()))
-        self.init_noise_sigma = top if cfg.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+        self.init_noise_sigma = top if cfg.timestep_spacing in ("linspace", "trailing") else float(  # (float32,
+            (torch.tensor(top, dtype=torch.float32) ** 2 + 1) ** 0.5)  # as diffusers computes it)
 
     def _diffusion_timesteps(self, n: int) -> np.ndarray:
         cfg, T = self.config, self.config.num_train_timesteps
@@ -515,7 +542,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         diffusers' Euler / Heun / FlowMatch schedulers find it: by looking each timestep up in the schedule
         (the second match where it repeats, as Heun's do) unless a begin index is set, in which case the
         current (or first) step's."""
-        if self.num_inference_steps is None:
+        if not self._host_sigmas:
             raise ValueError("call set_timesteps before add_noise / scale_noise")
         ts = torch.as_tensor(timesteps).reshape(-1).cpu()
         sched = self.timesteps.cpu()
