@@ -52,7 +52,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 } 2>&1 | tee "$OUT/machine.log"
 
 part test_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-part host_overhead 60 python3 benchmarks/host_overhead.py --calls 2000 --rounds 5  # this host's Python per launch
+# this host's Python per launch (FLOWSDE_HOST_OVERHEAD_ARGS: other counts, e.g. the CPU test's short run)
+part host_overhead 60 python3 benchmarks/host_overhead.py ${FLOWSDE_HOST_OVERHEAD_ARGS:---calls 2000 --rounds 5}
 part gpu_kernels 300 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
 if [ "${FLOWSDE_TUNE:-0}" = 1 ]; then
     part tune 240 python3 benchmarks/gpu_kernels.py --quick --tune

@@ -40,7 +40,8 @@ def convergence_rows(problem: str = "ou", paths: int = 4000, seed: int = 0, quic
             kinds = ["strong"] + (["weak"] if has_weak else []) if kind is None else \
                 [kind] if kind == "strong" or has_weak or method else []  # weak: where theory gives an order
         for k in kinds:
-            rows.append(convergence(problem, m, steps, paths, seed, k, device, n_fine, progress))
+            rows.append(convergence(problem, m, steps, paths, seed, k, device, n_fine, progress,
+                                    ref_steps=1024 if quick else 2048))
     return rows
 
 

@@ -10,6 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_gpu_session_script_runs_every_part_and_summarises(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FLOWSDE_TUNE")}
     env["OUT"] = str(tmp_path)
+    env["FLOWSDE_HOST_OVERHEAD_ARGS"] = "--calls 200 --rounds 1"  # (the report's layout, not its figures)
     p = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
