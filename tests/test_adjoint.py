@@ -37,7 +37,7 @@ def rel(a, b):
     return max(float((x - z).abs().max()) / max(1e-30, float(z.abs().max())) for x, z in zip(a, b))
 
 
-@pytest.mark.parametrize("method,opts", [("dopri5", None), ("bosh3", None), ("adaptive_heun", None),
+@pytest.mark.parametrize("method,opts", [("dopri5", None), ("dopri8", None), ("bosh3", None), ("adaptive_heun", None),
                                          ("rk4", dict(step_size=0.05)), ("midpoint", dict(step_size=0.05))])
 @pytest.mark.parametrize("backwards", [False, True])
 def test_gradients_equal_torchdiffeq_odeint_adjoint(method, opts, backwards):
@@ -47,7 +47,10 @@ def test_gradients_equal_torchdiffeq_odeint_adjoint(method, opts, backwards):
     t = t.flip(0) if backwards else t
     tol = dict(rtol=1e-5, atol=1e-7) if method == "adaptive_heun" else dict(rtol=1e-8, atol=1e-10)  # (2nd order)
     kw = dict(method=method, options=opts, **tol)
-    assert rel(grads(flowsde.odeint_adjoint, f, y0, t, **kw), grads(torchdiffeq.odeint_adjoint, f, y0, t, **kw)) < 1e-10
+    # (dopri8's steps follow torchdiffeq's up to the rounding of its error estimate, ~1e-7 relative: see
+    # test_adaptive.py; its gradients then agree to the solve's tolerance)
+    assert rel(grads(flowsde.odeint_adjoint, f, y0, t, **kw), grads(torchdiffeq.odeint_adjoint, f, y0, t, **kw)) < (
+        1e-6 if method == "dopri8" else 1e-10)
 
 
 def test_tuple_state_and_explicit_params_equal_torchdiffeq():
