@@ -105,14 +105,14 @@ def linear_field(t, y):
     return -y
 
 
-def dopri5_flowsde(field, y0, t, tol=1e-5):
+def dopri5_flowsde(field, y0, t, tol=1e-5, method="dopri5"):
     with torch.no_grad():
-        return flowsde.odeint(field, y0, t, rtol=tol, atol=tol)
+        return flowsde.odeint(field, y0, t, rtol=tol, atol=tol, method=method)
 
 
-def dopri5_torchdiffeq(field, y0, t, tol=1e-5):
+def dopri5_torchdiffeq(field, y0, t, tol=1e-5, method="dopri5"):
     with torch.no_grad():
-        return torchdiffeq.odeint(field, y0, t, rtol=tol, atol=tol)
+        return torchdiffeq.odeint(field, y0, t, rtol=tol, atol=tol, method=method)
 
 
 # ---- adjoint gradients: forward and backward pass, flowsde against torchdiffeq / torchsde ---------------
