@@ -339,5 +339,31 @@ def test_srk_takes_the_space_time_area_from_flowsdes_motions_and_refuses_motions
                 flowsde.VirtualBrownianTree(0.0, 1.0, shape=(B, D), dtype=torch.float64)):
         with pytest.raises(ValueError, match="space-time Levy area"):
             flowsde.sdeint(sde, y0, ts, bm=bad, method="srk", dt=0.1)
-    with pytest.raises(ValueError, match="fixed steps only"):
-        flowsde.sdeint(sde, y0, ts, method="srk", dt=0.1, adaptive=True)
+    for bad in (None, flowsde.VirtualBrownianTree(0.0, 1.0, shape=(B, D), dtype=torch.float64),
+                torchsde.BrownianInterval(0.0, 1.0, size=(B, D), dtype=torch.float64)):
+        with pytest.raises(ValueError, match="srk' with adaptive=True needs the space-time Levy area"):
+            flowsde.sdeint(sde, y0, ts, bm=bad, method="srk", dt=0.1, adaptive=True)
+
+
+def test_adaptive_srk_on_a_space_time_brownian_interval_converges_with_fewer_steps_than_milstein():
+    """method='srk', adaptive=True: step doubling with the space-time area of every attempted step and half step
+    from torchsde's BrownianInterval; on GBM its error against the exact solution falls with rtol, and at the same
+    rtol it is at least 3x more accurate than adaptive Milstein (order 1.5 against 1; measured 5.4x) and as
+    accurate as torchsde's adaptive srk on the same path (measured 3.7e-4 and 3.8e-4 at rtol 1e-4)."""
+    from flowsde.problems import GeometricBrownianMotion
+    gbm = GeometricBrownianMotion(mu=0.5, sigma=0.5)
+    y0 = torch.ones(256, 1, dtype=torch.float64)
+    ts = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    bm = torchsde.BrownianInterval(0.0, 1.0, size=(256, 1), dtype=torch.float64, entropy=3,
+                                   levy_area_approximation="space-time")
+    exact = gbm.exact(y0, 1.0, bm(0.0, 1.0))
+    got = {}
+    for method in ("srk", "milstein"):
+        for rtol in (1e-2, 1e-4):
+            ys, st = flowsde.sdeint(gbm, y0, ts, bm=bm, method=method, dt=0.1, adaptive=True, rtol=rtol, atol=rtol,
+                                    options=dict(return_stats=True))
+            got[method, rtol] = (float((ys[-1] - exact).abs().mean()), st["accepted"])
+    assert got["srk", 1e-4][0] < got["srk", 1e-2][0] / 10, got
+    assert got["srk", 1e-4][0] * 3 < got["milstein", 1e-4][0], got
+    ref = torchsde.sdeint(gbm, y0, ts, bm=bm, method="srk", dt=0.1, adaptive=True, rtol=1e-4, atol=1e-4)
+    assert got["srk", 1e-4][0] < 2 * float((ref[-1] - exact).abs().mean())

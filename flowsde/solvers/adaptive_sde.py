@@ -63,10 +63,16 @@ class _AdaptiveContext(StepContext):
             self.g_shape = (rows,) + self.g_shape[1:]
         self._memo = []
 
-    def set_step(self, ta: torch.Tensor, tb: torch.Tensor, h: torch.Tensor, dw: torch.Tensor):
+    def set_step(self, ta: torch.Tensor, tb: torch.Tensor, h: torch.Tensor, dw: torch.Tensor, span=None):
         self.h = [h]
         self.times = [tuple(tb if c == 1.0 else ta + c * (tb - ta) if c else ta for c in self.stage_c)]
         self._dw = dw
+        self._span = span  # (float64 ends of the attempt, for the space-time area query of srk)
+
+    def space_time(self, k, g):
+        """``(dW, U)`` of the attempt, from the ``bm``'s ``bm(ta, tb, return_U=True)`` (see
+        :func:`_area_query`)."""
+        return self.area(*self._span)
 
     def _memoised(self, name, fn, t, y):
         for key, t_, y_, out in self._memo:  # a handful of entries per attempt
@@ -144,6 +150,32 @@ def _brownian_query(bm, shape, device, t_first: float, ops, per_sample: bool):
     return lambda ta, tb, rows: (host_value(ta), host_value(tb))
 
 
+def _area_query(bm, shape, dev):
+    """``area(ta, tb) -> (dW, U)``, the increment and space-time Lévy area of ``[ta, tb]`` from a Brownian
+    object that answers ``bm(ta, tb, return_U=True)`` (torchsde's ``BrownianInterval`` with a space-time
+    Lévy area approximation), at host times — what adaptive ``srk`` needs for every attempted step and
+    half step. flowsde's tree keeps no areas: refused by name."""
+    need = ("method 'srk' with adaptive=True needs the space-time Levy area of every attempted step: pass "
+            "bm=torchsde.BrownianInterval(t0, t1, size=..., levy_area_approximation='space-time') (flowsde's "
+            "VirtualBrownianTree, the default, keeps no areas), or use adaptive=False")
+    if bm is None or isinstance(bm, VirtualBrownianTree):
+        raise ValueError(need)
+
+    def area(ta, tb):
+        try:
+            out = bm(float(ta), float(tb), return_U=True)  # host reads: the price of host-time queries
+        except (TypeError, NotImplementedError, ValueError) as e:
+            raise ValueError(need) from e
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(v, torch.Tensor) for v in out)):
+            raise ValueError(need)
+        for what, v in zip(("increment", "space-time area"), out):
+            if tuple(v.shape) != tuple(shape) or v.device != dev:
+                raise ValueError(f"bm {what} has shape {tuple(v.shape)} on {v.device}, expected {tuple(shape)} "
+                                 f"on {dev}")
+        return out
+    return area
+
+
 def _tolerance(name, v) -> float:
     """A tolerance as a host float: a number (NumPy ones too), or a one-element tensor (read once, before
     the loop: the error norm takes it as a kernel coefficient)."""
@@ -202,6 +234,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
     t_first, t_end = float(ts_host[0]), float(ts_host[-1])
     t_probe = torch.full((y0.shape[0],) if per_sample else (), t_first, dtype=ts.dtype, device=dev)
     shape = noise_shape(sde, y0, t_probe)
+    area = _area_query(bm, shape, dev) if method.name == "srk" else None
     if bm is None:
         bm = VirtualBrownianTree(t_first, t_end, shape, seed=seed, dtype=y0.dtype, device=dev)
     query = _brownian_query(bm, shape, dev, t_first, ops, per_sample)
@@ -210,6 +243,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
                       "need not converge (its error can grow as rtol shrinks: Gaines & Lyons 1997); use "
                       "method='milstein' or 'heun', or shared steps over a batch", UserWarning, stacklevel=3)
     ctx = _AdaptiveContext(sde, y0, ts.dtype, bm, bool(opts.get("grad_free", False)), method.stage_c, ops)
+    ctx.area = area
     ctrl = Controller.from_options(opts, method.strong_order(sde.noise_type) + 0.5)
     step = method.step
     f64 = dict(dtype=torch.float64, device=dev)
@@ -257,7 +291,7 @@ def sdeint_adaptive(sde, y0, ts, ts_host, method, dt, rtol, atol, dt_min, bm, se
         h_floor, shrink_on_reject = dt_min, False
 
     def attempt(y, t, tn, w):  # t, tn: (float64 time, the same in ts's dtype for the SDE's functions)
-        ctx.set_step(t[1], tn[1], lay((tn[0] - t[0]).to(y0.dtype), y), w)
+        ctx.set_step(t[1], tn[1], lay((tn[0] - t[0]).to(y0.dtype), y), w, (t[0], tn[0]))
         return step(ctx, 0, y)
 
     while True:

@@ -360,11 +360,9 @@ def sdeint(sde, y0, ts, bm=None, method=None, dt=1e-3, adaptive=False, rtol=1e-5
     _checks.check_seed(seed)
     if bm is not None:
         ts_host = times_on_motion(bm, ts, ts_host, y0)
-    if adaptive and (method == "srk" or m.solver_state):
-        why = ("step doubling would need the space-time area of every half step" if method == "srk" else
-               "a rejected step would have to restore the state it carries")
-        raise ValueError(f"method {method!r} runs fixed steps only ({why}); use adaptive=False, or milstein / "
-                         f"euler adaptively")
+    if adaptive and m.solver_state:
+        raise ValueError(f"method {method!r} runs fixed steps only (a rejected step would have to restore the "
+                         f"state it carries); use adaptive=False, or milstein / heun adaptively")
     state = _solver_state(m, extra_solver_state, y0, sde.noise_type, adaptive)
 
     def result(ys, final_state, stats):  # torchsde's layout (extra_solver_state after ys), then the stats
