@@ -634,3 +634,36 @@ def test_before_set_timesteps_the_schedule_is_the_replaced_schedulers(cls, metho
     if not (method == "heun" and not cls.startswith("FlowMatch")):  # (Heun's own init runs set_timesteps(T))
         with pytest.raises(ValueError, match="call set_timesteps before step"):
             ours.step(x, t[0], x)
+
+
+def test_step_options_by_position_follow_the_replaced_schedulers_order():
+    """step(model_output, timestep, sample, *options) reads the options in the order of the scheduler the method
+    reproduces (DDIM: eta, use_clipped_model_output, generator, ...; Heun: return_dict; Euler: s_churn, ...,
+    generator, return_dict), as a pipeline calling that scheduler positionally expects; eta and generator stay in
+    the signature (pipelines inspect it); too many, or one given twice, is a TypeError."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    o = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    params = inspect.signature(FlowSDEScheduler.step).parameters
+    assert "eta" in params and "generator" in params
+    ref, ours = diffusers.DDIMScheduler(), FlowSDEScheduler.from_config(diffusers.DDIMScheduler().config)
+    for s in (ref, ours):
+        s.set_timesteps(10)
+    t = ref.timesteps[2]
+    want = ref.step(o, t, x, 1.0, False, torch.Generator().manual_seed(3)).prev_sample
+    got = ours.step(o, t, x, 1.0, False, torch.Generator().manual_seed(3)).prev_sample
+    assert torch.allclose(got, want, atol=1e-5)
+    for name, method in (("HeunDiscreteScheduler", "heun"), ("EulerDiscreteScheduler", "euler"),
+                         ("FlowMatchEulerDiscreteScheduler", "euler")):
+        ref = getattr(diffusers, name)()
+        ours = FlowSDEScheduler.from_config(ref.config, method=method)
+        for s in (ref, ours):
+            s.set_timesteps(10)
+        t = ref.timesteps[0]
+        tail = (False,) if method == "heun" else (0.0, 0.0, float("inf"), 1.0, None) + (
+            (None, False) if name.startswith("FlowMatch") else (False,))  # (FlowMatch Euler: per_token_timesteps)
+        a, b = ref.step(o, t, x, *tail), ours.step(o, t, x, *tail)
+        assert isinstance(b, tuple) and isinstance(a, tuple) and torch.allclose(a[0], b[0], atol=1e-5), name
+    with pytest.raises(TypeError, match="by position after sample"):
+        ours.step(o, t, x, 0.0, 0.0, float("inf"), 1.0, None, None, False, 1)
+    with pytest.raises(TypeError, match="both by position and by keyword"):
+        ours.step(o, t, x, 0.0, 0.0, float("inf"), 1.0, None, None, False, return_dict=False)

@@ -103,6 +103,21 @@ def _check_supported(cfg: dict, where: str):
                              f"changes the schedule or the update); only {key}={default!r} is supported")
 
 
+#: ``step``'s options by position after ``sample``, per (family, method): the order of the scheduler each
+#: reproduces (DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+#: FlowMatchHeunDiscreteScheduler; the flow SDE sampler takes FlowMatch Euler's)
+_FLOW_EULER = ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator", "per_token_timesteps", "return_dict")
+STEP_POSITIONAL = {
+    ("diffusion", "ddim"): ("eta", "use_clipped_model_output", "generator", "variance_noise", "return_dict"),
+    ("diffusion", "euler"): ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator", "return_dict"),
+    ("diffusion", "heun"): ("return_dict",),
+    ("flow", "euler"): _FLOW_EULER,
+    ("flow", "euler_maruyama"): _FLOW_EULER,
+    ("flow", "heun"): ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator", "return_dict"),
+    ("flow", "ddim"): ("eta", "use_clipped_model_output", "generator", "variance_noise", "return_dict"),
+}
+
+
 class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler running flowsde's fused steps (see the module docstring)."""
 
@@ -386,7 +401,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                              f"{host[:3]}...): pass the schedule's own timesteps, or call set_begin_index")
         self._step_index = hits[1] if len(hits) > 1 else hits[0]
 
-    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
+    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor, *args,
              eta: Optional[float] = None, generator: Optional[torch.Generator] = None, return_dict: bool = True,
              use_clipped_model_output: bool = False, variance_noise: Optional[torch.Tensor] = None,
              s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
@@ -396,7 +411,27 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         keywords are the replaced schedulers' (DDIM's ``use_clipped_model_output`` / ``variance_noise``; Euler's churn
         ``s_churn`` etc., which must stay 0: churn is not implemented; FlowMatch Euler's
         ``per_token_timesteps``, not implemented) — an option that would change the update is refused, never
-        ignored, and an unknown keyword is a ``TypeError``."""
+        ignored, and an unknown keyword is a ``TypeError``. Options passed by position after ``sample`` are
+        read in the order of the scheduler the method reproduces (:data:`STEP_POSITIONAL`: DDIM's ``eta,
+        use_clipped_model_output, generator, ...``, Heun's ``return_dict``, ...)."""
+        if args:
+            names = STEP_POSITIONAL[self.config.family, self.config.method]
+            if len(args) > len(names):
+                raise TypeError(f"step takes {len(names)} option(s) by position after sample for method "
+                                f"{self.config.method!r} ({', '.join(names)}), got {len(args)}")
+            given = dict(zip(names, args))
+            defaults = dict(eta=None, generator=None, return_dict=True, use_clipped_model_output=False,
+                            variance_noise=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+                            per_token_timesteps=None)
+            here = dict(eta=eta, generator=generator, return_dict=return_dict,
+                        use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
+                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                        per_token_timesteps=per_token_timesteps)
+            twice = [k for k in given if here[k] is not defaults[k] and here[k] != defaults[k]]
+            if twice:
+                raise TypeError(f"step got {twice} both by position and by keyword")
+            here.update(given)
+            return self.step(model_output, timestep, sample, **here)
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if s_churn and (self.config.method != "euler" or self.config.family != "flow"):  # (FlowMatch Euler
