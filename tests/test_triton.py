@@ -189,6 +189,20 @@ def test_odeint_backends_agree(method):
     assert float((a - b).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("method", ["dopri8", "fehlberg2"])
+def test_adaptive_odeint_backends_agree(method):
+    """Every embedded pair's stage and error combinations through the fused kernel (dopri8's rows hold up to
+    13 terms: folded into partial sums of the kernel's six) take the PyTorch backend's steps."""
+    y0 = rnd((5, 2), torch.float64, 4)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    f = lambda t, y: torch.sin(t) * y - y ** 3  # noqa: E731
+    a, sa = flowsde.odeint(f, y0, t, method=method, rtol=1e-5, atol=1e-5, options=dict(backend="triton",
+                                                                                       return_stats=True))
+    b, sb = flowsde.odeint(f, y0, t, method=method, rtol=1e-5, atol=1e-5, options=dict(backend="torch",
+                                                                                       return_stats=True))
+    assert sa["nfe"] == sb["nfe"] and float((a - b).abs().max()) < 1e-10
+
+
 @pytest.mark.parametrize("method,noise_type,sde_type", [
     ("euler", "diagonal", "ito"), ("euler", "scalar", "ito"), ("euler", "additive", "ito"), ("euler", "general", "ito"),
     ("heun", "diagonal", "stratonovich"), ("milstein", "diagonal", "ito"), ("milstein", "scalar", "ito"),
