@@ -128,6 +128,31 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas, extra_args:
     return x
 
 
+def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas, extra_args: Optional[dict] = None, callback=None,
+                    disable=None, backend=None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: fast solver for guided sampling of diffusion
+    probabilistic models", Algorithm 2; k-diffusion's ``sample_dpmpp_2m``): the exponential integrator of the
+    data-prediction ODE in ``lambda = -log sigma``, second order by a multistep correction of the data
+    estimate, one model call a step. With ``h = lambda' - lambda`` and ``r = h_prev / h``, ``x' = (s'/s) x +
+    (1 - s'/s) [(1 + 1/(2r)) D - D_prev / (2r)]`` — one fused update of three terms; the first step and the
+    last one to sigma = 0 are first order (``x' = (s'/s) x + (1 - s'/s) D``: DDIM's step in sigma space)."""
+    x, sig, table, den, ops = _prepare(model, x, sigmas, extra_args, backend)
+    prev = None
+    for i in range(len(sig) - 1):
+        s, s1 = sig[i], sig[i + 1]
+        d = den(x, i, table)
+        _callback(callback, i, x, sig, d)
+        rho = s1 / s
+        if prev is None or s1 == 0.0:
+            x = ops.combine([(rho, x), (1.0 - rho, d)])
+        else:
+            r = math.log(sig[i - 1] / s) / math.log(s / s1)  # h_prev / h
+            w = 1.0 / (2.0 * r)
+            x = ops.combine([(rho, x), ((1.0 - rho) * (1.0 + w), d), (-(1.0 - rho) * w, prev)])
+        prev = d
+    return x
+
+
 ADAPTIVE_ORDERS = {2: "heun_euler", 3: "bosh3", 5: "dopri5"}
 
 
