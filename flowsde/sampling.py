@@ -15,7 +15,7 @@ from .solvers.ode import ADAPTIVE_ODE_METHODS, ODE_METHODS, odeint
 from .solvers.sde import solve_on_grid
 from .solvers.sde_methods import EULER as EULER_MARUYAMA
 
-SAMPLE_METHODS = tuple(sorted(ODE_METHODS)) + ("ddim",)
+SAMPLE_METHODS = tuple(sorted(ODE_METHODS)) + ("ddim", "dpmpp_2m")
 
 
 class PathField:
@@ -153,7 +153,8 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
         path: a :class:`~flowsde.paths.GaussianPath` (default ``CondOT()``).
         prediction: ``velocity`` | ``epsilon`` | ``data`` | ``score`` | ``v``.
         method: an ODE method (``euler``, ``midpoint``, ``heun``, ``heun3``, ``rk4``, ``rk4_classic``) or
-            ``ddim`` (the DDIM-equivalent step for any Gaussian path; ``eta`` > 0 for its stochastic form).
+            ``ddim`` (the DDIM-equivalent step for any Gaussian path; ``eta`` > 0 for its stochastic form), or
+            ``dpmpp_2m`` (DPM-Solver++(2M), second order on Karras steps); an adaptive pair (``dopri5``, ...).
             With ``sigma > 0``: ``euler`` (Euler–Maruyama).
         steps: number of steps; the grid is ``steps + 1`` times, ``spacing`` ``"uniform"`` or ``"karras"``
             (equal steps in ``(beta/alpha)^{1/rho}``).
@@ -220,11 +221,14 @@ def sample(model, x_init, path=None, prediction="velocity", method="heun", steps
 
     def build(x_like, c, u, noise=None):
         field = PathField(model, path, prediction, x_like, c, u, guidance_scale,
-                          grid if method == "ddim" or stochastic else None)
+                          grid if method in ("ddim", "dpmpp_2m") or stochastic else None)
         if method == "ddim":
             tg = torch.as_tensor(grid)
             run = ddim_solver.ddim_loop(field, grid, path.alpha(tg).tolist(), path.beta(tg).tolist(), float(eta),
                                         x_like, ops, seed=seed, noise=noise)
+        elif method == "dpmpp_2m":
+            tg = torch.as_tensor(grid)
+            run = ddim_solver.dpmpp_2m_loop(field, grid, path.alpha(tg).tolist(), path.beta(tg).tolist(), x_like, ops)
         elif stochastic and not callable(sigma):
             run = _extension_em_loop(field, grid, sigma, ops, x_like, seed=seed, noise=noise)
         elif stochastic:
@@ -384,8 +388,8 @@ def _check_guidance(x_init, cond, uncond, guidance_scale):
 
 def _validate_conversions(path, prediction, method, stochastic, grid):
     """Check, once and on the host, that no conversion the run needs is singular at its evaluation times."""
-    if method == "ddim":
-        times, dsts = grid[:-1], ("data", "epsilon")
+    if method in ("ddim", "dpmpp_2m"):
+        times, dsts = grid[:-1], ("data", "epsilon") if method == "ddim" else ("data",)
     elif stochastic:
         times, dsts = grid[:-1], ("velocity", "score")
     else:

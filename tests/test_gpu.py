@@ -128,6 +128,7 @@ SAMPLERS = {
     "rk4": dict(method="rk4"),
     "ddim": dict(method="ddim"),
     "ddim-eta1": dict(method="ddim", eta=1.0, seed=3),
+    "dpmpp_2m": dict(method="dpmpp_2m"),
     "sde-extension": dict(method="euler", sigma=0.7, seed=4),
 }
 

@@ -176,7 +176,7 @@ def test_sampling_loop_has_no_host_sync(sync_counter):
             flowsde.sample(lambda x, t: -x + 0.5 * t[:, None], noise(8), steps=steps, **kw)
         return c.calls
     for kw in (dict(method="heun"), dict(method="ddim"), dict(method="ddim", eta=0.5, seed=0),
-               dict(method="euler", sigma=0.5, seed=0)):
+               dict(method="euler", sigma=0.5, seed=0), dict(method="dpmpp_2m")):
         assert run(5, **kw) == run(50, **kw), kw
     assert model is not None
 
@@ -239,3 +239,43 @@ def test_schedule_derivatives_and_sampling_under_inference_mode():
         y = flowsde.sample(lambda x, t: -x, x, path=path, steps=4, t_start=0.1)
     assert torch.allclose(d, torch.tensor([0.5 * torch.pi, 0.0], dtype=torch.float64), atol=1e-12)
     assert torch.equal(y, flowsde.sample(lambda x, t: -x, x, path=path, steps=4, t_start=0.1))
+
+
+@pytest.mark.parametrize("path", [CondOT(), VPCosine()], ids=lambda p: p.name)
+def test_dpmpp_2m_is_lu_et_al_algorithm_2_on_any_path_and_second_order_on_karras_steps(path):
+    """method='dpmpp_2m': a literal transcription of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, in lambda =
+    log(alpha/beta), with the data estimate of an epsilon model and guidance) to 1e-10; on Karras steps its error
+    falls at order 2 (measured 2.07 on both paths; on uniform steps in t, whose steps in lambda do not shrink
+    near either end, 1.5-1.7 over 32-256 steps); it reproduces the mixture; the backends agree."""
+    model = exact_model(path, "epsilon")
+    cond, uncond = torch.full((16, 1), 1.0, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    guided = lambda x, t, c: model(x, t) * (1.0 + 0.1 * c)  # noqa: E731
+    x0 = noise(16, seed=2)
+    kw = dict(path=path, prediction="epsilon", steps=12, t_start=0.02, spacing="karras")
+    got = flowsde.sample(guided, x0, method="dpmpp_2m", cond=cond, uncond=uncond, guidance_scale=1.5, **kw)
+    grid = time_grid(path, 12, 0.02, 1.0, "karras")
+    g = torch.as_tensor(grid, dtype=F64)
+    al, be = path.alpha(g).tolist(), path.beta(g).tolist()
+    x, old, h_last = x0, None, None
+    for k in range(len(grid) - 1):
+        t = torch.full((16,), grid[k], dtype=F64)
+        eps = guided(x, t, uncond.expand(16, 1)) + 1.5 * (guided(x, t, cond) - guided(x, t, uncond.expand(16, 1)))
+        d = (x - be[k] * eps) / al[k]
+        lam = math.log(al[k] / be[k])
+        lam1 = math.log(al[k + 1] / be[k + 1]) if be[k + 1] > 0 else math.inf
+        h = lam1 - lam
+        d_hat = d if old is None or be[k + 1] == 0 else (1 + 1 / (2 * (h_last / h))) * d - old / (2 * (h_last / h))
+        x = (be[k + 1] / be[k]) * x - al[k + 1] * math.expm1(-h) * d_hat
+        old, h_last = d, h
+    assert float((got - x).abs().max()) < 1e-10
+    vel = exact_model(path, "velocity")
+    x0 = noise(256, seed=5)
+    kw = dict(path=path, t_start=0.02, spacing="karras")
+    ref = flowsde.sample(vel, x0, method="rk4", steps=1024, **kw)
+    ns = [32, 64, 128, 256]
+    errs = [float((flowsde.sample(vel, x0, method="dpmpp_2m", steps=n, **kw) - ref).pow(2).mean().sqrt()) for n in ns]
+    assert abs(fit_order([1 / n for n in ns], errs) - 2.0) <= 0.12, errs
+    assert_moments(flowsde.sample(vel, noise(), method="dpmpp_2m", steps=30, path=path), slack=0.02)
+    a = flowsde.sample(vel, noise(16), method="dpmpp_2m", steps=10, path=path, backend="triton")
+    b = flowsde.sample(vel, noise(16), method="dpmpp_2m", steps=10, path=path, backend="torch")
+    assert float((a - b).abs().max()) < 1e-10
