@@ -21,7 +21,8 @@ from flowsde.integrations.diffusers import FlowSDEScheduler  # noqa: E402
 CASES = [("DDIMScheduler", dict(), "ddim", 0.0), ("DDIMScheduler", dict(), "ddim", 1.0),
          ("DDIMScheduler", dict(clip_sample=False, prediction_type="v_prediction"), "ddim", 0.0),
          ("EulerDiscreteScheduler", dict(), "euler", 0.0), ("HeunDiscreteScheduler", dict(), "heun", 0.0),
-         ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), "euler", 0.0)]
+         ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), "euler", 0.0),
+         ("DPMSolverMultistepScheduler", dict(), "dpmpp_2m", 0.0)]
 
 
 def per_step(sched, x, out, eta, reps, device):

@@ -607,7 +607,7 @@ def test_spacing_and_clipping_defaults_are_the_reproduced_schedulers():
     ("EulerDiscreteScheduler", "euler", dict(timestep_spacing="leading", beta_schedule="scaled_linear")),
     ("HeunDiscreteScheduler", "heun", {}), ("FlowMatchEulerDiscreteScheduler", "euler", dict(shift=3.0)),
     ("FlowMatchEulerDiscreteScheduler", "euler", dict(use_dynamic_shifting=True)),
-    ("FlowMatchHeunDiscreteScheduler", "heun", {})])
+    ("FlowMatchHeunDiscreteScheduler", "heun", {}), ("DPMSolverMultistepScheduler", "dpmpp_2m", {})])
 def test_before_set_timesteps_the_schedule_is_the_replaced_schedulers(cls, method, kw):
     """Training scripts noise with add_noise / scale_noise and read sigmas and timesteps without set_timesteps:
     the schedule a fresh scheduler holds is the replaced one's, tensor for tensor (dtype included), and so is
@@ -630,6 +630,10 @@ def test_before_set_timesteps_the_schedule_is_the_replaced_schedulers(cls, metho
     else:
         t = ref.timesteps[torch.tensor([3, 500])].to(torch.int64 if method == "ddim" else ref.timesteps.dtype)
         want, got = ref.add_noise(x, noise, t), ours.add_noise(x, noise, t)
+        if method == "dpmpp_2m":  # diffusers' DPMSolverMultistepScheduler pairs its descending timesteps with
+            # its ascending sigmas here (timestep 996 noised as timestep 3): flowsde noises at the timestep asked
+            ac = ref.alphas_cumprod[t.long()].reshape(-1, 1, 1, 1)
+            want = ac.sqrt() * x + (1 - ac).sqrt() * noise
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     if not (method == "heun" and not cls.startswith("FlowMatch")):  # (Heun's own init runs set_timesteps(T))
         with pytest.raises(ValueError, match="call set_timesteps before step"):
@@ -667,3 +671,37 @@ def test_step_options_by_position_follow_the_replaced_schedulers_order():
         ours.step(o, t, x, 0.0, 0.0, float("inf"), 1.0, None, None, False, 1)
     with pytest.raises(TypeError, match="both by position and by keyword"):
         ours.step(o, t, x, 0.0, 0.0, float("inf"), 1.0, None, None, False, return_dict=False)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+                                 dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                      timestep_spacing="leading", steps_offset=1),
+                                 dict(solver_order=1), dict(prediction_type="sample")])
+def test_dpmpp_2m_reproduces_dpm_solver_multistep_step_by_step(cfg):
+    """method='dpmpp_2m' is DPMSolverMultistepScheduler (DPM-Solver++(2M), its defaults: midpoint form, final
+    sigma 0): the same timesteps and sigmas, and every step's sample to 1e-5 (float32 arithmetic there) over 10
+    and 20 steps, returned alone as there; its own options of another value are refused by name."""
+    for n in (10, 20):
+        ref = diffusers.DPMSolverMultistepScheduler(**cfg)
+        ours = FlowSDEScheduler.from_config(ref.config, method="dpmpp_2m")
+        ref.set_timesteps(n)
+        ours.set_timesteps(n)
+        assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas)
+        xr = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        xo = xr.clone()
+        for t in ref.timesteps:
+            xr = ref.step(_fake_model(xr, t), t, xr).prev_sample
+            out = ours.step(_fake_model(xo, t), t, xo)
+            assert out.keys() == {"prev_sample"}
+            xo = out.prev_sample
+            assert float((xr - xo).abs().max()) <= 1e-5 * float(xr.abs().max())
+    base = diffusers.DPMSolverMultistepScheduler().config
+    for key, bad in (("algorithm_type", "sde-dpmsolver++"), ("solver_type", "heun"), ("lambda_min_clipped", -5.1)):
+        with pytest.raises(ValueError, match=f"with {key}="):
+            FlowSDEScheduler.from_config({**base, key: bad}, method="dpmpp_2m")
+    FlowSDEScheduler.from_config({**base, "algorithm_type": "sde-dpmsolver++"}, method="ddim")  # (other methods:
+    # DPM-Solver's own options do not apply)
+    with pytest.raises(ValueError, match="solver_order 1 or 2 and no clip_sample"):
+        FlowSDEScheduler.from_config(base, method="dpmpp_2m", solver_order=3)
+    with pytest.raises(ValueError, match="solver_order 1 or 2 and no clip_sample"):
+        FlowSDEScheduler.from_config(diffusers.DDIMScheduler().config, method="dpmpp_2m", clip_sample=True)

@@ -15,7 +15,8 @@ Swap it into a pipeline in one line, for both families of models::
 Methods: ``ddim`` (diffusion; ``eta`` for its stochastic form), ``euler`` (flow: the flow-match Euler
 step; diffusion: DDIM with eta = 0, the exact Euler step of the probability-flow ODE in its natural
 coordinates) and ``euler_maruyama`` (flow: the SDE with the flow's marginals, ``dX = [u + s^2/2 score] dt
-+ s dW``, noise level ``sde_sigma``, noise from the ``generator``). Every update is one fused flowsde
++ s dW``, noise level ``sde_sigma``, noise from the ``generator``) and ``dpmpp_2m`` (diffusion:
+``DPMSolverMultistepScheduler``'s DPM-Solver++(2M), ``solver_order`` 1 or 2). Every update is one fused flowsde
 combine (the Triton kernel on CUDA tensors of 2^20 elements or more), plus one for the data estimate
 ``pred_original_sample`` that diffusion steps return (``return_pred_original_sample=False`` skips it);
 ``step`` reads nothing back from the
@@ -40,7 +41,10 @@ except Exception as exc:  # pragma: no cover - diffusers is an optional extra
 
 from .. import kernels
 
-METHODS = ("ddim", "euler", "heun", "euler_maruyama")
+METHODS = ("ddim", "euler", "heun", "euler_maruyama", "dpmpp_2m")
+#: DPMSolverMultistepScheduler's options that change its update, with the only value method="dpmpp_2m" reproduces
+DPM_ONLY = {"algorithm_type": "dpmsolver++", "solver_type": "midpoint", "use_lu_lambdas": False,
+            "lambda_min_clipped": -float("inf"), "variance_type": None}
 FAMILIES = ("diffusion", "flow")
 
 
@@ -111,6 +115,7 @@ STEP_POSITIONAL = {
     ("diffusion", "ddim"): ("eta", "use_clipped_model_output", "generator", "variance_noise", "return_dict"),
     ("diffusion", "euler"): ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator", "return_dict"),
     ("diffusion", "heun"): ("return_dict",),
+    ("diffusion", "dpmpp_2m"): ("generator", "variance_noise", "return_dict"),
     ("flow", "euler"): _FLOW_EULER,
     ("flow", "euler_maruyama"): _FLOW_EULER,
     ("flow", "heun"): ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator", "return_dict"),
@@ -134,7 +139,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                  shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  family: str = "diffusion", method: str = "ddim", eta: float = 0.0, sde_sigma: float = 0.5,
-                 backend: Optional[str] = None, return_pred_original_sample: bool = True):
+                 backend: Optional[str] = None, return_pred_original_sample: bool = True, solver_order: int = 2):
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
         if clip_sample is None:  # the replaced scheduler's default: DDIMScheduler clips, HeunDiscreteScheduler
@@ -150,6 +155,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("eta applies to method='ddim' on diffusion models; use method='euler_maruyama'")
         if family == "diffusion" and method == "euler_maruyama":
             raise ValueError("method='euler_maruyama' is for flow models; on diffusion models use ddim with eta")
+        if method == "dpmpp_2m" and (family != "diffusion" or solver_order not in (1, 2) or self.config.clip_sample):
+            raise ValueError(f"method='dpmpp_2m' reproduces DPMSolverMultistepScheduler on diffusion models with "
+                             f"solver_order 1 or 2 and no clip_sample, got family={family!r}, solver_order="
+                             f"{solver_order!r}, clip_sample={self.config.clip_sample!r}")
         if family == "diffusion":
             if prediction_type not in ("epsilon", "v_prediction", "sample"):
                 raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
@@ -189,6 +198,9 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             self._host_sigmas = [float(v) for v in sig.tolist()] + [0.0]
         elif cfg.method == "euler":
             self._set_karras_style(T, np.linspace(0, T - 1, T, dtype=np.float64)[::-1].astype(np.float32))
+        elif cfg.method == "dpmpp_2m":  # (DPMSolverMultistepScheduler: float32 timesteps, the sigmas ascending)
+            self.timesteps = torch.from_numpy(np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy())
+            self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self._finish_schedule(None)
 
     def _finish_schedule(self, device):
@@ -213,6 +225,13 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         unknown = sorted(k for k in kwargs if k not in params and k not in UNSUPPORTED_CONFIG)
         if unknown:  # (diffusers would drop them without a word: a typo such as methd= would go unseen)
             raise TypeError(f"unknown FlowSDEScheduler option(s) {unknown}; known: {sorted(k for k in params if k != 'self')}")
+        if kwargs.get("method") == "dpmpp_2m":  # DPMSolverMultistepScheduler's own options, as reproduced
+            for key, want in DPM_ONLY.items():
+                got = kwargs.get(key, cfg.get(key, want))
+                if got != want and not (want is None and got is None):
+                    raise ValueError(f"method='dpmpp_2m' reproduces DPMSolverMultistepScheduler with {key}={want!r}; "
+                                     f"the config has {key}={got!r}")
+            kwargs = {k: v for k, v in kwargs.items() if k not in DPM_ONLY}
         if cfg.get("use_flow_sigmas") or kwargs.get("use_flow_sigmas"):
             raise ValueError("use_flow_sigmas=True (a flow-matching model run by DPM-Solver / UniPC): pass "
                              "family='flow' and a FlowMatch scheduler's shift instead")
@@ -245,7 +264,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The model's input: ``sample`` itself, or ``sample / sqrt(sigma^2 + 1)`` for Euler / Heun on a
         diffusion model (variance-exploding coordinates)."""
-        if self.config.family == "flow" or self.config.method == "ddim":
+        if self.config.family == "flow" or self.config.method in ("ddim", "dpmpp_2m"):
             return sample
         if self._step_index is None:
             self._init_step_index(timestep)
@@ -270,7 +289,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                                 dtype=np.float64).reshape(-1)
                 if ts.size < 1 or np.any(np.diff(ts) >= 0) or ts.min() < 0 or ts.max() > T - 1:
                     raise ValueError(f"custom timesteps must be strictly decreasing, in [0, {T - 1}], got {ts}")
-                if cfg.method == "ddim":  # DDIM indexes the training schedule's abar; Euler / Heun interpolate
+                if cfg.method in ("ddim", "dpmpp_2m"):  # these index the training schedule; Euler / Heun interpolate
                     if np.any(ts != np.round(ts)):
                         raise ValueError(f"custom timesteps for method='ddim' index the training schedule and must "
                                          f"be integers, got {ts} (Euler / Heun take fractional ones)")
@@ -284,6 +303,8 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
             if cfg.method == "ddim":
                 self._set_diffusion(ts, custom)
                 self.timesteps = torch.from_numpy(ts)  # (moved to the device below, after the host copy)
+            elif cfg.method == "dpmpp_2m":
+                self._set_dpm(num_inference_steps, ts if custom else None)
             else:
                 self._set_karras_style(num_inference_steps, ts.astype(np.float32) if custom else None)  # (as
                 # EulerDiscreteScheduler and HeunDiscreteScheduler keep custom timesteps: float32)
@@ -315,6 +336,53 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         top = float(np.float32(sig.max()))
         self.init_noise_sigma = top if cfg.timestep_spacing in ("linspace", "trailing") else float(  # (float32,
             (torch.tensor(top, dtype=torch.float32) ** 2 + 1) ** 0.5)  # as diffusers computes it)
+
+    def _set_dpm(self, n: int, custom=None):
+        """DPMSolverMultistepScheduler's schedule: integer timesteps (its own spacing rules: ``n + 1`` points
+        of which the last is dropped), the variance-exploding sigmas interpolated there and a final 0, in
+        float32 as there; the multistep memory cleared."""
+        cfg, T = self.config, self.config.num_train_timesteps
+        if custom is not None:
+            ts = custom
+        elif cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + cfg.steps_offset
+        else:
+            ts = np.arange(T, 0, -T / n).round().copy().astype(np.int64) - 1
+        train = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        sig = np.concatenate([np.interp(ts, np.arange(0, len(train)), train), [0.0]]).astype(np.float32)
+        self.sigmas = torch.from_numpy(sig)
+        self._host_sigmas = [float(v) for v in sig]
+        self.timesteps = torch.from_numpy(ts)
+        self._dpm = (None, 0)  # (the last data estimate, how many steps have run: the first is first order)
+
+    def _dpm_step(self, ops, k, out, x):
+        """DPM-Solver++(2M) as DPMSolverMultistepScheduler runs it (Lu et al. 2022, Algorithm 2; its "midpoint"
+        form): in the VP coordinates ``alpha = 1/sqrt(s^2 + 1)``, ``sigma = s alpha``, ``lambda = -log s``,
+        ``x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D`` with ``D`` the data estimate ``m0`` (first order: the
+        first step, the last one to 0, ``solver_order=1``) or ``m0 + (m0 - m1) / (2 r)``, ``r = h_prev / h`` —
+        one fused update from ``x``, the model output and the previous estimate; plus the estimate itself for
+        the next step (one more fused pass, skipped where no step follows)."""
+        cfg, sg = self.config, self._host_sigmas
+        n = len(self._host_timesteps)
+        s0, s1 = sg[k], sg[k + 1]
+        a0, a1 = (s0 * s0 + 1.0) ** -0.5, (s1 * s1 + 1.0) ** -0.5
+        b0, b1 = s0 * a0, s1 * a1
+        pt = cfg.prediction_type  # the data estimate m0 = p1 x + p2 out
+        p1, p2 = (1.0 / a0, -b0 / a0) if pt == "epsilon" else (0.0, 1.0) if pt == "sample" else (a0, -b0)
+        h = math.log(s0 / s1) if s1 > 0 else math.inf
+        c = -a1 * math.expm1(-h)
+        prev, runs = self._dpm
+        second = cfg.solver_order == 2 and runs >= 1 and k < n - 1 and prev is not None
+        w = 0.5 * h / math.log(sg[k - 1] / s0) if second else 0.0  # 1 / (2 r)
+        terms = [(b1 / b0 + c * (1.0 + w) * p1, x), (c * (1.0 + w) * p2, out)] + ([(-c * w, prev)] if second else [])
+        x1 = ops.combine(terms)
+        m0 = None
+        if cfg.solver_order == 2 and k < n - 1:
+            m0 = out if pt == "sample" else ops.combine([(p1, x), (p2, out)])
+        self._dpm = (m0, min(runs + 1, cfg.solver_order))
+        return x1
 
     def _diffusion_timesteps(self, n: int) -> np.ndarray:
         cfg, T = self.config, self.config.num_train_timesteps
@@ -456,18 +524,23 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         x0 = None
         if self.config.method == "euler_maruyama":
             out = self._flow_step(ops, k, model_output, sample, generator)
+        elif self.config.method == "dpmpp_2m":
+            out = self._dpm_step(ops, k, model_output, sample.float() if sample.dtype in (torch.float16,
+                                                                                        torch.bfloat16) else sample)
         elif self.config.method != "ddim" or self.config.family == "flow":  # (DDIM on CondOT is Euler)
             out, x0 = self._sigma_step(ops, k, model_output, sample)
         else:  # pipelines pass eta=0.0 by default: a nonzero config eta is not overridden by that
             eta = eta if eta else self.config.eta
             out, x0 = self._ddim_step(ops, k, model_output, sample, eta, generator, variance_noise,
                                       bool(use_clipped_model_output))
-        if (self.config.method == "euler" or self.config.family == "flow") and out.dtype != model_output.dtype:
+        if (self.config.method in ("euler", "dpmpp_2m") or self.config.family == "flow") and \
+                out.dtype != model_output.dtype:
             # EulerDiscrete and the FlowMatch schedulers return the model output's dtype (DDIM and the
             # diffusion Heun promote)
             out = out.to(model_output.dtype)
         self._step_index += 1
-        if self.config.family == "flow":  # the FlowMatch schedulers return the new sample alone
+        if self.config.family == "flow" or self.config.method == "dpmpp_2m":  # the FlowMatch schedulers and
+            # DPMSolverMultistepScheduler return the new sample alone
             return SchedulerOutput(prev_sample=out) if return_dict else (out,)
         # DDIM / Euler / Heun also return their data estimate (previews, LCM-style pipelines read it) unless
         # return_pred_original_sample=False saves its pass
@@ -601,7 +674,7 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if cfg.family == "flow":
             return self.scale_noise(original_samples, timesteps, noise)
-        if cfg.method == "ddim":
+        if cfg.method in ("ddim", "dpmpp_2m"):
             idx = torch.as_tensor(timesteps).to(device=self.alphas_cumprod.device, dtype=torch.long)
             ac = self.alphas_cumprod[idx].to(device=original_samples.device, dtype=original_samples.dtype)
             shape = (-1,) + (1,) * (original_samples.dim() - 1)
