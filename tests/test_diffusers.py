@@ -701,6 +701,15 @@ def test_dpmpp_2m_reproduces_dpm_solver_multistep_step_by_step(cfg):
             FlowSDEScheduler.from_config({**base, key: bad}, method="dpmpp_2m")
     FlowSDEScheduler.from_config({**base, "algorithm_type": "sde-dpmsolver++"}, method="ddim")  # (other methods:
     # DPM-Solver's own options do not apply)
+    with pytest.raises(ValueError, match="with algorithm_type="):  # (as a keyword too; the supported value passes)
+        FlowSDEScheduler.from_config(base, method="dpmpp_2m", algorithm_type="dpmsolver")
+    FlowSDEScheduler.from_config(base, method="dpmpp_2m", algorithm_type="dpmsolver++")
+    every = FlowSDEScheduler.from_config(base, method="dpmpp_2m")  # every training step: two timesteps round
+    every.set_timesteps(1000)  # onto one sigma — a first-order step there, not diffusers' division by zero (NaN)
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for t in every.timesteps[:503]:  # (the repeat: steps 499 and 500)
+        x = every.step(_fake_model(x, t), t, x).prev_sample
+    assert torch.isfinite(x).all()
     with pytest.raises(ValueError, match="solver_order 1 or 2 and no clip_sample"):
         FlowSDEScheduler.from_config(base, method="dpmpp_2m", solver_order=3)
     with pytest.raises(ValueError, match="solver_order 1 or 2 and no clip_sample"):

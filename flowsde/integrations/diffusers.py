@@ -222,7 +222,9 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         _check_supported(cfg, cfg.get("_class_name", "the scheduler") + " config")
         _check_supported(kwargs, "from_config's keyword arguments")
         params = inspect.signature(cls.__init__).parameters
-        unknown = sorted(k for k in kwargs if k not in params and k not in UNSUPPORTED_CONFIG)
+        dpm = kwargs.get("method") == "dpmpp_2m"
+        unknown = sorted(k for k in kwargs if k not in params and k not in UNSUPPORTED_CONFIG
+                         and not (dpm and k in DPM_ONLY))
         if unknown:  # (diffusers would drop them without a word: a typo such as methd= would go unseen)
             raise TypeError(f"unknown FlowSDEScheduler option(s) {unknown}; known: {sorted(k for k in params if k != 'self')}")
         if kwargs.get("method") == "dpmpp_2m":  # DPMSolverMultistepScheduler's own options, as reproduced
@@ -374,8 +376,11 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
         h = math.log(s0 / s1) if s1 > 0 else math.inf
         c = -a1 * math.expm1(-h)
         prev, runs = self._dpm
-        second = cfg.solver_order == 2 and runs >= 1 and k < n - 1 and prev is not None
-        w = 0.5 * h / math.log(sg[k - 1] / s0) if second else 0.0  # 1 / (2 r)
+        h_prev = math.log(sg[k - 1] / s0) if k else 0.0
+        # (a repeated sigma — set_timesteps(T) rounds two timesteps onto one — has no step to extrapolate
+        # from: first order there, where diffusers divides by zero and returns NaN)
+        second = cfg.solver_order == 2 and runs >= 1 and k < n - 1 and prev is not None and h_prev > 0
+        w = 0.5 * h / h_prev if second else 0.0  # 1 / (2 r)
         terms = [(b1 / b0 + c * (1.0 + w) * p1, x), (c * (1.0 + w) * p2, out)] + ([(-c * w, prev)] if second else [])
         x1 = ops.combine(terms)
         m0 = None
