@@ -25,6 +25,7 @@ device: the step index is a host counter, never the value of the ``timestep`` te
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -216,8 +217,6 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """As diffusers' ``from_config``; a ``FlowMatch*`` scheduler's config selects the flow family."""
-        import inspect
-
         cfg = dict(config or {})
         _check_supported(cfg, cfg.get("_class_name", "the scheduler") + " config")
         _check_supported(kwargs, "from_config's keyword arguments")
@@ -493,13 +492,10 @@ class FlowSDEScheduler(SchedulerMixin, ConfigMixin):
                 raise TypeError(f"step takes {len(names)} option(s) by position after sample for method "
                                 f"{self.config.method!r} ({', '.join(names)}), got {len(args)}")
             given = dict(zip(names, args))
-            defaults = dict(eta=None, generator=None, return_dict=True, use_clipped_model_output=False,
-                            variance_noise=None, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-                            per_token_timesteps=None)
-            here = dict(eta=eta, generator=generator, return_dict=return_dict,
-                        use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
-                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
-                        per_token_timesteps=per_token_timesteps)
+            defaults = {k: p.default for k, p in inspect.signature(FlowSDEScheduler.step).parameters.items()
+                        if p.kind is inspect.Parameter.KEYWORD_ONLY}
+            scope = locals()  # (taken here: a comprehension has its own)
+            here = {k: scope[k] for k in defaults}
             twice = [k for k in given if here[k] is not defaults[k] and here[k] != defaults[k]]
             if twice:
                 raise TypeError(f"step got {twice} both by position and by keyword")

@@ -98,27 +98,34 @@ class StageTimes:
         return len(self._rows)
 
 
-def output_weights(grid: np.ndarray, t_out: np.ndarray):
-    """How :func:`integrate` makes each output from the grid values: per grid point ``j`` the list of
-    ``(i, w)`` with output ``i`` holding ``w`` times the value at ``j`` (``1`` on a grid point; ``1 - s`` and
-    ``s`` for the linear interpolation inside a step) — the transpose a backward pass applies."""
+def output_plan(grid: np.ndarray, t_out: np.ndarray):
+    """Which outputs each step of ``grid`` makes: per step ``k`` the list of ``(j, s)``, output ``j`` at the
+    fraction ``s`` of the step (``0``: its start, ``1``: its end, exactly; else inside it). Output 0 is the
+    start of the grid itself."""
     sign = 1.0 if grid[-1] > grid[0] else -1.0
-    at = [[] for _ in grid]
-    at[0].append((0, 1.0))
+    plan = [[] for _ in range(len(grid) - 1)]
     j, n_out = 1, len(t_out)
     for k in range(len(grid) - 1):
         ta, tb = grid[k], grid[k + 1]
         while j < n_out and sign * (tb - t_out[j]) >= 0.0:
             tj = t_out[j]
-            if tj == tb:
-                at[k + 1].append((j, 1.0))
-            elif tj == ta:
-                at[k].append((j, 1.0))
-            else:
-                s = (tj - ta) / (tb - ta)
-                at[k].append((j, 1.0 - s))
-                at[k + 1].append((j, s))
+            plan[k].append((j, 1.0 if tj == tb else 0.0 if tj == ta else (tj - ta) / (tb - ta)))
             j += 1
+    return plan
+
+
+def output_weights(grid: np.ndarray, t_out: np.ndarray):
+    """How :func:`integrate` makes each output from the grid values: per grid point ``j`` the list of
+    ``(i, w)`` with output ``i`` holding ``w`` times the value at ``j`` (``1`` on a grid point; ``1 - s`` and
+    ``s`` for the linear interpolation inside a step) — the transpose a backward pass applies."""
+    at = [[] for _ in grid]
+    at[0].append((0, 1.0))
+    for k, outs in enumerate(output_plan(grid, t_out)):
+        for i, s in outs:
+            if s != 1.0:
+                at[k].append((i, 1.0 - s))
+            if s != 0.0:
+                at[k + 1].append((i, s))
     return at
 
 
@@ -128,24 +135,14 @@ def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndar
 
     An output time inside a step is interpolated between the step's ends: linearly by default (as
     torchdiffeq and torchsde do), or by ``interp(k, y, y_next, aux, s)`` with ``s`` the fraction of the
-    step. Returns a tensor of shape ``(len(t_out), *y0.shape)``.
+    step (:func:`output_plan`). Returns a tensor of shape ``(len(t_out), *y0.shape)``.
     """
-    sign = 1.0 if grid[-1] > grid[0] else -1.0
     outs = [y0]
-    j, n_out = 1, len(t_out)
     y = y0
-    for k in range(len(grid) - 1):
+    for k, made in enumerate(output_plan(grid, t_out)):
         y1, aux = step(k, y)
-        ta, tb = grid[k], grid[k + 1]
-        while j < n_out and sign * (tb - t_out[j]) >= 0.0:
-            tj = t_out[j]
-            if tj == tb:
-                outs.append(y1)
-            elif tj == ta:
-                outs.append(y)
-            else:
-                s = (tj - ta) / (tb - ta)
-                outs.append(lerp(y, y1, s) if interp is None else interp(k, y, y1, aux, s))
-            j += 1
+        for _, s in made:
+            outs.append(y1 if s == 1.0 else y if s == 0.0 else
+                        lerp(y, y1, s) if interp is None else interp(k, y, y1, aux, s))
         y = y1
     return torch.stack(outs, dim=0)
