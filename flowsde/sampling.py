@@ -314,7 +314,7 @@ def _ode_loop(field: PathField, grid, method: str, ops, like: torch.Tensor):
     hs = [float(v) for v in h]
 
     def run(x0):
-        x = x0
+        x, pool = x0, fixed.StatePool(x0)  # (states and stage inputs written into preallocated buffers)
         for k in range(len(hs)):
             stage = iter(coef[k * s:(k + 1) * s])
 
@@ -325,7 +325,7 @@ def _ode_loop(field: PathField, grid, method: str, ops, like: torch.Tensor):
                     return outs[0][1]  # the model already outputs the velocity
                 return ops.combine([(cx, y)] + [(w * co, o) for w, o in outs])
 
-            x, _ = rk_step(velocity, times[k], x, hs[k], tab, ops)
+            x, _ = rk_step(velocity, times[k], x, hs[k], tab, ops, pool)
         return x
     return run
 
@@ -355,10 +355,11 @@ def _extension_em_loop(field: PathField, grid, sigma: float, ops, like: torch.Te
         steps.append((1.0 + h * cx, h * co, sigma * h ** 0.5))
 
     def run(x0):
-        x = x0
+        x, pool = x0, fixed.StatePool(x0)  # (each new state written into one of two buffers, in turn)
         for k, (cx, co, s) in enumerate(steps):
             outs = field.outputs(times[k][0], x)
-            x = ops.combine([(cx, x)] + [(w * co, o) for w, o in outs], [(s, None)], noise.draw(k))
+            terms = [(cx, x)] + [(w * co, o) for w, o in outs]
+            x = ops.combine(terms, [(s, None)], noise.draw(k), out=pool.take(terms))
         return x
     return run
 

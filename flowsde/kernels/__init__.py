@@ -94,15 +94,17 @@ class TorchOps:
             return reference.combine(terms, diffusion, None, rowwise, noise.key, out)
         return reference.combine(terms, diffusion, noise, rowwise, out=out)
 
-    def sde_update(self, y, terms, noise, dw, noise_type):
-        """``y + sum c k + sum s (g dW)`` for any noise type (``dw`` a tensor or :class:`PhiloxNoise`)."""
+    def sde_update(self, y, terms, noise, dw, noise_type, out=None):
+        """``y + sum c k + sum s (g dW)`` for any noise type (``dw`` a tensor or :class:`PhiloxNoise`);
+        ``out``: a preallocated result (it may alias an input)."""
         if isinstance(dw, PhiloxNoise):  # drawn in float32 for a half result (the kernels' draws), kept out
             dtype = reference.result_dtype(y, *(k for _, k in terms), *(g for _, g in noise))  # of the dtype
             half = dtype in (torch.float16, torch.bfloat16)
             dw = self.normal(dw.key, _noise_shape(y, noise_type, noise), torch.float32 if half else dtype, y.device)
-            out = reference.sde_update(y, terms, noise, dw, noise_type)
-            return out.to(dtype) if half else out
-        return reference.sde_update(y, terms, noise, dw, noise_type)
+            if half:
+                res = reference.sde_update(y, terms, noise, dw, noise_type).to(dtype)
+                return res if out is None else reference.write_out(out, res)
+        return reference.sde_update(y, terms, noise, dw, noise_type, out)
 
     def normal(self, key, shape, dtype, device):
         """The Philox noise stream ``z[i]``, ``i = 0 .. numel - 1``, laid out in ``shape``."""
@@ -143,35 +145,36 @@ class TritonOps(TorchOps):
             return launch(terms, diffusion, tensor, rowwise, key, dtype=dtype)
         return launch(terms, diffusion, tensor, rowwise, key, out, dtype=dtype)
 
-    def lincomb(self, y, terms):
+    def lincomb(self, y, terms, out=None):
         if not _fused_coefficients(reference.result_dtype(y, *(k for _, k in terms)), terms):
-            return reference.lincomb(y, terms)
-        return self.combine([(1.0, y)] + list(terms))
+            return reference.lincomb(y, terms, out)
+        return self.combine([(1.0, y)] + list(terms), out=out)
 
-    def error_norm(self, y0, y1, err, rtol, atol):
+    def error_norm(self, y0, y1, err, rtol, atol, out=None):
         if not _fused_coefficients(y1.dtype, [(rtol, None), (atol, None)]) or _records_grad([(1, y0), (1, y1), (1, err)]):
-            return reference.error_norm(y0, y1, err, rtol, atol)
-        return self._c.error_norm(y0, y1, err, float(rtol), float(atol))
+            return reference.error_norm(y0, y1, err, rtol, atol, out)
+        return self._c.error_norm(y0, y1, err, float(rtol), float(atol), out)
 
     def lerp(self, y0, y1, s):
         return self.combine([(1.0 - s, y0), (s, y1)])
 
-    def sde_update(self, y, terms, noise, dw, noise_type):
+    def sde_update(self, y, terms, noise, dw, noise_type, out=None):
         dtype = reference.result_dtype(y, *(k for _, k in terms), *(g for _, g in noise),
                                        dw if isinstance(dw, torch.Tensor) else None)
         if not _fused_coefficients(dtype, terms, noise):
-            return super().sde_update(y, terms, noise, dw, noise_type)  # e.g. step sizes held on the device
+            return super().sde_update(y, terms, noise, dw, noise_type, out)  # e.g. step sizes held on the device
         if noise_type not in ("diagonal", "scalar"):  # a (batch, d, m) diffusion matrix times dW: one pass
             if _records_grad([(1, y)], terms, noise, dw):  # this kernel has no backward: the PyTorch ops
-                return super().sde_update(y, terms, noise, dw, noise_type)
+                return super().sde_update(y, terms, noise, dw, noise_type, out)
             host_key = not (isinstance(dw, PhiloxNoise) and isinstance(dw.key, torch.Tensor))
-            if y.dim() == 2 and len(terms) <= 2 and 1 <= len(noise) <= 2 and host_key:
+            if y.dim() == 2 and len(terms) <= 2 and 1 <= len(noise) <= 2 and host_key and (
+                    out is None or (out.dtype == dtype and out.is_contiguous())):
                 key = dw.key if isinstance(dw, PhiloxNoise) else 0
                 tensor = None if isinstance(dw, PhiloxNoise) else dw
-                return self._c.matrix_noise_update(y, terms, noise, tensor, key)
-            return super().sde_update(y, terms, noise, dw, noise_type)
+                return self._c.matrix_noise_update(y, terms, noise, tensor, key, out)
+            return super().sde_update(y, terms, noise, dw, noise_type, out)
         g = [(s, gg.squeeze(-1) if noise_type == "scalar" else gg) for s, gg in noise]
-        return self.combine([(1.0, y)] + list(terms), g, dw, rowwise=noise_type == "scalar")
+        return self.combine([(1.0, y)] + list(terms), g, dw, rowwise=noise_type == "scalar", out=out)
 
     def normal(self, key, shape, dtype, device):
         key = key if isinstance(key, torch.Tensor) else int(key) & KEY_MASK

@@ -376,13 +376,23 @@ def _broadcasts(a, shape) -> bool:
     return len(a) <= len(shape) and all(x in (1, y) for x, y in zip(a[::-1], shape[::-1]))
 
 
+def _apart_or_same(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """For a contiguous operand of ``out``'s shape: whether the kernel may read it while writing ``out`` —
+    its bytes lie apart from ``out``'s, or it is ``out`` itself (each element is read before it is written,
+    by one thread)."""
+    a, b = t.data_ptr(), out.data_ptr()
+    if a == b:
+        return t.dtype == out.dtype
+    return a + t.numel() * t.element_size() <= b or b + out.numel() * out.element_size() <= a
+
+
 def _unaliased(t: torch.Tensor, mode: int, out: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it when the kernel would read it where ``out`` is being written: only a full
     operand that is ``out`` itself is safe (each element is read before it is written, by one thread); a
     broadcast operand or any other overlap is read by programs that run after others have written."""
     if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
         return t
-    return t if mode == 0 and t.data_ptr() == out.data_ptr() else t.clone()
+    return t if mode == 0 and t.data_ptr() == out.data_ptr() and t.dtype == out.dtype else t.clone()
 
 
 def _on(device, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -408,11 +418,12 @@ def result_dtype(terms, diffusion=(), noise=None) -> torch.dtype:
 FAST_PATH = os.environ.get("FLOWSDE_FAST_PATH", "1") != "0"
 
 
-def _fast_combine(terms, diffusion, noise, rowwise, key, dtype):
+def _fast_combine(terms, diffusion, noise, rowwise, key, dtype, out=None):
     """:func:`combine` for its common case, or ``None`` (then the general path runs): 1 to 6 terms, 0 to 2
     diffusion values and a noise tensor, each a contiguous tensor of the first term's shape on its device
-    (a unit diffusion alone, or drawn noise: per element, or per row with ``rowwise``), no ``out``. The
-    launch is the one the general path makes, argument for argument (tested)."""
+    (a unit diffusion alone, or drawn noise: per element, or per row with ``rowwise``), and no ``out`` or
+    one of that shape, contiguous, of the result's dtype, that is one of the operands or shares no memory
+    with them. The launch is the one the general path makes, argument for argument (tested)."""
     like = terms[0][1]
     shape, nt, ng = like.shape, len(terms), len(diffusion)
     n = like.numel()
@@ -438,10 +449,14 @@ def _fast_combine(terms, diffusion, noise, rowwise, key, dtype):
         return None
     if dtype is None:
         dtype = result_dtype(terms, diffusion, noise)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=dev)
+    elif out.shape != shape or out.dtype != dtype or out.device != dev or not out.is_contiguous() or not all(
+            _apart_or_same(t, out) for t in ts + gs + ([noise] if noise is not None and ng else [])):
+        return None
     f64 = dtype == torch.float64
     cs = _coefficients([c for c, _ in terms], f64)
     ss = _coefficients([s for s, _ in diffusion], f64) + [(0.0, 0.0)] * (MAX_NOISE - ng)
-    out = torch.empty(shape, dtype=dtype, device=dev)
     pad = MAX_TERMS - nt
     t0 = ts[0]
     mode = 0 if not ng else (1 if noise is not None else (3 if key_in_memory else 2))
@@ -474,8 +489,8 @@ def combine(terms, diffusion=(), noise=None, rowwise: bool = False, key: int = 0
     is computed in that order, without copying the operands laid out as it (:func:`_layout`); the result
     (and an ``out`` laid out as the state) has the state's strides, as PyTorch's elementwise ops give.
     """
-    if out is None and FAST_PATH:
-        res = _fast_combine(terms, diffusion, noise, rowwise, key, dtype)
+    if FAST_PATH:
+        res = _fast_combine(terms, diffusion, noise, rowwise, key, dtype, out)
         if res is not None:
             return res
     like = terms[0][1]
@@ -611,8 +626,10 @@ def error_norm_kernel(out_ptr, y0_ptr, y1_ptr, e_ptr, n_rows, row, rtol_h, rtol_
     tl.store(out_ptr + rows, tl.sqrt(tl.sum(acc, axis=1) / row), mask=rmask)
 
 
-def error_norm(y0, y1, err, rtol: float, atol: float):
-    """Launch :func:`error_norm_kernel`: the per-sample scaled RMS error, shape ``(batch,)``."""
+def error_norm(y0, y1, err, rtol: float, atol: float, out=None):
+    """Launch :func:`error_norm_kernel`: the per-sample scaled RMS error, shape ``(batch,)`` (written into
+    ``out`` when given: contiguous, of that shape and the accumulation dtype — float64 for float64 data,
+    else float32)."""
     shape = tuple(y1.shape)
     y0, err = _on(y1.device, y0, "y0"), _on(y1.device, err, "the error estimate")
     order = _layout(y1)
@@ -623,7 +640,11 @@ def error_norm(y0, y1, err, rtol: float, atol: float):
     B = shape[0]
     row = max(1, math.prod(shape[1:]))
     acc_dtype = torch.float64 if y1.dtype == torch.float64 else torch.float32
-    out = torch.empty(B, dtype=acc_dtype, device=y1.device)
+    if out is None:
+        out = torch.empty(B, dtype=acc_dtype, device=y1.device)
+    elif tuple(out.shape) != (B,) or out.dtype != acc_dtype or not out.is_contiguous() or out.device != y1.device:
+        raise ValueError(f"out must be a contiguous {acc_dtype} tensor of shape ({B},) on {y1.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if B == 0:
         return out
     if y1.numel() == 0:  # rows of no elements: the mean of nothing, as the reference gives
@@ -709,10 +730,12 @@ def matrix_noise_kernel(out_ptr, y_ptr, f0_ptr, f1_ptr, g0_ptr, g1_ptr, dw_ptr, 
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
+def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0, out=None):
     """Launch :func:`matrix_noise_kernel`: ``y + sum c f + sum s (G dW)`` for ``y`` of shape ``(batch, d)``,
     ``terms`` ``[(c, f)]`` (0 to 2), ``diffusion`` ``[(s, G)]`` (1 or 2; ``G`` of shape ``(batch, d, m)``),
-    ``dw`` the ``(batch, m)`` increments or ``None`` to draw the Philox stream at ``b m + j``."""
+    ``dw`` the ``(batch, m)`` increments or ``None`` to draw the Philox stream at ``b m + j``. ``out``: a
+    preallocated contiguous ``(batch, d)`` result of the result's dtype (it may be ``y`` or a drift term;
+    a matrix or the increments it overlaps are copied first)."""
     if y.dim() != 2 or len(terms) > 2 or not 1 <= len(diffusion) <= 2:
         raise ValueError("matrix_noise_update takes y (batch, d), 0..2 drift terms and 1..2 diffusion matrices")
     B, d = y.shape
@@ -728,7 +751,15 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0):
     fs, gs = fs + [ys] * (2 - len(fs)), gs + [gs[0]] * (2 - len(gs))
     noise = ys if dw is None else _flat(dw, (B, m))
     dtype = reference.result_dtype(y, *(f for _, f in terms), *(g for _, g in diffusion), dw)
-    out = torch.empty(ys.shape, dtype=dtype, device=ys.device)
+    if out is None:
+        out = torch.empty(ys.shape, dtype=dtype, device=ys.device)
+    else:
+        if tuple(out.shape) != (B, d) or out.dtype != dtype or not out.is_contiguous() or out.device != ys.device:
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape ({B}, {d}) on {ys.device}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        ys, *fs = [_unaliased(t, 0, out) for t in [ys] + fs]  # (out itself is read before it is written)
+        gs = [g if g.untyped_storage().data_ptr() != out.untyped_storage().data_ptr() else g.clone() for g in gs]
+        noise = noise if noise.untyped_storage().data_ptr() != out.untyped_storage().data_ptr() else noise.clone()
     n = out.numel()
     blk = CONFIG["block"]
     _launch(matrix_noise_kernel, _cdiv(n, blk),

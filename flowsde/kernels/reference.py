@@ -66,11 +66,47 @@ def _f32(t):
     return t.float() if t is not None and t.dtype in _HALF else t
 
 
-def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
-    """Return ``y + sum(c * k for c, k in terms)`` as a new tensor (zero host coefficients are skipped).
+def shares_memory(out: torch.Tensor, tensors) -> bool:
+    """Whether ``out`` shares storage with one of ``tensors`` (``None`` entries skipped; host metadata only)."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(t is not None and t.untyped_storage().data_ptr() == ptr for t in tensors)
+
+
+def write_out(out: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """``res`` copied into the preallocated ``out`` (PyTorch's ``out=`` rule: same shape, and the result's dtype
+    must cast to ``out``'s)."""
+    if tuple(out.shape) != tuple(res.shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the result {tuple(res.shape)}")
+    if not torch.can_cast(res.dtype, out.dtype):
+        raise ValueError(f"a {res.dtype} result cannot be written to a {out.dtype} out")
+    return out.copy_(res)
+
+
+def _direct(out, dtype, shape, operands) -> bool:
+    """Whether an op can accumulate straight into ``out``: its dtype and shape are the result's, it is not a
+    half type (accumulated in float32 apart), it shares no memory with the operands and is not differentiated
+    (PyTorch's ``out=`` ops have no derivative; the result computed apart is then copied in, ``copy_`` has)."""
+    return (out.dtype == dtype and dtype not in _HALF and out.shape == shape
+            and not shares_memory(out, operands) and not _autodiff(out, *(t for t in operands if t is not None)))
+
+
+def _autodiff(*tensors) -> bool:
+    from . import needs_autodiff  # (the package imports this module first)
+
+    return needs_autodiff(*tensors)
+
+
+def lincomb(y: torch.Tensor, terms: Sequence[Term], out=None) -> torch.Tensor:
+    """Return ``y + sum(c * k for c, k in terms)`` as a new tensor (zero host coefficients are skipped), or
+    written into ``out`` (preallocated; it may alias an input).
 
     A coefficient is a Python float, or a tensor on the device that broadcasts against ``k`` (the adaptive
     SDE driver's step sizes, one per row); neither is ever read back. Half types accumulate in float32."""
+    if out is not None:
+        ks = [k for _, k in terms]
+        if any(k.shape != y.shape for k in ks) or not _direct(out, result_dtype(y, *ks), y.shape, [y, *ks]):
+            return write_out(out, lincomb(y, terms))
+        return _accumulate(y, terms, out)
     half = _half_result(y, *(k for _, k in terms))
     if half is not None:
         return lincomb(_f32(y), [(c, _f32(k)) for c, k in terms]).to(half)
@@ -78,16 +114,20 @@ def lincomb(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
     return _accumulate(y, terms)
 
 
-def _accumulate(y: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
-    """:func:`lincomb` once ``y`` has the result's dtype (and no half type is involved)."""
+def _accumulate(y: torch.Tensor, terms: Sequence[Term], into=None) -> torch.Tensor:
+    """:func:`lincomb` once ``y`` has the result's dtype (and no half type is involved); ``into``: a tensor of
+    the result's shape and dtype, sharing no memory with the operands, to write it to."""
     terms = [(c, k) for c, k in terms if not is_zero(c)]
     out = None
     for c, k in terms:
         if out is None:
-            out = torch.addcmul(y, k, c) if isinstance(c, torch.Tensor) else torch.add(y, k, alpha=c)
+            kw = {} if into is None else {"out": into}
+            out = torch.addcmul(y, k, c, **kw) if isinstance(c, torch.Tensor) else torch.add(y, k, alpha=c, **kw)
         else:
             axpy_(out, k, c)
-    return y.clone() if out is None else out
+    if out is None:
+        return y.clone() if into is None else into.copy_(y)
+    return out
 
 
 def noise_prod(g: torch.Tensor, dw: torch.Tensor, noise_type: str) -> torch.Tensor:
@@ -104,27 +144,31 @@ def noise_prod(g: torch.Tensor, dw: torch.Tensor, noise_type: str) -> torch.Tens
 
 
 def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[float, torch.Tensor]],
-               dw: torch.Tensor, noise_type: str) -> torch.Tensor:
+               dw: torch.Tensor, noise_type: str, out=None) -> torch.Tensor:
     """Return ``y + sum(c * k) + sum(s * g dW)``: the combination of every explicit SDE step.
 
     ``terms`` are drift terms ``(c, k)`` (``c`` already holds the step ``dt``), ``noise`` are pairs
     ``(s, g)`` of a scale and a diffusion value all applied to the same increment ``dw``. Coefficients
-    are floats or device tensors, as in :func:`lincomb` (half types accumulate in float32).
+    are floats or device tensors, as in :func:`lincomb` (half types accumulate in float32). ``out``: a
+    preallocated result to write into (it may alias an input).
     """
-    half = _half_result(y, *(k for _, k in terms), *(g for _, g in noise), dw)
+    operands = [y, *(k for _, k in terms), *(g for _, g in noise), dw]
+    half = _half_result(*operands)
     if half is not None:
-        return sde_update(_f32(y), [(c, _f32(k)) for c, k in terms], [(s, _f32(g)) for s, g in noise], _f32(dw),
-                          noise_type).to(half)
-    dtype = result_dtype(y, *(k for _, k in terms), *(g for _, g in noise), dw)
-    out = lincomb(y.to(dtype), terms)  # (no copy where the dtype is already the result's)
+        res = sde_update(_f32(y), [(c, _f32(k)) for c, k in terms], [(s, _f32(g)) for s, g in noise], _f32(dw),
+                         noise_type).to(half)
+        return res if out is None else write_out(out, res)
+    dtype = result_dtype(*operands)
+    direct = out is not None and _direct(out, dtype, y.shape, operands)
+    res = lincomb(y.to(dtype), terms, out=out if direct else None)  # (no copy of y where its dtype is the result's)
     dw = dw.to(dtype)
     for s, g in noise:
         g = g.to(dtype)
         if noise_type == "diagonal" and not isinstance(s, torch.Tensor):
-            out.addcmul_(g, dw, value=s)
+            res.addcmul_(g, dw, value=s)
         else:
-            axpy_(out, noise_prod(g, dw, noise_type), s)
-    return out
+            axpy_(res, noise_prod(g, dw, noise_type), s)
+    return res if out is None or direct else write_out(out, res)
 
 
 def lerp(y0: torch.Tensor, y1: torch.Tensor, s: float) -> torch.Tensor:
@@ -152,18 +196,23 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
     """
     from .philox import philox_randn
 
-    if out is not None:
-        res = combine(terms, diffusion, noise, rowwise, key)
-        if not torch.can_cast(res.dtype, out.dtype):
-            raise ValueError(f"a {res.dtype} result cannot be written to a {out.dtype} out")
-        return out.copy_(res)
-    half = _half_result(*(t for _, t in terms), *(g for _, g in diffusion), noise)
-    if half is not None:  # accumulate in float32, round once (as the kernel)
-        return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
-                       rowwise, key).to(half)
-    dtype = result_dtype(*(t for _, t in terms), *(g for _, g in diffusion), noise)
+    operands = [*(t for _, t in terms), *(g for _, g in diffusion), noise]
     c0, t0 = terms[0]
-    if len(terms) > 1 and not isinstance(c0, torch.Tensor) and c0 == 1:  # (x + h k: no multiply by 1)
+    dtype = result_dtype(*operands)
+    if out is not None:  # accumulated in out where it shares no memory with the operands (else copied in)
+        if not _direct(out, dtype, t0.shape, operands):
+            return write_out(out, combine(terms, diffusion, noise, rowwise, key))
+        if isinstance(c0, torch.Tensor) or c0 != 1:
+            torch.mul(t0, c0, out=out)
+            for c, k in terms[1:]:
+                if not is_zero(c):
+                    axpy_(out, k, c)
+        else:
+            _accumulate(t0, terms[1:], out)
+    elif dtype in _HALF:  # accumulate in float32, round once (as the kernel)
+        return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
+                       rowwise, key).to(dtype)
+    elif len(terms) > 1 and not isinstance(c0, torch.Tensor) and c0 == 1:  # (x + h k: no multiply by 1)
         out = _accumulate(t0.to(dtype), terms[1:])
     else:
         out = _accumulate(t0.to(dtype) * c0, terms[1:])
@@ -183,9 +232,13 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
     return out
 
 
-def error_norm(y0: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+def error_norm(y0: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, rtol: float, atol: float,
+               out=None) -> torch.Tensor:
     """Per-sample scaled RMS error of an embedded pair: ``sqrt(mean_i (err_i / (atol + rtol max(|y0_i|,
-    |y1_i|)))^2)`` over each batch row; shape ``(batch,)``, float32 for half inputs."""
+    |y1_i|)))^2)`` over each batch row; shape ``(batch,)``, float32 for half inputs (``out``: a preallocated
+    result to write into)."""
+    if out is not None:
+        return write_out(out, error_norm(y0, y1, err, rtol, atol))
     acc = torch.float64 if y1.dtype == torch.float64 else torch.float32
     scale = atol + rtol * torch.maximum(y0.to(acc).abs(), y1.to(acc).abs())
     row = math.prod(y1.shape[1:])

@@ -68,11 +68,12 @@ def ddim_loop(field, grid: np.ndarray, alpha: Sequence[float], beta: Sequence[fl
         steps.append((a1 * p1 + c * q1, a1 * p2 + c * q2, s))
 
     def run(x0):
-        x = x0
+        x, pool = x0, fixed.StatePool(x0)  # (each new state written into one of two buffers, in turn)
         for k, (cx, co, s) in enumerate(steps):
             outs = field.outputs(times[k][0], x)
             terms = [(cx, x)] + [(w * co, o) for w, o in outs]
-            x = ops.combine(terms, [(s, None)], noise.draw(k)) if s else ops.combine(terms)
+            out = pool.take(terms)
+            x = ops.combine(terms, [(s, None)], noise.draw(k), out=out) if s else ops.combine(terms, out=out)
         return x
     return run
 
@@ -111,13 +112,14 @@ def dpmpp_2m_loop(field, grid: np.ndarray, alpha: Sequence[float], beta: Sequenc
         steps.append((rho, c * (1.0 + w), -c * w, p1, p2, k + 1 < len(grid) - 1))
 
     def run(x0):
-        x, z_prev = x0, None
+        x, z_prev, pool = x0, None, fixed.StatePool(x0)  # (the states and data estimates in four buffers)
         for k, (rho, c0, c1, p1, p2, more) in enumerate(steps):
             outs = field.outputs(times[k][0], x)
             terms = [(rho + c0 * p1, x)] + [(wi * c0 * p2, o) for wi, o in outs]
             if c1 != 0.0:
                 terms.append((c1, z_prev))
-            z_k = ops.combine([(p1, x)] + [(wi * p2, o) for wi, o in outs]) if more else None
-            x, z_prev = ops.combine(terms), z_k
+            est = [(p1, x)] + [(wi * p2, o) for wi, o in outs]
+            z_k = ops.combine(est, out=pool.take(terms, z_prev)) if more else None
+            x, z_prev = ops.combine(terms, out=pool.take(terms, z_k)), z_k
         return x
     return run

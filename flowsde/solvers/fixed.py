@@ -98,6 +98,87 @@ class StageTimes:
         return len(self._rows)
 
 
+class StatePool:
+    """Preallocated states that a step loop writes its updates into (the ops' ``out=``), so that a step
+    allocates no state of its own: :meth:`take` hands out a buffer that none of the tensors still in use
+    shares memory with (a loop of one update per step alternates between two; a Runge–Kutta step takes one
+    per stage input, reused once free). ``take`` returns ``None`` — the op then allocates its result, as
+    without a pool — where the update is recorded by autograd or forward-mode AD (``out=`` has no
+    derivative), where the result would not be laid out as ``like`` (another dtype or shape), or once
+    ``limit`` buffers are all in use. Each buffer is ``empty_like(like)`` (its strides kept), made on
+    first need; a loop makes its pool when it starts, so the state it returns is the caller's alone.
+    Only host metadata is read (storage addresses, ``requires_grad``): no synchronisation.
+
+    States smaller than :attr:`MIN_BYTES` get no pool (``take`` always declines): there the pool's few
+    µs of host bookkeeping per update are not small beside the update itself (on the CPU the pooled loops of
+    a free field ran 5-20 % slower at 2^10-2^16 elements), while above it they are a few per cent of the
+    update's memory traffic and save an allocation that on the CPU can cost page faults (Heun 1.7-3.5x
+    faster at 2^20-2^22 float32 elements; ``benchmarks/state_pool.py``, benchmarks/RESULTS.md)."""
+
+    #: the smallest state (in bytes) a pool is kept for (1 MiB: 2^18 float32 elements)
+    MIN_BYTES = 1 << 20
+
+    def __init__(self, like: torch.Tensor, limit: int = 8):
+        self.like, self.limit = like, limit
+        self.enabled = like.numel() * like.element_size() >= self.MIN_BYTES
+        self.buffers = []
+        self._order = []  # the buffers' storage addresses, in order
+        self._ptrs = set()
+
+    def take(self, *parts):
+        """A free buffer for an op on ``parts`` (tensors, or lists of ``(c, tensor)`` pairs: every tensor
+        the loop still needs), or ``None``."""
+        if not self.enabled:
+            return None
+        tensors = []
+        for p in parts:  # (flattened by hand: this runs once per update)
+            if isinstance(p, torch.Tensor):
+                tensors.append(p)
+            elif isinstance(p, (list, tuple)):
+                for q in p:
+                    if isinstance(q, torch.Tensor):
+                        tensors.append(q)
+                    elif isinstance(q, tuple) and len(q) == 2 and isinstance(q[1], torch.Tensor):
+                        tensors.append(q[1])
+                    elif isinstance(q, (list, tuple)):
+                        tensors.extend(_tensors(q))
+        dtype = self.like.dtype
+        live = set()
+        for t in tensors:
+            if t.dtype != dtype and t.dim():
+                return None
+            live.add(t.untyped_storage().data_ptr())
+        if kernels.needs_autodiff(*tensors):
+            return None
+        for b, ptr in zip(self.buffers, self._order):
+            if ptr not in live:
+                return b
+        if len(self.buffers) >= self.limit:
+            return None
+        b = torch.empty_like(self.like)
+        self.buffers.append(b)
+        self._order.append(b.untyped_storage().data_ptr())
+        self._ptrs.add(self._order[-1])
+        return b
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in one of the pool's buffers (then a loop that keeps it copies it)."""
+        return t.untyped_storage().data_ptr() in self._ptrs
+
+    def kept(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as a loop may keep it past the next steps: a copy when it lives in a buffer."""
+        return t.clone() if self.owns(t) else t
+
+
+def _tensors(parts):
+    """The tensors in ``parts``: tensors, ``(c, tensor)`` pairs, and lists or tuples of either."""
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            yield p
+        elif isinstance(p, (list, tuple)):
+            yield from _tensors(p)
+
+
 def output_plan(grid: np.ndarray, t_out: np.ndarray):
     """Which outputs each step of ``grid`` makes: per step ``k`` the list of ``(j, s)``, output ``j`` at the
     fraction ``s`` of the step (``0``: its start, ``1``: its end, exactly; else inside it). Output 0 is the
@@ -130,19 +211,22 @@ def output_weights(grid: np.ndarray, t_out: np.ndarray):
 
 
 def integrate(step: Callable, y0: torch.Tensor, grid: np.ndarray, t_out: np.ndarray,
-              interp: Optional[Callable] = None, lerp: Callable = kernels.lerp) -> torch.Tensor:
+              interp: Optional[Callable] = None, lerp: Callable = kernels.lerp,
+              pool: Optional[StatePool] = None) -> torch.Tensor:
     """Run ``step(k, y) -> (y_next, aux)`` over ``grid`` and return the solution at every ``t_out``.
 
     An output time inside a step is interpolated between the step's ends: linearly by default (as
     torchdiffeq and torchsde do), or by ``interp(k, y, y_next, aux, s)`` with ``s`` the fraction of the
-    step (:func:`output_plan`). Returns a tensor of shape ``(len(t_out), *y0.shape)``.
+    step (:func:`output_plan`). ``pool``: the :class:`StatePool` the steps write into (a saved state that
+    lives in one of its buffers is copied out). Returns a tensor of shape ``(len(t_out), *y0.shape)``.
     """
+    keep = (lambda v: v) if pool is None else pool.kept
     outs = [y0]
     y = y0
     for k, made in enumerate(output_plan(grid, t_out)):
         y1, aux = step(k, y)
         for _, s in made:
-            outs.append(y1 if s == 1.0 else y if s == 0.0 else
+            outs.append(keep(y1) if s == 1.0 else keep(y) if s == 0.0 else
                         lerp(y, y1, s) if interp is None else interp(k, y, y1, aux, s))
         y = y1
     return torch.stack(outs, dim=0)

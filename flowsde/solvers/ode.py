@@ -134,10 +134,11 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     field, stats = _counted(func, y0)
     times = fixed.StageTimes(grid, tab.c, y0.dtype, y0.device, bool(opts.get("perturb", False)))
     h_all = np.diff(grid).tolist()
+    pool = fixed.StatePool(y0)  # (the stage inputs and states written into preallocated buffers)
 
     def step(k, y):
         stats["steps"] += 1
-        y1, ks = rk_step(field, times[k], y, h_all[k], tab, ops)
+        y1, ks = rk_step(field, times[k], y, h_all[k], tab, ops, pool)
         return y1, ks[0]
 
     interp = None
@@ -151,7 +152,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
                 cache[k] = field(ends[k][0], yb)
             return kernels.hermite(ya, f0, yb, cache[k], s, h_all[k])
 
-    ys = fixed.integrate(step, y0, grid, t_host, interp, ops.lerp)
+    ys = fixed.integrate(step, y0, grid, t_host, interp, ops.lerp, pool)
     ys = _unflat(ys, shapes)
     if opts.get("return_stats", False):  # a fixed grid accepts every step
         return ys, dict(stats, accepted=stats["steps"], rejected=0, status="success")

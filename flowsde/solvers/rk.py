@@ -54,16 +54,18 @@ Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def rk_step(func: Field, times: Sequence[torch.Tensor], y: torch.Tensor, h: float,
-            tab: ButcherTableau, ops=kernels.ops("torch")) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+            tab: ButcherTableau, ops=kernels.ops("torch"), pool=None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """One explicit RK step of size ``h`` from ``y``.
 
     ``times`` holds the stage times ``t0 + c_i h`` as tensors (prepared before the loop, so the step
-    never builds or reads a device scalar); ``ops`` is the backend's op set. Returns ``(y1, ks)``;
-    ``ks[0]`` is the field at the start.
+    never builds or reads a device scalar); ``ops`` is the backend's op set; ``pool`` an optional
+    :class:`~flowsde.solvers.fixed.StatePool` the stage inputs and the new state are written into.
+    Returns ``(y1, ks)``; ``ks[0]`` is the field at the start.
     """
     ks: List[torch.Tensor] = []
+    take = (lambda *live: None) if pool is None else pool.take
     for i in range(tab.stages):
-        yi = y if i == 0 else ops.lincomb(y, [(h * a, k) for a, k in zip(tab.a[i], ks)])
+        yi = y if i == 0 else ops.lincomb(y, [(h * a, k) for a, k in zip(tab.a[i], ks)], out=take(y, ks))
         ks.append(func(times[i], yi))
-    y1 = ops.lincomb(y, [(h * b, k) for b, k in zip(tab.b, ks)])
+    y1 = ops.lincomb(y, [(h * b, k) for b, k in zip(tab.b, ks)], out=take(y, ks))
     return y1, ks

@@ -44,6 +44,7 @@ class StepContext:
             self.times = fixed.StageTimes(grid, stage_c, t_dtype, y0.device)
         self.nfe = self.nge = 0
         self.extra = None  # the state a method carries between steps (reversible_heun's (f, g, z))
+        self.pool = None  # the fixed-step driver's fixed.StatePool, that a step's updates are written into
         self.like = y0
         self.shape = tuple(y0.shape)
         self.batch = y0.shape[0]
@@ -54,6 +55,11 @@ class StepContext:
         self.seed = seed
         self.own_grid = isinstance(bm, GridBrownian) and grid is not None and bm.grid.shape == grid.shape \
             and np.array_equal(bm.grid, grid)
+
+    def out(self, *live):
+        """A preallocated buffer for an update whose operands (and every tensor the step still needs) are
+        ``live``, or ``None`` (allocate): see :class:`~flowsde.solvers.fixed.StatePool`."""
+        return None if self.pool is None else self.pool.take(*live)
 
     @property
     def stats(self):
@@ -404,11 +410,12 @@ def run_on_grid(sde, y0, grid, t_out, method, t_dtype, bm=None, seed=None, grad_
         if ctx.g_shape is None:  # (additive / general noise: the channels the given diffusion has)
             ctx.m, ctx.g_shape = g.shape[-1], tuple(g.shape)
     step_fn = method.step
+    ctx.pool = fixed.StatePool(y0)
 
     def do_step(k, y):
         return step_fn(ctx, k, y), None
 
-    ys = fixed.integrate(do_step, y0, grid, t_out, lerp=ctx.ops.lerp)
+    ys = fixed.integrate(do_step, y0, grid, t_out, lerp=ctx.ops.lerp, pool=ctx.pool)
     return ys, (tuple(ctx.extra) if method.solver_state else ()), ctx.stats
 
 

@@ -46,7 +46,7 @@ def _euler_step(ctx, k, y):
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
     z, sc = ctx.noise(k, g)
-    return ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
+    return ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type, out=ctx.out(y, f, g, z))
 
 
 def _heun_step(ctx, k, y):
@@ -54,11 +54,11 @@ def _heun_step(ctx, k, y):
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
     z, sc = ctx.noise(k, g)
-    y_pred = ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type)
+    y_pred = ctx.ops.sde_update(y, [(dt, f)], [(sc, g)], z, ctx.noise_type, out=ctx.out(y, f, g, z))
     f1 = ctx.f(t1, y_pred)
     g1 = ctx.g(t1, y_pred)
     return ctx.ops.sde_update(y, [(0.5 * dt, f), (0.5 * dt, f1)], [(0.5 * sc, g), (0.5 * sc, g1)], z,
-                              ctx.noise_type)
+                              ctx.noise_type, out=ctx.out(y, f, f1, g, g1, z))
 
 
 def _midpoint_step(ctx, k, y):
@@ -67,10 +67,10 @@ def _midpoint_step(ctx, k, y):
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
     z, sc = ctx.noise(k, g)
-    y_mid = ctx.ops.sde_update(y, [(0.5 * dt, f)], [(0.5 * sc, g)], z, ctx.noise_type)
+    y_mid = ctx.ops.sde_update(y, [(0.5 * dt, f)], [(0.5 * sc, g)], z, ctx.noise_type, out=ctx.out(y, f, g, z))
     f1 = ctx.f(tm, y_mid)
     g1 = ctx.g(tm, y_mid)
-    return ctx.ops.sde_update(y, [(dt, f1)], [(sc, g1)], z, ctx.noise_type)
+    return ctx.ops.sde_update(y, [(dt, f1)], [(sc, g1)], z, ctx.noise_type, out=ctx.out(y, f1, g1, z))
 
 
 def _euler_heun_step(ctx, k, y):
@@ -80,9 +80,10 @@ def _euler_heun_step(ctx, k, y):
     f = ctx.f(t0, y)
     g = ctx.g(t0, y)
     z, sc = ctx.noise(k, g)
-    y_pred = ctx.ops.sde_update(y, [], [(sc, g)], z, ctx.noise_type)
+    y_pred = ctx.ops.sde_update(y, [], [(sc, g)], z, ctx.noise_type, out=ctx.out(y, f, g, z))
     g1 = ctx.g(t1, y_pred)
-    return ctx.ops.sde_update(y, [(dt, f)], [(0.5 * sc, g), (0.5 * sc, g1)], z, ctx.noise_type)
+    return ctx.ops.sde_update(y, [(dt, f)], [(0.5 * sc, g), (0.5 * sc, g1)], z, ctx.noise_type,
+                              out=ctx.out(y, f, g, g1, z))
 
 
 def _reversible_heun_step(ctx, k, y):
