@@ -178,14 +178,36 @@ def test_in_kernel_noise_has_the_standard_normal_law(tri):
     assert torch.equal(z, tri.normal(7, (n,), torch.float64, "cpu")) and not torch.equal(z, other)
 
 
+class Launches:
+    """Counts the compiled-or-interpreted kernel launches (``combine._launch``, which every kernel of the step
+    loops goes through): a backend-parity test must see the triton side really launch, not fall back."""
+
+    def __init__(self, monkeypatch):
+        from flowsde.kernels import combine as C
+        self.n = 0
+        launch = C._launch
+
+        def counted(*a, **kw):
+            self.n += 1
+            return launch(*a, **kw)
+        monkeypatch.setattr(C, "_launch", counted)
+
+    def taken(self):
+        n, self.n = self.n, 0
+        return n
+
+
 @pytest.mark.parametrize("method", sorted(flowsde.ODE_METHODS))
-def test_odeint_backends_agree(method):
+def test_odeint_backends_agree(method, monkeypatch):
     from flowsde.problems import LinearODE
     y0 = rnd((5, 2), torch.float64, 3)
     t = torch.linspace(0, 1, 4, dtype=torch.float64)
     opts = dict(step_size=0.1)
+    spy = Launches(monkeypatch)
     a = flowsde.odeint(LinearODE(), y0, t, method=method, options=dict(opts, backend="triton"))
+    assert spy.taken() >= 10 * flowsde.ODE_METHODS[method].stages  # every stage input and new state fused
     b = flowsde.odeint(LinearODE(), y0, t, method=method, options=dict(opts, backend="torch"))
+    assert spy.taken() == 0
     assert float((a - b).abs().max()) < 1e-12
 
 
@@ -205,33 +227,127 @@ def test_adaptive_odeint_backends_agree(method):
 
 @pytest.mark.parametrize("method,noise_type,sde_type", [
     ("euler", "diagonal", "ito"), ("euler", "scalar", "ito"), ("euler", "additive", "ito"), ("euler", "general", "ito"),
-    ("heun", "diagonal", "stratonovich"), ("milstein", "diagonal", "ito"), ("milstein", "scalar", "ito"),
+    ("heun", "diagonal", "stratonovich"), ("heun", "scalar", "stratonovich"), ("heun", "additive", "stratonovich"),
+    ("milstein", "diagonal", "ito"), ("milstein", "scalar", "ito"),
     ("midpoint", "general", "stratonovich"), ("euler_heun", "diagonal", "stratonovich"),
     ("reversible_heun", "scalar", "stratonovich"), ("reversible_heun", "general", "stratonovich")])
-def test_sdeint_backends_agree_on_a_given_bm(method, noise_type, sde_type):
+def test_sdeint_backends_agree_on_a_given_bm(method, noise_type, sde_type, monkeypatch):
     from test_sde_parity import Nonlinear, noise_size
     sde = Nonlinear(noise_type, sde_type)
     y0 = rnd((5, 3), torch.float64, 0)
     ts = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
     bm = torchsde.BrownianInterval(0.0, 1.0, size=(5, noise_size(noise_type)), dtype=torch.float64, entropy=2)
+    spy = Launches(monkeypatch)
     a = flowsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1 / 16, options=dict(backend="triton"))
+    assert spy.taken() >= 16  # at least the update of each of the 16 steps ran in a kernel
     b = flowsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1 / 16, options=dict(backend="torch"))
+    assert spy.taken() == 0
     assert float((a - b).abs().max()) < 1e-10
 
 
-@pytest.mark.parametrize("noise_type", ["diagonal", "scalar"])
-def test_sdeint_in_kernel_noise_equals_the_mirrored_brownian_motion(noise_type):
+@pytest.mark.parametrize("method,noise_type", [("euler", "diagonal"), ("euler", "scalar"), ("heun", "diagonal"),
+                                               ("heun", "scalar")])
+def test_sdeint_in_kernel_noise_equals_the_mirrored_brownian_motion(method, noise_type):
     from flowsde.problems import GeometricBrownianMotion
-    sde = GeometricBrownianMotion(noise_type=noise_type)
+    sde = GeometricBrownianMotion(noise_type=noise_type, sde_type="ito" if method == "euler" else "stratonovich")
     y0 = torch.ones(6, 2)
     ts = torch.tensor([0.0, 1.0])
-    a = flowsde.sdeint(sde, y0, ts, dt=1 / 8, seed=3, options=dict(backend="triton"))
+    a = flowsde.sdeint(sde, y0, ts, method=method, dt=1 / 8, seed=3, options=dict(backend="triton"))
     shape = (6, 2) if noise_type == "diagonal" else (6, 1)
     bm = flowsde.GridBrownian(t0=0.0, t1=1.0, steps=8, shape=shape, seed=3, stream="philox")
-    b = flowsde.sdeint(sde, y0, ts, dt=1 / 8, bm=bm, options=dict(backend="torch"))
+    b = flowsde.sdeint(sde, y0, ts, method=method, dt=1 / 8, bm=bm, options=dict(backend="torch"))
     assert float((a - b).abs().max()) < 1e-5
-    c = flowsde.sdeint(sde, y0, ts, dt=1 / 8, seed=4, options=dict(backend="triton"))
+    c = flowsde.sdeint(sde, y0, ts, method=method, dt=1 / 8, seed=4, options=dict(backend="triton"))
     assert float((a - c).abs().max()) > 1e-3
+
+
+def test_the_backend_variable_switches_every_entry_point(monkeypatch):
+    """FLOWSDE_BACKEND=triton / =torch, end to end (no per-call backend=): the same numbers, kernels launched
+    only under triton; a per-call backend= wins over the variable."""
+    from flowsde.problems import GeometricBrownianMotion, LinearODE
+    y0 = rnd((5, 2), torch.float64, 1)
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    bm = flowsde.GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(5, 2), seed=1, dtype=torch.float64)
+
+    def model(x, tt, c):
+        return c * (1.0 - x) + 0.2 * tt[:, None] * x
+
+    cond, uncond = torch.full((5, 1), 2.0, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    runs = {
+        "odeint": lambda **kw: flowsde.odeint(LinearODE(), y0, t, method="rk4", options=dict(step_size=0.125, **kw)),
+        "sdeint": lambda **kw: flowsde.sdeint(GeometricBrownianMotion(), y0, t, bm=bm, dt=0.125, options=kw or None),
+        "sample": lambda **kw: flowsde.sample(model, y0, flowsde.paths.VPCosine(), "epsilon", "ddim", steps=6,
+                                              t_start=0.05, cond=cond, uncond=uncond, guidance_scale=2.0, **kw),
+    }
+    spy = Launches(monkeypatch)
+    for name, run in runs.items():
+        got = {}
+        for backend in ("triton", "torch"):
+            monkeypatch.setenv("FLOWSDE_BACKEND", backend)
+            got[backend] = run()
+            assert (spy.taken() > 0) == (backend == "triton"), (name, backend)
+        assert float((got["triton"] - got["torch"]).abs().max()) < 1e-10, name
+        run(backend="torch")  # the per-call choice wins over FLOWSDE_BACKEND=torch's sibling
+        monkeypatch.setenv("FLOWSDE_BACKEND", "triton")
+        run(backend="torch")
+        assert spy.taken() == 0, name
+
+
+def test_consecutive_steps_of_one_seed_draw_independent_noise(tri):
+    """The keys of the steps of one seed (brownian.step_keys) give in-kernel draws that are pairwise
+    uncorrelated and differ from step to step and from seed to seed, and repeat for the same seed."""
+    from flowsde.brownian import step_keys
+    n = 1 << 14
+    draws = torch.stack([tri.normal(k, (n,), torch.float64, "cpu") for k in step_keys(5, 8)])
+    corr = torch.corrcoef(draws)
+    off = corr[~torch.eye(8, dtype=torch.bool)]
+    assert float(off.abs().max()) < 5 / math.sqrt(n)
+    assert abs(float(draws.mean())) < 5 / math.sqrt(8 * n) and abs(float(draws.var()) - 1) < 0.03
+    other = torch.stack([tri.normal(k, (n,), torch.float64, "cpu") for k in step_keys(6, 8)])
+    assert float(torch.corrcoef(torch.cat([draws, other]))[:8, 8:].abs().max()) < 5 / math.sqrt(n)
+    again = torch.stack([tri.normal(k, (n,), torch.float64, "cpu") for k in step_keys(5, 8)])
+    assert torch.equal(draws, again)
+
+
+def _eager_ddim(model, x, path, prediction, grid, eta, noise, w, cond, uncond):
+    """DDIM written out with the path's own conversions (``path.convert``, not the folded coefficients the
+    sampler uses): ``x' = alpha' z_hat + sqrt(beta'^2 - s^2) eps_hat + s xi``, guidance on the outputs."""
+    for k in range(len(grid) - 1):
+        t = torch.tensor(grid[k], dtype=torch.float64)
+        tv = t.expand(x.shape[0])
+        out = torch.lerp(model(x, tv, uncond.expand_as(cond)), model(x, tv, cond), w)
+        z_hat = path.convert(out, x, t, prediction, "data")
+        eps_hat = path.convert(out, x, t, prediction, "epsilon")
+        a, b = float(path.alpha(t)), float(path.beta(t))
+        t1 = torch.tensor(grid[k + 1], dtype=torch.float64)
+        a1, b1 = float(path.alpha(t1)), float(path.beta(t1))
+        s = eta * (b1 / b) * math.sqrt(max(b * b - (a / a1) ** 2 * b1 * b1, 0.0)) if b1 > 0 else 0.0
+        x = a1 * z_hat + math.sqrt(max(b1 * b1 - s * s, 0.0)) * eps_hat + (s * noise(k) if s else 0.0)
+    return x
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "epsilon", "data", "score", "v"])
+def test_ddim_with_guidance_equals_its_eager_formula_for_every_prediction_type(prediction, monkeypatch):
+    from flowsde.paths.grids import time_grid
+    path = flowsde.paths.VPCosine()
+
+    def model(x, t, c):
+        return c * (0.5 - x) + 0.3 * t[:, None] * x.flip(1)
+
+    x0 = rnd((16, 2), torch.float64, 6)
+    cond, uncond = torch.full((16, 1), 1.5, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    grid = time_grid(path, 6, 0.05, 0.95)
+    kw = dict(path=path, prediction=prediction, method="ddim", steps=6, t_start=0.05, t_end=0.95, cond=cond,
+              uncond=uncond, guidance_scale=2.5)
+    spy = Launches(monkeypatch)
+    for eta in (0.0, 1.0):
+        for backend, stream in (("triton", "philox"), ("torch", "torch")):  # (each backend's default stream)
+            bm = flowsde.GridBrownian(grid, (16, 2), seed=3, dtype=torch.float64, stream=stream)
+            want = _eager_ddim(model, x0, path, prediction, grid, eta, bm.normal, 2.5, cond, uncond)
+            got = flowsde.sample(model, x0, backend=backend, eta=eta, seed=3, **kw)
+            scale = max(1.0, float(want.abs().max()))  # (the kernel's draws are float32 normals)
+            assert float((got - want).abs().max()) < (1e-10 if eta == 0 else 1e-6) * scale, (backend, eta)
+        assert spy.taken() >= 6
 
 
 def test_sample_ddim_with_guidance_backends_agree():
@@ -275,7 +391,7 @@ def test_sample_sde_extension_in_kernel_noise_equals_the_mirror():
     assert float((a - b).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5, 3), (4, 1500), (3, 2, 7), (1100, 2), (300, 5), (1, 1), (0, 4)])
 def test_per_sample_error_norm(tri, dtype, shape):
     y0, y1, e = rnd(shape, dtype, 1), rnd(shape, dtype, 2), 1e-3 * rnd(shape, dtype, 3)
@@ -304,6 +420,24 @@ def test_whole_trajectory_kernel_matches_reference_and_sdeint(dtype):
                                      stream="philox")
         b = flowsde.sdeint(sde, x0, ts, dt=1 / 16, bm=bm_ts, options=dict(backend="torch"))
         assert float((a.double() - b.double()).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_whole_trajectory_kernel_brownian_default_halves_and_strided_start(dtype):
+    """The default coefficients (a = b = c = 0, d = 1) are Brownian motion: the path is the cumulative sum
+    of the Philox stream's increments; over 2,400 elements (three blocks, the last partial), from a
+    transposed start, in half types (accumulated in float32, each saved state rounded once)."""
+    from flowsde.solvers.linear import solve_linear_sde
+    x0 = rnd((3, 800), dtype, 4).t()
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    got = solve_linear_sde(x0, ts, dt=1 / 8, seed=5, backend="triton")
+    ref = solve_linear_sde(x0, ts, dt=1 / 8, seed=5, backend="torch")
+    assert got.shape == (3, 800, 3) and got.dtype == dtype
+    assert close(got[1:], ref[1:].double(), dtype)
+    from flowsde.brownian import GridBrownian
+    bm = GridBrownian(t0=0.0, t1=1.0, steps=8, shape=(800, 3), seed=5, dtype=torch.float64, stream="philox")
+    w = torch.stack([bm.step(k) for k in range(8)]).cumsum(0)
+    assert close(got[1:], x0.double() + w[[3, 7]], dtype)
 
 
 def test_gpu_benchmark_script_checks_run_in_the_interpreter():
@@ -440,9 +574,25 @@ def test_matrix_noise_kernel_matches_the_reference(tri, dtype, nterms, nnoise, m
         y + sum(s * torch.bmm(g, dw.unsqueeze(-1)).squeeze(-1) for s, g in noise)
     assert close(got, want.double(), dtype)
     got = tri.sde_update(y, terms, noise, PhiloxNoise(77), "additive")
-    want = kernels.ops("torch").sde_update(y, terms, noise, PhiloxNoise(77), "additive") if terms else None
-    if want is not None:
-        assert float((got.double() - want.double()).abs().max()) < (1e-6 if dtype == torch.float64 else 2e-5)
+    z = philox_randn(77, B * m, "cpu").double().reshape(B, m)  # the stream laid out as the (B, m) increments
+    want = y.double() + sum(c * f.double() for c, f in terms) + sum(
+        s * torch.bmm(g.double(), z.unsqueeze(-1)).squeeze(-1) for s, g in noise)
+    assert float((got.double() - want).abs().max()) < (1e-6 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_matrix_noise_kernel_on_half_types_strided_inputs_and_several_blocks(tri, dtype):
+    """B * d = 2,103 elements (three blocks, the last partial), y and dW transposed views, G a slice: the
+    kernel against the float64 formula (half types accumulate in float32 and round once)."""
+    B, d, m = 701, 3, 2
+    y = rnd((d, B), dtype, 0).t()
+    f = rnd((B, d), dtype, 1)
+    G = rnd((B, d, m + 1), dtype, 2)[..., :m]
+    dw = rnd((m, B), dtype, 3).t()
+    assert not (y.is_contiguous() or G.is_contiguous() or dw.is_contiguous())
+    got = tri.sde_update(y, [(0.1, f)], [(0.5, G)], dw, "general")
+    want = y.double() + 0.1 * f.double() + 0.5 * torch.bmm(G.double(), dw.double().unsqueeze(-1)).squeeze(-1)
+    assert got.dtype == dtype and close(got, want, dtype)
 
 
 @pytest.mark.parametrize("row", [1, 2, 3, 4, 6, 8, 12, 1030])
