@@ -8,7 +8,8 @@
 # 2. tests/test_gpu.py: compiled kernels against the reference, Philox = mirror, backend parity, CUDA-graph
 #    replays, CUDA's sync detector;
 # 3. python benchmarks/host_overhead.py (the host's Python per launch, the kernel call stubbed) and
-#    python benchmarks/gpu_kernels.py: the reports to paste into benchmarks/RESULTS.md (also as JSON);
+#    python benchmarks/gpu_kernels.py: the reports to paste into benchmarks/RESULTS.md (also as JSON, rewritten
+#    after each section: a part cut off by its time limit keeps the figures measured so far);
 # 4. the launch-configuration sweep (--tune), if time is left.
 # Logs and the JSON go to $OUT (the device tool brings them back), or to ./gpu_out elsewhere. Each part has
 # its own time limit, so one that hangs does not take the others with it; the last lines printed are a
@@ -56,7 +57,7 @@ part test_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 part host_overhead 60 python3 benchmarks/host_overhead.py ${FLOWSDE_HOST_OVERHEAD_ARGS:---calls 2000 --rounds 5}
 part gpu_kernels 300 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json"
 if [ "${FLOWSDE_TUNE:-0}" = 1 ]; then
-    part tune 240 python3 benchmarks/gpu_kernels.py --quick --tune
+    part tune 240 python3 benchmarks/gpu_kernels.py --quick --tune --json "$OUT/tune.json"
 fi
 
 echo "== summary"
