@@ -9,6 +9,7 @@ from . import brownian, kernels, paths, problems, solvers, studies  # noqa: E402
 from .brownian import BrownianMotion, GridBrownian, VirtualBrownianTree  # noqa: E402
 from .solvers import ODE_METHODS, SDE_METHODS, odeint, odeint_adjoint, odeint_event, sdeint, sdeint_adjoint  # noqa: E402
 from .sampling import sample  # noqa: E402
+from .solvers.linear import solve_linear_sde  # noqa: E402
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "sdeint", "sdeint_adjoint", "sample", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian",
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "sdeint", "sdeint_adjoint", "sample", "solve_linear_sde", "ODE_METHODS", "SDE_METHODS", "BrownianMotion", "GridBrownian",
            "VirtualBrownianTree", "brownian", "kernels", "paths", "problems", "solvers", "studies", "__version__"]
