@@ -195,15 +195,19 @@ def test_no_host_sync_in_the_step_loops_on_cuda():
     x0 = torch.randn(256, 2, device=DEV)
     sde = OrnsteinUhlenbeck(theta=1.0, sigma=0.5)
     t = torch.tensor([0.0, 0.5, 1.0], device=DEV)
-    runs = {
-        "sample heun": lambda n: flowsde.sample(model, x0, method="heun", steps=n),
-        "sample sde": lambda n: flowsde.sample(model, x0, method="euler", sigma=0.5, steps=n, seed=1),
-        "sample ddim eta": lambda n: flowsde.sample(model, x0, method="ddim", eta=1.0, path=VPCosine(),
-                                                    prediction="epsilon", steps=n, t_start=0.05, seed=2),
-        "sdeint": lambda n: flowsde.sdeint(sde, x0, t, dt=1.0 / n, seed=0),
-        "odeint rk4": lambda n: flowsde.odeint(model.ode_field(), x0, t, method="rk4",
-                                               options=dict(step_size=1.0 / n)),
-    }
+    runs = {}
+    for b in ("torch", "triton"):  # (auto would pick torch at this size: both named)
+        runs.update({
+            f"sample heun {b}": lambda n, b=b: flowsde.sample(model, x0, method="heun", steps=n, backend=b),
+            f"sample sde {b}": lambda n, b=b: flowsde.sample(model, x0, method="euler", sigma=0.5, steps=n, seed=1,
+                                                             backend=b),
+            f"sample ddim eta {b}": lambda n, b=b: flowsde.sample(model, x0, method="ddim", eta=1.0, path=VPCosine(),
+                                                                  prediction="epsilon", steps=n, t_start=0.05,
+                                                                  seed=2, backend=b),
+            f"sdeint {b}": lambda n, b=b: flowsde.sdeint(sde, x0, t, dt=1.0 / n, seed=0, options=dict(backend=b)),
+            f"odeint rk4 {b}": lambda n, b=b: flowsde.odeint(model.ode_field(), x0, t, method="rk4",
+                                                             options=dict(step_size=1.0 / n, backend=b)),
+        })
     for name, run in runs.items():
         run(4), run(64), run(4)  # compile the kernels and fill the allocators' caches first
         few, many = _synchronising_calls(lambda: run(4)), _synchronising_calls(lambda: run(64))
