@@ -78,9 +78,10 @@ def test_the_triton_backends_loops_have_no_host_sync(sync_counter, monkeypatch):
     """The same on the triton backend, with the launch itself stubbed out (Triton's interpreter reads its
     CPU tensors as numpy arrays; a compiled launch does not): what is counted is flowsde's own Python around
     each launch — its dispatch, argument preparation and the fast path's specialisation key."""
-    from flowsde.kernels import combine as C
+    from flowsde.kernels import combine as C, matrix_noise, norm
     from flowsde.problems import GeometricBrownianMotion, LinearODE
-    monkeypatch.setattr(C, "_launch", lambda *a, **kw: None)
+    for module in (C, matrix_noise, norm):
+        monkeypatch.setattr(module, "_launch", lambda *a, **kw: None)
     y0, t = torch.randn(4, 2), torch.linspace(0, 1, 5)
     sde = GeometricBrownianMotion(sde_type="stratonovich")
     runs = dict(_sample_runs())

@@ -180,17 +180,18 @@ def test_in_kernel_noise_has_the_standard_normal_law(tri):
 
 class Launches:
     """Counts the compiled-or-interpreted kernel launches (``combine._launch``, which every kernel of the step
-    loops goes through): a backend-parity test must see the triton side really launch, not fall back."""
+    loops goes through, imported by each kernel family's module): a backend-parity test must see the triton side really launch, not fall back."""
 
     def __init__(self, monkeypatch):
-        from flowsde.kernels import combine as C
+        from flowsde.kernels import combine as C, matrix_noise, norm
         self.n = 0
         launch = C._launch
 
         def counted(*a, **kw):
             self.n += 1
             return launch(*a, **kw)
-        monkeypatch.setattr(C, "_launch", counted)
+        for module in (C, matrix_noise, norm):  # (each kernel family's file launches through it)
+            monkeypatch.setattr(module, "_launch", counted)
 
     def taken(self):
         n, self.n = self.n, 0
@@ -826,9 +827,10 @@ def test_constexprs_reach_the_fast_launch_in_the_kernels_order(monkeypatch):
     def spy(kernel, n_programs, args, consts, num_warps, cuda, **options):
         seen.append((kernel, list(consts)))
         return real(kernel, n_programs, args, consts, num_warps, cuda, **options)
-    monkeypatch.setattr(C, "_launch", spy)
     import flowsde.kernels.tree as T
-    monkeypatch.setattr(T, "_launch", spy)
+    from flowsde.kernels import matrix_noise, norm
+    for module in (C, T, matrix_noise, norm):
+        monkeypatch.setattr(module, "_launch", spy)
     tri = kernels.ops("triton", "cpu")
     y, f, g = (rnd((40, 3), torch.float32, i) for i in range(3))
     tri.sde_update(y, [(0.1, f)], [(0.2, g)], PhiloxNoise(3), "diagonal")
@@ -1070,7 +1072,9 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     monkeypatch.undo()
     guarded = []
     real = C._on_device
-    monkeypatch.setattr(C, "_on_device", lambda device: (guarded.append(device), real(device))[1])
+    from flowsde.kernels import trajectory
+    for module in (C, trajectory):  # (the whole-trajectory kernel's file enters the guard itself)
+        monkeypatch.setattr(module, "_on_device", lambda device: (guarded.append(device), real(device))[1])
     tri = kernels.ops("triton", "cpu")
     y, f, g = (rnd((40, 3), torch.float32, i) for i in range(3))
     tri.sde_update(y, [(0.1, f)], [(0.2, g)], PhiloxNoise(3), "diagonal")
