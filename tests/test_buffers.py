@@ -215,3 +215,57 @@ def test_under_autograd_the_loops_allocate_and_differentiate(backend, monkeypatc
     r = 1 - 2 * h + (2 * h) ** 2 / 2 - (2 * h) ** 3 / 6 + (2 * h) ** 4 / 24
     assert torch.allclose(y0.grad, torch.full_like(y0, r ** 10), rtol=1e-13, atol=0)
     assert spy.given == 0 and spy.refused > 0
+
+
+def test_torch_func_transforms_pass_through_the_pooled_loops():
+    """vmap / grad / jvp wrap the states in tensors without storage: the pool must step aside before it looks
+    at any (review finding: it read the storage first)."""
+    ys = rnd((2, 4, 3))
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    out = torch.func.vmap(lambda y: flowsde.odeint(lambda tt, v: -v, y, t, method="rk4",
+                                                   options=dict(step_size=0.1)))(ys)
+    assert torch.allclose(out[:, -1], ys * np.exp(-1.0), rtol=1e-6)
+    x0 = rnd((16, 2), seed=1)
+    g = torch.func.grad(lambda x: flowsde.sample(lambda v, tt: -v, x, method="heun", steps=5, backend="torch").sum())(x0)
+    assert torch.allclose(g, torch.full_like(x0, (1 - 0.2 + 0.02) ** 5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_states_in_any_layout_are_pooled(backend):
+    """A transposed (dense, batch not outermost) state: the pool's buffers are contiguous, as the fused kernel
+    writes (review finding: buffers laid out as the state were refused by the kernel's out=)."""
+    x0 = rnd((2, 64)).t()  # (64, 2), strides (1, 64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    want = flowsde.odeint(lambda tt, v: -v, x0.contiguous(), t, method="rk4", options=dict(step_size=0.1,
+                                                                                               backend=backend))
+    got = flowsde.odeint(lambda tt, v: -v, x0, t, method="rk4", options=dict(step_size=0.1, backend=backend))
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        a = flowsde.sample(lambda v, tt: -v, x0, method="heun", steps=4, backend=backend)
+        b = flowsde.sample(lambda v, tt: -v, x0.contiguous(), method="heun", steps=4, backend=backend)
+    assert torch.equal(a, b)
+
+
+def test_out_with_mixed_dtypes_and_differentiated_coefficients_equals_the_allocating_op():
+    """A narrower first term is widened before it is scaled (review finding: it was scaled in its own dtype,
+    1e8 overflowed float16); a coefficient tensor that requires grad sends out= the differentiable way."""
+    t0 = torch.full((3, 4), 1e4, dtype=torch.float16)
+    k = rnd((3, 4), torch.float32, 1)
+    for c0 in (1.0, 1e4):
+        want = reference.combine([(c0, t0), (0.5, k)])
+        out = torch.empty_like(want)
+        assert torch.equal(reference.combine([(c0, t0), (0.5, k)], out=out), want)
+        assert torch.isfinite(out).all()
+    c = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    y = rnd((3, 4))
+    res = reference.lincomb(y, [(c, k.double())], out=torch.empty(3, 4, dtype=torch.float64))
+    res.sum().backward()
+    assert torch.allclose(c.grad, k.double().sum())
+
+
+def test_the_environment_variable_turns_every_pool_off(monkeypatch):
+    monkeypatch.setenv("FLOWSDE_STATE_POOL", "0")
+    spy = _Spy(monkeypatch)
+    flowsde.odeint(lambda tt, v: -v, rnd((4, 2)), torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                   options=dict(step_size=0.25))
+    assert spy.given == 0 and spy.refused > 0

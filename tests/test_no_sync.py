@@ -65,8 +65,15 @@ def _sample_runs():
     }
 
 
+@pytest.fixture
+def pooled(monkeypatch):
+    """Every state pooled, however small (the loops write into their StatePool's buffers)."""
+    from flowsde.solvers import fixed
+    monkeypatch.setattr(fixed.StatePool, "MIN_BYTES", 0)
+
+
 @pytest.mark.parametrize("name", sorted(_sample_runs()))
-def test_sample_loop_has_no_host_sync(sync_counter, name):
+def test_sample_loop_has_no_host_sync(sync_counter, name, pooled):
     run = _sample_runs()[name]
     few = count(sync_counter, lambda: run(4, "torch"))
     many = count(sync_counter, lambda: run(40, "torch"))
@@ -74,7 +81,7 @@ def test_sample_loop_has_no_host_sync(sync_counter, name):
 
 
 @pytest.mark.skipif(not flowsde.kernels.HAS_TRITON, reason="triton is not installed")
-def test_the_triton_backends_loops_have_no_host_sync(sync_counter, monkeypatch):
+def test_the_triton_backends_loops_have_no_host_sync(sync_counter, monkeypatch, pooled):
     """The same on the triton backend, with the launch itself stubbed out (Triton's interpreter reads its
     CPU tensors as numpy arrays; a compiled launch does not): what is counted is flowsde's own Python around
     each launch — its dispatch, argument preparation and the fast path's specialisation key."""

@@ -82,12 +82,14 @@ def write_out(out: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     return out.copy_(res)
 
 
-def _direct(out, dtype, shape, operands) -> bool:
+def _direct(out, dtype, shape, operands, coefficients=()) -> bool:
     """Whether an op can accumulate straight into ``out``: its dtype and shape are the result's, it is not a
     half type (accumulated in float32 apart), it shares no memory with the operands and is not differentiated
     (PyTorch's ``out=`` ops have no derivative; the result computed apart is then copied in, ``copy_`` has)."""
-    return (out.dtype == dtype and dtype not in _HALF and out.shape == shape
-            and not shares_memory(out, operands) and not _autodiff(out, *(t for t in operands if t is not None)))
+    if _autodiff(out, *(t for t in operands if t is not None),  # (first: torch.func wrappers have no storage)
+                 *(c for c in coefficients if isinstance(c, torch.Tensor))):
+        return False
+    return out.dtype == dtype and dtype not in _HALF and out.shape == shape and not shares_memory(out, operands)
 
 
 def _autodiff(*tensors) -> bool:
@@ -104,7 +106,8 @@ def lincomb(y: torch.Tensor, terms: Sequence[Term], out=None) -> torch.Tensor:
     SDE driver's step sizes, one per row); neither is ever read back. Half types accumulate in float32."""
     if out is not None:
         ks = [k for _, k in terms]
-        if any(k.shape != y.shape for k in ks) or not _direct(out, result_dtype(y, *ks), y.shape, [y, *ks]):
+        if any(k.shape != y.shape for k in ks) or not _direct(out, result_dtype(y, *ks), y.shape, [y, *ks],
+                                                               [c for c, _ in terms]):
             return write_out(out, lincomb(y, terms))
         return _accumulate(y, terms, out)
     half = _half_result(y, *(k for _, k in terms))
@@ -119,6 +122,8 @@ def _accumulate(y: torch.Tensor, terms: Sequence[Term], into=None) -> torch.Tens
     the result's shape and dtype, sharing no memory with the operands, to write it to."""
     terms = [(c, k) for c, k in terms if not is_zero(c)]
     out = None
+    if into is not None and y.dtype != into.dtype:  # (widened first, as y.to(dtype) is: the sum in into's dtype)
+        out = into.copy_(y)
     for c, k in terms:
         if out is None:
             kw = {} if into is None else {"out": into}
@@ -159,7 +164,7 @@ def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[flo
                          noise_type).to(half)
         return res if out is None else write_out(out, res)
     dtype = result_dtype(*operands)
-    direct = out is not None and _direct(out, dtype, y.shape, operands)
+    direct = out is not None and _direct(out, dtype, y.shape, operands, [c for c, _ in list(terms) + list(noise)])
     res = lincomb(y.to(dtype), terms, out=out if direct else None)  # (no copy of y where its dtype is the result's)
     dw = dw.to(dtype)
     for s, g in noise:
@@ -200,15 +205,15 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
     c0, t0 = terms[0]
     dtype = result_dtype(*operands)
     if out is not None:  # accumulated in out where it shares no memory with the operands (else copied in)
-        if not _direct(out, dtype, t0.shape, operands):
+        if not _direct(out, dtype, t0.shape, operands, [c for c, _ in terms + list(diffusion)]):
             return write_out(out, combine(terms, diffusion, noise, rowwise, key))
-        if isinstance(c0, torch.Tensor) or c0 != 1:
-            torch.mul(t0, c0, out=out)
+        if t0.dtype == dtype and not isinstance(c0, torch.Tensor) and c0 == 1:
+            _accumulate(t0, terms[1:], out)
+        else:  # (the first term widened first, as t0.to(dtype) * c0 is, then scaled)
+            torch.mul(t0, c0, out=out) if t0.dtype == dtype else out.copy_(t0).mul_(c0)
             for c, k in terms[1:]:
                 if not is_zero(c):
                     axpy_(out, k, c)
-        else:
-            _accumulate(t0, terms[1:], out)
     elif dtype in _HALF:  # accumulate in float32, round once (as the kernel)
         return combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion], _f32(noise),
                        rowwise, key).to(dtype)

@@ -7,6 +7,7 @@ tensor back (no ``.item()``, no ``float(tensor)``): the loop is free of host-dev
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -109,6 +110,11 @@ class StatePool:
     first need; a loop makes its pool when it starts, so the state it returns is the caller's alone.
     Only host metadata is read (storage addresses, ``requires_grad``): no synchronisation.
 
+    The states a loop hands to the user's function (``func``, ``sde.f`` / ``sde.g``, the model) then live
+    in these buffers and are overwritten a step or two later: a function that keeps a reference to its
+    input (a recorder of the states it is called at) must keep a copy — or set ``FLOWSDE_STATE_POOL=0``,
+    which turns every pool off.
+
     States smaller than :attr:`MIN_BYTES` get no pool (``take`` always declines): there the pool's few
     µs of host bookkeeping per update are not small beside the update itself (on the CPU the pooled loops of
     a free field ran 5-20 % slower at 2^10-2^16 elements), while above it they are a few per cent of the
@@ -120,7 +126,8 @@ class StatePool:
 
     def __init__(self, like: torch.Tensor, limit: int = 8):
         self.like, self.limit = like, limit
-        self.enabled = like.numel() * like.element_size() >= self.MIN_BYTES
+        self.enabled = like.numel() * like.element_size() >= self.MIN_BYTES and os.environ.get(
+            "FLOWSDE_STATE_POOL", "1") != "0"
         self.buffers = []
         self._order = []  # the buffers' storage addresses, in order
         self._ptrs = set()
@@ -142,20 +149,25 @@ class StatePool:
                         tensors.append(q[1])
                     elif isinstance(q, (list, tuple)):
                         tensors.extend(_tensors(q))
+        if kernels.needs_autodiff(*tensors):  # (first: a torch.func wrapper has no storage to look at)
+            return None
         dtype = self.like.dtype
         live = set()
         for t in tensors:
             if t.dtype != dtype and t.dim():
                 return None
             live.add(t.untyped_storage().data_ptr())
-        if kernels.needs_autodiff(*tensors):
-            return None
         for b, ptr in zip(self.buffers, self._order):
             if ptr not in live:
                 return b
         if len(self.buffers) >= self.limit:
             return None
-        b = torch.empty_like(self.like)
+        like = self.like
+        if like.is_contiguous() or like.is_contiguous(memory_format=torch.channels_last) or (
+                like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d)):
+            b = torch.empty_like(like)  # laid out as the state (the kernels run channels_last in place)
+        else:  # any other layout: contiguous, as the fused kernel writes its results
+            b = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         self.buffers.append(b)
         self._order.append(b.untyped_storage().data_ptr())
         self._ptrs.add(self._order[-1])
@@ -163,7 +175,7 @@ class StatePool:
 
     def owns(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in one of the pool's buffers (then a loop that keeps it copies it)."""
-        return t.untyped_storage().data_ptr() in self._ptrs
+        return bool(self._ptrs) and not kernels.needs_autodiff(t) and t.untyped_storage().data_ptr() in self._ptrs
 
     def kept(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as a loop may keep it past the next steps: a copy when it lives in a buffer."""
