@@ -104,10 +104,10 @@ class StatePool:
     allocates no state of its own: :meth:`take` hands out a buffer that none of the tensors still in use
     shares memory with (a loop of one update per step alternates between two; a Runge–Kutta step takes one
     per stage input, reused once free). ``take`` returns ``None`` — the op then allocates its result, as
-    without a pool — where the update is recorded by autograd or forward-mode AD (``out=`` has no
-    derivative), where the result would not be laid out as ``like`` (another dtype or shape), or once
-    ``limit`` buffers are all in use. Each buffer is ``empty_like(like)`` (its strides kept), made on
-    first need; a loop makes its pool when it starts, so the state it returns is the caller's alone.
+    without a pool — where the update is recorded by autograd, forward-mode AD or a ``torch.func``
+    transform (``out=`` has no derivative), where the result would have another dtype than ``like``, or
+    once ``limit`` buffers are all in use. Each buffer is ``empty_like(like)`` for a contiguous or
+    ``channels_last`` state (its strides kept), contiguous for any other layout; made on first need; a loop makes its pool when it starts, so the state it returns is the caller's alone.
     Only host metadata is read (storage addresses, ``requires_grad``): no synchronisation.
 
     The states a loop hands to the user's function (``func``, ``sde.f`` / ``sde.g``, the model) then live
@@ -118,8 +118,8 @@ class StatePool:
     States smaller than :attr:`MIN_BYTES` get no pool (``take`` always declines): there the pool's few
     µs of host bookkeeping per update are not small beside the update itself (on the CPU the pooled loops of
     a free field ran 5-20 % slower at 2^10-2^16 elements), while above it they are a few per cent of the
-    update's memory traffic and save an allocation that on the CPU can cost page faults (Heun 1.7-3.5x
-    faster at 2^20-2^22 float32 elements; ``benchmarks/state_pool.py``, benchmarks/RESULTS.md)."""
+    update's memory traffic and save an allocation that on the CPU can cost page faults (1.2-1.5x faster
+    at 2^18-2^22 float32 elements in one run, Heun 1.3-3.5x over three; ``benchmarks/state_pool.py``, benchmarks/RESULTS.md)."""
 
     #: the smallest state (in bytes) a pool is kept for (1 MiB: 2^18 float32 elements)
     MIN_BYTES = 1 << 20
