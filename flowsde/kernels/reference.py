@@ -106,6 +106,8 @@ def lincomb(y: torch.Tensor, terms: Sequence[Term], out=None) -> torch.Tensor:
     SDE driver's step sizes, one per row); neither is ever read back. Half types accumulate in float32."""
     if out is not None:
         ks = [k for _, k in terms]
+        if out.dtype in _HALF and result_dtype(y, *ks) == out.dtype:  # summed in float32, rounded as copied in
+            return write_out(out, lincomb(_f32(y), [(c, _f32(k)) for c, k in terms]))
         if any(k.shape != y.shape for k in ks) or not _direct(out, result_dtype(y, *ks), y.shape, [y, *ks],
                                                                [c for c, _ in terms]):
             return write_out(out, lincomb(y, terms))
@@ -161,8 +163,8 @@ def sde_update(y: torch.Tensor, terms: Sequence[Term], noise: Sequence[Tuple[flo
     half = _half_result(*operands)
     if half is not None:
         res = sde_update(_f32(y), [(c, _f32(k)) for c, k in terms], [(s, _f32(g)) for s, g in noise], _f32(dw),
-                         noise_type).to(half)
-        return res if out is None else write_out(out, res)
+                         noise_type)  # (summed in float32, rounded once: by .to, or as it is copied into out)
+        return res.to(half) if out is None or out.dtype != half else write_out(out, res)
     dtype = result_dtype(*operands)
     direct = out is not None and _direct(out, dtype, y.shape, operands, [c for c, _ in list(terms) + list(noise)])
     res = lincomb(y.to(dtype), terms, out=out if direct else None)  # (no copy of y where its dtype is the result's)
@@ -205,6 +207,9 @@ def combine(terms: Sequence[Term], diffusion=(), noise=None, rowwise: bool = Fal
     c0, t0 = terms[0]
     dtype = result_dtype(*operands)
     if out is not None:  # accumulated in out where it shares no memory with the operands (else copied in)
+        if dtype in _HALF and out.dtype == dtype:  # summed in float32 apart, rounded once as it is copied in
+            return write_out(out, combine([(c, _f32(t)) for c, t in terms], [(s, _f32(g)) for s, g in diffusion],
+                                          _f32(noise), rowwise, key))
         if not _direct(out, dtype, t0.shape, operands, [c for c, _ in terms + list(diffusion)]):
             return write_out(out, combine(terms, diffusion, noise, rowwise, key))
         if t0.dtype == dtype and not isinstance(c0, torch.Tensor) and c0 == 1:
