@@ -72,9 +72,10 @@ def matrix_noise_update(y, terms, diffusion, dw=None, key: int = 0, out=None):
         if tuple(out.shape) != (B, d) or out.dtype != dtype or not out.is_contiguous() or out.device != ys.device:
             raise ValueError(f"out must be a contiguous {dtype} tensor of shape ({B}, {d}) on {ys.device}, got "
                              f"{out.dtype} {tuple(out.shape)} on {out.device}")
-        ys, *fs = [_unaliased(t, 0, out) for t in [ys] + fs]  # (out itself is read before it is written)
-        gs = [g if g.untyped_storage().data_ptr() != out.untyped_storage().data_ptr() else g.clone() for g in gs]
-        noise = noise if noise.untyped_storage().data_ptr() != out.untyped_storage().data_ptr() else noise.clone()
+        # y and the drift terms are read elementwise (out itself is safe), the matrices and increments across
+        # elements (any overlap copied: mode 1)
+        ys, *fs = [_unaliased(t, 0, out) for t in [ys] + fs]
+        gs, noise = [_unaliased(g, 1, out) for g in gs], _unaliased(noise, 1, out)
     n = out.numel()
     blk = CONFIG["block"]
     _launch(matrix_noise_kernel, _cdiv(n, blk),

@@ -137,18 +137,7 @@ class StatePool:
         the loop still needs), or ``None``."""
         if not self.enabled:
             return None
-        tensors = []
-        for p in parts:  # (flattened by hand: this runs once per update)
-            if isinstance(p, torch.Tensor):
-                tensors.append(p)
-            elif isinstance(p, (list, tuple)):
-                for q in p:
-                    if isinstance(q, torch.Tensor):
-                        tensors.append(q)
-                    elif isinstance(q, tuple) and len(q) == 2 and isinstance(q[1], torch.Tensor):
-                        tensors.append(q[1])
-                    elif isinstance(q, (list, tuple)):
-                        tensors.extend(_tensors(q))
+        tensors = _tensors(parts, [])
         if kernels.needs_autodiff(*tensors):  # (first: a torch.func wrapper has no storage to look at)
             return None
         dtype = self.like.dtype
@@ -182,13 +171,15 @@ class StatePool:
         return t.clone() if self.owns(t) else t
 
 
-def _tensors(parts):
-    """The tensors in ``parts``: tensors, ``(c, tensor)`` pairs, and lists or tuples of either."""
+def _tensors(parts, into: list) -> list:
+    """The tensors in ``parts`` (tensors, ``(c, tensor)`` pairs, and lists or tuples of either) appended to
+    ``into`` (a plain loop, not a generator: it runs once per update)."""
     for p in parts:
         if isinstance(p, torch.Tensor):
-            yield p
+            into.append(p)
         elif isinstance(p, (list, tuple)):
-            yield from _tensors(p)
+            _tensors(p, into)
+    return into
 
 
 def output_plan(grid: np.ndarray, t_out: np.ndarray):
